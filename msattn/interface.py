@@ -1,0 +1,319 @@
+"""Public API of msattn: selection, sparse attention and the fused MSA call.
+
+Two layouts, as in flash-attn:
+
+* varlen: ``q [total_q, H, D]``, ``k, v [total_k, G, D]``, ``qi [total_q, G, Di]``, ``ki [total_k, Di]``
+  with ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 ``[B + 1]``; ``indices [G, total_q, topk]``.
+* batched: ``q [B, T, H, D]``, ``k, v [B, S, G, D]``, ``qi [B, T, G, Di]``, ``ki [B, S, Di]``;
+  ``indices [B, G, T, topk]``.
+
+The queries of a sequence are always the last ``len_q`` positions of its ``len_k`` keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from msattn import backends
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+def _check_tensor(name: str, tensor, ndim: int, shape_text: str, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_text} ({ndim} dims), got {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(tensor.dtype).replace('torch.', '')}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_block_size(block_size) -> None:
+    _check_int("block_size", block_size, 1)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+
+
+def check_selection_params(topk, init_blocks, local_blocks) -> None:
+    _check_int("topk", topk, 1)
+    _check_int("init_blocks", init_blocks, 0)
+    _check_int("local_blocks", local_blocks, 1)
+    if topk < init_blocks + local_blocks:
+        raise ValueError(f"topk must be >= init_blocks + local_blocks = {init_blocks + local_blocks} "
+                         f"(forced blocks use slots of the budget), got topk={topk}")
+
+
+def _check_same_device(**tensors) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first_name, first = next(iter(devices.items()))
+    for name, device in devices.items():
+        if device != first:
+            raise ValueError(f"{name} is on {device} but {first_name} is on {first}: all tensors must "
+                             "be on one device")
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> None:
+    """Check varlen prefix sums: int32 ``[B + 1]``, from 0, non-decreasing, matching totals, len_q <= len_k."""
+    for name, cu, total, rows in (("cu_seqlens_q", cu_seqlens_q, total_q, "total_q"),
+                                  ("cu_seqlens_k", cu_seqlens_k, total_k, "total_k")):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 torch.Tensor of shape [B + 1], got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must have dtype int32, got {str(cu.dtype).replace('torch.', '')}")
+        if cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must have shape [B + 1] with B >= 1, got {tuple(cu.shape)}")
+        values = cu.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must be non-decreasing, got {values}")
+        if values[-1] != total:
+            raise ValueError(f"{name}[-1] must equal {rows} = {total}, got {values[-1]}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    for b, (lq, lk) in enumerate(zip(len_q, len_k)):
+        if lq > lk:
+            raise ValueError(f"sequence {b} has len_q = {lq} > len_k = {lk}: queries must be the last "
+                             "positions of their keys (cu_seqlens_q / cu_seqlens_k)")
+
+
+def _check_varlen_form(batched: bool, cu_seqlens_q, cu_seqlens_k) -> None:
+    if batched and (cu_seqlens_q is not None or cu_seqlens_k is not None):
+        raise ValueError("cu_seqlens_q / cu_seqlens_k must be None for batched (4-D) inputs; pass "
+                         "3-D varlen inputs to use them")
+    if not batched and (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the caller's tensors map to the varlen layout used inside."""
+
+    batch: int | None  # None for varlen inputs
+    len_q: int = 0
+    len_k: int = 0
+
+
+def _uniform_cu_seqlens(batch: int, length: int, device) -> torch.Tensor:
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+
+
+def _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k):
+    """Check index inputs; return ``(qi [total_q, G, Di], ki [total_k, Di], cu_q, cu_k, layout)``."""
+    batched = isinstance(qi, torch.Tensor) and qi.dim() == 4
+    _check_varlen_form(batched, cu_seqlens_q, cu_seqlens_k)
+    if batched:
+        _check_tensor("qi", qi, 4, "[B, T, G, Di]")
+        _check_tensor("ki", ki, 3, "[B, S, Di]")
+        batch, len_q, _, index_dim = qi.shape
+        if ki.shape[0] != batch or ki.shape[2] != index_dim:
+            raise ValueError(f"ki must have shape [B={batch}, S, Di={index_dim}] to match qi, got "
+                             f"{tuple(ki.shape)}")
+        len_k = ki.shape[1]
+        if len_q > len_k:
+            raise ValueError(f"qi has T = {len_q} queries but ki has S = {len_k} keys: T must be <= S")
+        _check_same_device(qi=qi, ki=ki)
+        cu_q = _uniform_cu_seqlens(batch, len_q, qi.device)
+        cu_k = _uniform_cu_seqlens(batch, len_k, qi.device)
+        return (qi.reshape(batch * len_q, *qi.shape[2:]), ki.reshape(batch * len_k, index_dim),
+                cu_q, cu_k, _Layout(batch, len_q, len_k))
+    _check_tensor("qi", qi, 3, "[total_q, G, Di] (or batched [B, T, G, Di])")
+    _check_tensor("ki", ki, 2, "[total_k, Di]")
+    if ki.shape[1] != qi.shape[2]:
+        raise ValueError(f"ki must have shape [total_k, Di={qi.shape[2]}] to match qi, got {tuple(ki.shape)}")
+    _check_same_device(qi=qi, ki=ki, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if cu_seqlens_q is None:
+        cu_seqlens_q = _uniform_cu_seqlens(1, qi.shape[0], qi.device)
+        cu_seqlens_k = _uniform_cu_seqlens(1, ki.shape[0], qi.device)
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, qi.shape[0], ki.shape[0])
+    return qi, ki, cu_seqlens_q, cu_seqlens_k, _Layout(None)
+
+
+def _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    """Check main-branch inputs; return ``(q, k, v, cu_q, cu_k, layout)`` in the varlen layout."""
+    batched = isinstance(q, torch.Tensor) and q.dim() == 4
+    _check_varlen_form(batched, cu_seqlens_q, cu_seqlens_k)
+    if batched:
+        _check_tensor("q", q, 4, "[B, T, H, D]")
+        _check_tensor("k", k, 4, "[B, S, G, D]")
+        _check_tensor("v", v, 4, "[B, S, G, D]")
+        batch, len_q, num_heads, head_dim = q.shape
+        len_k, num_groups = k.shape[1], k.shape[2]
+        expected_kv = (batch, len_k, num_groups, head_dim)
+        kv_text = f"[B={batch}, S, G, D={head_dim}]"
+    else:
+        _check_tensor("q", q, 3, "[total_q, H, D] (or batched [B, T, H, D])")
+        _check_tensor("k", k, 3, "[total_k, G, D]")
+        _check_tensor("v", v, 3, "[total_k, G, D]")
+        _, num_heads, head_dim = q.shape
+        num_groups = k.shape[1]
+        expected_kv = (k.shape[0], num_groups, head_dim)
+        kv_text = f"[total_k, G, D={head_dim}]"
+    if tuple(k.shape) != expected_kv:
+        raise ValueError(f"k must have shape {kv_text} to match q, got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if num_groups == 0 or num_heads % num_groups:
+        raise ValueError(f"the number of query heads H = {num_heads} must be a multiple of the number "
+                         f"of KV heads G = {num_groups} (q and k)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if batched:
+        if len_q > len_k:
+            raise ValueError(f"q has T = {len_q} queries but k has S = {len_k} keys: T must be <= S")
+        cu_q = _uniform_cu_seqlens(batch, len_q, q.device)
+        cu_k = _uniform_cu_seqlens(batch, len_k, q.device)
+        return (q.reshape(batch * len_q, num_heads, head_dim),
+                k.reshape(batch * len_k, num_groups, head_dim),
+                v.reshape(batch * len_k, num_groups, head_dim), cu_q, cu_k, _Layout(batch, len_q, len_k))
+    if cu_seqlens_q is None:
+        cu_seqlens_q = _uniform_cu_seqlens(1, q.shape[0], q.device)
+        cu_seqlens_k = _uniform_cu_seqlens(1, k.shape[0], q.device)
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    return q, k, v, cu_seqlens_q, cu_seqlens_k, _Layout(None)
+
+
+def _check_index_matches(q, qi, ki, layout_main: _Layout, layout_index: _Layout, k) -> None:
+    if (layout_main.batch is None) != (layout_index.batch is None):
+        raise ValueError("q and qi must use the same layout (both batched 4-D or both varlen 3-D)")
+    if qi.shape[0] != q.shape[0]:
+        raise ValueError(f"qi must have one row per query token ({q.shape[0]}), got {qi.shape[0]}")
+    if qi.shape[1] != k.shape[1]:
+        raise ValueError(f"qi must have G = {k.shape[1]} index heads (one per KV head of k), got {qi.shape[1]}")
+    if ki.shape[0] != k.shape[0]:
+        raise ValueError(f"ki must have one row per key token ({k.shape[0]}), got {ki.shape[0]}")
+    _check_same_device(q=q, qi=qi)
+
+
+def _check_indices(indices, num_groups: int, total_q: int, layout: _Layout) -> torch.Tensor:
+    """Check ``indices`` and return it in the varlen layout ``[G, total_q, topk]``."""
+    if layout.batch is not None:
+        _check_tensor("indices", indices, 4, "[B, G, T, topk]", dtypes=(torch.int32,))
+        expected = (layout.batch, num_groups, layout.len_q)
+        if tuple(indices.shape[:3]) != expected:
+            raise ValueError(f"indices must have shape [B={layout.batch}, G={num_groups}, T={layout.len_q}, topk], "
+                             f"got {tuple(indices.shape)}")
+        return indices.transpose(0, 1).reshape(num_groups, total_q, indices.shape[-1])
+    _check_tensor("indices", indices, 3, "[G, total_q, topk]", dtypes=(torch.int32,))
+    if tuple(indices.shape[:2]) != (num_groups, total_q):
+        raise ValueError(f"indices must have shape [G={num_groups}, total_q={total_q}, topk], got "
+                         f"{tuple(indices.shape)}")
+    return indices
+
+
+def _indices_out(indices: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    if layout.batch is None:
+        return indices
+    num_groups, _, topk = indices.shape
+    return indices.view(num_groups, layout.batch, layout.len_q, topk).transpose(0, 1).contiguous()
+
+
+def _attention_out(o, lse, layout: _Layout):
+    if layout.batch is None:
+        return o, lse
+    return (o.view(layout.batch, layout.len_q, *o.shape[1:]),
+            lse.view(layout.batch, layout.len_q, lse.shape[-1]))
+
+
+def _softmax_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+def msa_select(qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1,
+               cu_seqlens_q=None, cu_seqlens_k=None, backend="auto"):
+    """MSA stage 1: the KV blocks every query token of every group attends to.
+
+    Args:
+        qi: index queries, ``[total_q, G, Di]`` (varlen) or ``[B, T, G, Di]``; fp16, bf16 or fp32.
+        ki: index keys (one head shared by the groups), ``[total_k, Di]`` or ``[B, S, Di]``.
+        block_size: KV block size, a power of two.
+        topk: blocks kept per (query, group), the forced ones included.
+        init_blocks: leading blocks always kept (attention sinks).
+        local_blocks: trailing blocks always kept, ending at the query's own block (>= 1).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (varlen only); queries of sequence ``b`` are
+            the last ``len_q(b)`` positions of its ``len_k(b)`` keys.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+    Returns:
+        int32 ``[G, total_q, topk]`` (varlen) or ``[B, G, T, topk]``: block ids relative to the
+        sequence start, valid entries first, the own block the last valid one, ``-1`` padding.
+    """
+    check_block_size(block_size)
+    check_selection_params(topk, init_blocks, local_blocks)
+    qi, ki, cu_q, cu_k, layout = _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k)
+    impl = backends.resolve(backend, qi.device)
+    indices = impl.select_blocks(qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
+                                 init_blocks=init_blocks, local_blocks=local_blocks)
+    return _indices_out(indices, layout)
+
+
+def msa_sparse_attention(q, k, v, indices, *, block_size=128, softmax_scale=None,
+                         cu_seqlens_q=None, cu_seqlens_k=None, backend="auto"):
+    """MSA stage 2: exact softmax attention of every query head over its group's selected blocks.
+
+    Args:
+        q: ``[total_q, H, D]`` or ``[B, T, H, D]``; k, v: ``[total_k, G, D]`` or ``[B, S, G, D]``,
+            one dtype (fp16, bf16 or fp32); ``H`` a multiple of ``G``.
+        indices: int32 ``[G, total_q, topk]`` or ``[B, G, T, topk]`` as returned by
+            :func:`msa_select`; entries of a row must be distinct, negative ones are ignored.
+        softmax_scale: defaults to ``D ** -0.5``.
+    Returns:
+        ``(o, lse)``: o like q in q's dtype; lse float32 ``[total_q, H]`` or ``[B, T, H]``,
+        natural log.
+    """
+    check_block_size(block_size)
+    q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    indices = _check_indices(indices, k.shape[1], q.shape[0], layout)
+    _check_same_device(q=q, indices=indices)
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    impl = backends.resolve(backend, q.device)
+    o, lse = impl.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
+                                   softmax_scale=scale)
+    return _attention_out(o, lse, layout)
+
+
+def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1,
+                  softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False,
+                  backend="auto"):
+    """Full MSA: select blocks with the index branch, then attend over them.
+
+    Shapes as :func:`msa_select` and :func:`msa_sparse_attention`. Returns ``o`` (like q), or
+    ``(o, lse)`` when ``return_lse`` is true.
+    """
+    check_block_size(block_size)
+    check_selection_params(topk, init_blocks, local_blocks)
+    q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    qi, ki, _, _, layout_index = _to_varlen_index(
+        qi, ki, cu_q if layout.batch is None else None, cu_k if layout.batch is None else None)
+    _check_index_matches(q, qi, ki, layout, layout_index, k)
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    impl = backends.resolve(backend, q.device)
+    o, lse = impl.attention(q, k, v, qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
+                            init_blocks=init_blocks, local_blocks=local_blocks, softmax_scale=scale)
+    o, lse = _attention_out(o, lse, layout)
+    return (o, lse) if return_lse else o
