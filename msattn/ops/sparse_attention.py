@@ -1,0 +1,308 @@
+"""KV-outer MSA sparse attention: each selected K/V block is loaded once per group of queries.
+
+Pipeline for a chunk of query rows (chunks bound the memory of the partial results):
+
+1. :func:`build_block_csr` inverts the selection ``indices [G, total_q, topk]`` into, for every
+   (group, key block), the list of (query token, slot) entries that chose it: a CSR built with
+   GPU sorts and searches only (no host synchronisation), reusable by a backward pass.
+2. ``_block_attention_kernel``: one program takes one K/V block of one group and a tile of
+   ``BLOCK_M`` gathered (entry, head) rows, and writes each row's softmax-normalised partial
+   output and log-sum-exp for that block.
+3. ``_combine_kernel`` merges the ``topk`` partials of every (token, head) by their LSEs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from msattn.ops.utils import dot_options, mma
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Memory for the partial outputs of one chunk of query rows.
+PARTIAL_BUDGET_BYTES = 1 << 30
+
+
+@dataclass
+class BlockCSR:
+    """Inverted selection of a chunk of query rows ``[row_start, row_end)``.
+
+    Buckets are (group, global key block) pairs, ``bucket = group * num_blocks + global_block``,
+    where global key blocks number the blocks of all sequences one after another.
+
+    Attributes:
+        entries: ``[num_entries]`` int32, sorted by bucket; entry ``(g * rows + r) * topk + slot``
+            for chunk row ``r`` (``row_start + r`` in the batch) and selection slot ``slot``.
+        bucket_start: ``[num_buckets + 1]`` int32 offsets of each bucket's entries.
+        tile_start: ``[num_buckets + 1]`` int32 offsets of each bucket's row tiles.
+        block_key_start: ``[num_blocks]`` int32 first key row (in ``total_k``) of each block.
+        block_position: ``[num_blocks]`` int32 position of that key in its sequence.
+        block_num_keys: ``[num_blocks]`` int32 keys in the block (0 for unused ids).
+        row_position: ``[rows]`` int32 absolute position of each query row in its sequence.
+        max_tiles: host upper bound on the number of tiles (the grid size).
+    """
+
+    entries: torch.Tensor
+    bucket_start: torch.Tensor
+    tile_start: torch.Tensor
+    block_key_start: torch.Tensor
+    block_position: torch.Tensor
+    block_num_keys: torch.Tensor
+    row_position: torch.Tensor
+    num_blocks: int
+    max_tiles: int
+
+
+def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_start: int,
+                  row_end: int) -> torch.Tensor:
+    """Absolute position (int64 ``[row_end - row_start]``) of each query row in its sequence."""
+    rows = torch.arange(row_start, row_end, device=cu_seqlens_q.device)
+    seq = torch.searchsorted(cu_seqlens_q[1:], rows, right=True).clamp_max(cu_seqlens_q.numel() - 2)
+    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    return rows - cu_seqlens_q[seq].long() + (len_k - len_q)[seq]
+
+
+def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                    *, block_size: int, total_k: int, row_start: int, row_end: int,
+                    group_size: int, block_m: int) -> BlockCSR:
+    """Invert the selection of query rows ``[row_start, row_end)`` (see :class:`BlockCSR`).
+
+    Args:
+        indices: ``[G, total_q, topk]`` int32 block ids relative to each sequence.
+        group_size: query heads per group (rows of a tile are (entry, head) pairs).
+        block_m: rows per tile.
+    """
+    device = indices.device
+    num_groups, _, topk = indices.shape
+    batch = cu_seqlens_q.numel() - 1
+    rows = row_end - row_start
+    num_blocks = total_k // block_size + batch  # bound on the blocks of all sequences
+    num_buckets = num_groups * num_blocks
+
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    seq_blocks = (len_k + block_size - 1) // block_size
+    block_offset = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+    torch.cumsum(seq_blocks, 0, out=block_offset[1:])
+
+    position = row_positions(cu_seqlens_q, cu_seqlens_k, row_start, row_end)
+    seq = torch.searchsorted(cu_seqlens_q[1:], torch.arange(row_start, row_end, device=device),
+                             right=True).clamp_max(batch - 1)
+    chosen = indices[:, row_start:row_end].long()  # [G, rows, topk]
+    # An entry counts when its block has a key at or before the query (the kernels' rule too).
+    valid = (chosen >= 0) & (chosen * block_size <= position[None, :, None])
+    group = torch.arange(num_groups, device=device)[:, None, None]
+    bucket = group * num_blocks + block_offset[seq][None, :, None] + chosen
+    bucket = torch.where(valid, bucket, num_buckets).flatten()  # invalid entries sort last
+    sorted_bucket, order = torch.sort(bucket, stable=True)
+    bucket_start = torch.searchsorted(sorted_bucket, torch.arange(num_buckets + 1, device=device))
+    counts = bucket_start[1:] - bucket_start[:-1]
+    tiles = (counts * group_size + block_m - 1) // block_m
+    tile_start = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
+    torch.cumsum(tiles, 0, out=tile_start[1:])
+
+    global_block = torch.arange(num_blocks, device=device)
+    block_seq = torch.searchsorted(block_offset[1:], global_block, right=True).clamp_max(batch - 1)
+    local_block = global_block - block_offset[block_seq]
+    block_position = local_block * block_size
+    block_num_keys = (len_k[block_seq] - block_position).clamp(0, block_size)
+    block_num_keys = torch.where(global_block < block_offset[-1], block_num_keys, 0)
+
+    max_tiles = triton.cdiv(num_groups * rows * topk * group_size, block_m) + num_buckets
+    return BlockCSR(
+        entries=order.to(torch.int32), bucket_start=bucket_start.to(torch.int32),
+        tile_start=tile_start.to(torch.int32),
+        block_key_start=(cu_seqlens_k[block_seq].long() + block_position).to(torch.int32),
+        block_position=block_position.to(torch.int32), block_num_keys=block_num_keys.to(torch.int32),
+        row_position=position.to(torch.int32), num_blocks=num_blocks, max_tiles=max_tiles)
+
+
+# One program: one (group, key block) bucket x one tile of BLOCK_M (entry, head) rows of it.
+# Grid: (upper bound on the tiles of all buckets,); programs past the real tiles exit.
+# q [total_q, H, D], k/v [total_k, G, D]; writes partial_o [rows, H, TOPK, D] (q's dtype)
+# and partial_lse [rows, H, TOPK] (float32, natural log) for the rows of its entries.
+@triton.jit
+def _block_attention_kernel(
+        q_ptr, k_ptr, v_ptr, partial_o_ptr, partial_lse_ptr,
+        entries_ptr, bucket_start_ptr, tile_start_ptr, block_key_start_ptr, block_position_ptr,
+        block_num_keys_ptr, row_position_ptr,
+        stride_q_token, stride_q_head, stride_k_token, stride_k_group,
+        stride_v_token, stride_v_group,
+        row_start, rows, num_heads, num_buckets, num_blocks, scale_log2,
+        GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < tl.load(tile_start_ptr + num_buckets):
+        # Binary search: the bucket whose tiles hold pid (tile_start[lo] <= pid < tile_start[hi]).
+        lo = 0
+        hi = num_buckets
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            go_right = tl.load(tile_start_ptr + mid) <= pid
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        bucket = lo
+        group = bucket // num_blocks
+        block = bucket % num_blocks
+        key_start = tl.load(block_key_start_ptr + block)
+        key_position = tl.load(block_position_ptr + block)
+        num_keys = tl.load(block_num_keys_ptr + block)
+        entry_end = tl.load(bucket_start_ptr + bucket + 1)
+
+        rows_in_tile = (pid - tl.load(tile_start_ptr + bucket)) * BLOCK_M + tl.arange(0, BLOCK_M)
+        entry_index = tl.load(bucket_start_ptr + bucket) + rows_in_tile // GROUP_SIZE
+        row_mask = entry_index < entry_end
+        entry = tl.load(entries_ptr + entry_index, mask=row_mask, other=0)
+        slot = entry % TOPK
+        row = (entry // TOPK) % rows  # row of the chunk
+        head = group * GROUP_SIZE + rows_in_tile % GROUP_SIZE
+        position = tl.load(row_position_ptr + row, mask=row_mask, other=-1)
+        token = (row_start + row).to(tl.int64)
+
+        dim = tl.arange(0, BLOCK_D)
+        dim_mask = dim < HEAD_DIM
+        q = tl.load(q_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
+                    + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
+            offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_mask = offs < num_keys
+            key_rows = (key_start + offs).to(tl.int64)
+            k = tl.load(k_ptr + key_rows[:, None] * stride_k_token + group * stride_k_group
+                        + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+            visible = key_mask[None, :] & ((key_position + offs)[None, :] <= position[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(scores - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group
+                        + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            m_i = m_new
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+        flat = (row.to(tl.int64) * num_heads + head) * TOPK + slot
+        tl.store(partial_lse_ptr + flat, lse, mask=row_mask)
+        tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
+                 out.to(partial_o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+# One program: one query row of the chunk x the heads of one group. Merges the TOPK partial
+# outputs of each head by their LSEs; a slot counts when its block holds a visible key.
+# Grid: (rows, G). partial_o [rows, H, TOPK, D]; writes o [total_q, H, D] and lse [total_q, H].
+@triton.jit
+def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_ptr, o_ptr, lse_ptr,
+                    stride_indices_group, stride_indices_token, stride_o_token, stride_o_head,
+                    row_start, num_heads,
+                    GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
+                    TOPK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr):
+    row = tl.program_id(0)
+    group = tl.program_id(1)
+    token = row_start + row
+    position = tl.load(row_position_ptr + row)
+    heads = group * GROUP_SIZE + tl.arange(0, BLOCK_H)
+    head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
+    slots = tl.arange(0, TOPK_PAD)
+    blocks = tl.load(indices_ptr + group * stride_indices_group + token.to(tl.int64) * stride_indices_token
+                     + slots, mask=slots < TOPK, other=-1)
+    slot_valid = (blocks >= 0) & (blocks * BLOCK_SIZE <= position)
+    partial_rows = (row.to(tl.int64) * num_heads + heads) * TOPK  # [BLOCK_H]
+    lse = tl.load(partial_lse_ptr + partial_rows[:, None] + slots[None, :],
+                  mask=head_mask[:, None] & slot_valid[None, :], other=float("-inf"))
+    lse_max = tl.max(lse, axis=1)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp(lse - lse_max[:, None])
+    total = tl.sum(weights, axis=1)
+    dim = tl.arange(0, BLOCK_D)
+    dim_mask = dim < HEAD_DIM
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for slot in tl.static_range(TOPK):
+        block = tl.load(indices_ptr + group * stride_indices_group
+                        + token.to(tl.int64) * stride_indices_token + slot)
+        if (block >= 0) & (block * BLOCK_SIZE <= position):
+            slot_lse = tl.load(partial_lse_ptr + partial_rows + slot, mask=head_mask, other=0.0)
+            part = tl.load(partial_o_ptr + (partial_rows + slot)[:, None] * HEAD_DIM + dim[None, :],
+                           mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+            acc += tl.exp(slot_lse - lse_max)[:, None] * part.to(tl.float32)
+    has_keys = total > 0
+    out = acc / tl.where(has_keys, total, 1.0)[:, None]
+    row_lse = tl.where(has_keys, lse_max + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
+    tl.store(o_ptr + token.to(tl.int64) * stride_o_token + heads[:, None] * stride_o_head + dim[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
+    tl.store(lse_ptr + token.to(tl.int64) * num_heads + heads, row_lse, mask=head_mask)
+
+
+def _chunk_rows(num_heads: int, topk: int, head_dim: int, element_size: int) -> int:
+    """Query rows per chunk so that the partial outputs fit in PARTIAL_BUDGET_BYTES."""
+    per_row = num_heads * topk * (head_dim * element_size + 4)
+    return max(1, PARTIAL_BUDGET_BYTES // per_row)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, block_size: int,
+                     softmax_scale: float, chunk_rows: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`msattn.reference.sparse_attention` (same arguments and result).
+
+    Args:
+        q: ``[total_q, H, D]``; k, v: ``[total_k, G, D]`` (fp16/bf16/fp32, last dim contiguous).
+        indices: ``[G, total_q, topk]`` int32.
+        chunk_rows: query rows per chunk (default: the partials of a chunk take at most 1 GiB).
+    Returns:
+        o ``[total_q, H, D]`` in q's dtype, lse ``[total_q, H]`` float32.
+    """
+    total_q, num_heads, head_dim = q.shape
+    total_k, num_groups, _ = k.shape
+    group_size = num_heads // num_groups
+    topk = indices.shape[-1]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    indices = indices if indices.stride(-1) == 1 else indices.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return o, lse
+    block_m = 128 if q.is_cuda else 16
+    block_n = min(block_size, 128)
+    block_d = triton.next_power_of_2(head_dim)
+    chunk_rows = chunk_rows or _chunk_rows(num_heads, topk, head_dim, q.element_size())
+    partial_o = torch.empty(min(chunk_rows, total_q) * num_heads * topk * head_dim, dtype=q.dtype,
+                            device=q.device)
+    partial_lse = torch.empty(min(chunk_rows, total_q) * num_heads * topk, dtype=torch.float32,
+                              device=q.device)
+    for row_start in range(0, total_q, chunk_rows):
+        row_end = min(total_q, row_start + chunk_rows)
+        rows = row_end - row_start
+        csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                              total_k=total_k, row_start=row_start, row_end=row_end,
+                              group_size=group_size, block_m=block_m)
+        num_buckets = num_groups * csr.num_blocks
+        _block_attention_kernel[(csr.max_tiles,)](
+            q, k, v, partial_o, partial_lse, csr.entries, csr.bucket_start, csr.tile_start,
+            csr.block_key_start, csr.block_position, csr.block_num_keys, csr.row_position,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            row_start, rows, num_heads, num_buckets, csr.num_blocks, softmax_scale * LOG2E,
+            GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_SIZE=block_size,
+            SEARCH_STEPS=max(1, math.ceil(math.log2(num_buckets + 1))),
+            **dot_options(q.dtype), num_warps=8 if q.is_cuda else 4, num_stages=2)
+        _combine_kernel[(rows, num_groups)](
+            partial_o, partial_lse, indices, csr.row_position, o, lse,
+            indices.stride(0), indices.stride(1), o.stride(0), o.stride(1), row_start, num_heads,
+            GROUP_SIZE=group_size, BLOCK_H=triton.next_power_of_2(group_size), TOPK=topk,
+            TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_SIZE=block_size, num_warps=4)
+    return o, lse

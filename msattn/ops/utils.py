@@ -1,0 +1,42 @@
+"""Small helpers shared by the Triton kernels and launchers."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; a nominal 4 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_options(dtype: torch.dtype) -> dict:
+    """Constexpr arguments of :func:`mma` for operands of ``dtype``.
+
+    float32 operands use exact IEEE products (not TF32). Triton's CPU interpreter (3.9) computes
+    bf16 ``tl.dot`` wrongly, so there the operands are upcast to float32 (bf16 products are exact
+    in float32, so the result is the same).
+    """
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "DOT_UPCAST": interpreted and dtype == torch.bfloat16}
+
+
+@triton.jit
+def mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """``a @ b`` with float32 accumulation on the tensor cores."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
