@@ -15,17 +15,35 @@ from msattn import reference
 
 NAMES = ("auto", "reference", "triton")
 
+# Which implementation ran the last call of each stage ("select", "attention"), e.g. "triton",
+# "reference" or "dense": callers and benchmarks read it to report the path taken.
+LAST_PATH: dict[str, str] = {}
+
+
+def record_path(stage: str, path: str) -> None:
+    LAST_PATH[stage] = path
+
+
+def _reference_select(qi, ki, cu_seqlens_q, cu_seqlens_k, **kwargs):
+    record_path("select", "reference")
+    return reference.select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, **kwargs)
+
+
+def _reference_sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, **kwargs):
+    record_path("attention", "reference")
+    return reference.sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, **kwargs)
+
 
 def _reference_attention(q, k, v, qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk,
                          init_blocks, local_blocks, softmax_scale):
-    indices = reference.select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+    indices = _reference_select(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                                       topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
-    return reference.sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
-                                      block_size=block_size, softmax_scale=softmax_scale)
+    return _reference_sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
+                                       block_size=block_size, softmax_scale=softmax_scale)
 
 
-REFERENCE = SimpleNamespace(name="reference", select_blocks=reference.select_blocks,
-                            sparse_attention=reference.sparse_attention,
+REFERENCE = SimpleNamespace(name="reference", select_blocks=_reference_select,
+                            sparse_attention=_reference_sparse_attention,
                             attention=_reference_attention)
 
 

@@ -200,13 +200,15 @@ def _num_splits(num_tiles: int, max_blocks: int, device: torch.device) -> int:
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int, init_blocks: int,
-                  local_blocks: int, num_splits: int | None = None) -> torch.Tensor:
+                  local_blocks: int, num_splits: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of :func:`msattn.reference.select_blocks` (same arguments and result).
 
     Args:
         qi: ``[total_q, G, Di]`` fp16/bf16/fp32; ki: ``[total_k, Di]``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``.
         num_splits: key-range splits (default: chosen from the grid size).
+        out: optional int32 ``[G, total_q, topk]`` buffer to write into.
     Returns:
         int32 ``[G, total_q, topk]``.
     """
@@ -218,7 +220,8 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
         qi = qi.contiguous()
     if ki.stride(-1) != 1:
         ki = ki.contiguous()
-    out = torch.empty(num_groups, total_q, topk, dtype=torch.int32, device=qi.device)
+    if out is None:
+        out = torch.empty(num_groups, total_q, topk, dtype=torch.int32, device=qi.device)
     batch = cu_seqlens_q.numel() - 1
     if total_q == 0:
         return out

@@ -254,7 +254,8 @@ def _chunk_rows(num_heads: int, topk: int, head_dim: int, element_size: int) -> 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, block_size: int,
-                     softmax_scale: float, chunk_rows: int | None = None
+                     softmax_scale: float, chunk_rows: int | None = None,
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`msattn.reference.sparse_attention` (same arguments and result).
 
@@ -262,6 +263,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         q: ``[total_q, H, D]``; k, v: ``[total_k, G, D]`` (fp16/bf16/fp32, last dim contiguous).
         indices: ``[G, total_q, topk]`` int32.
         chunk_rows: query rows per chunk (default: the partials of a chunk take at most 1 GiB).
+        out: optional ``(o, lse)`` buffers to write into (o contiguous).
     Returns:
         o ``[total_q, H, D]`` in q's dtype, lse ``[total_q, H]`` float32.
     """
@@ -271,8 +273,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     topk = indices.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
-    o = torch.empty_like(q)
-    lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = (torch.empty_like(q), torch.empty(total_q, num_heads, dtype=torch.float32, device=q.device))
+    o, lse = out
     if total_q == 0:
         return o, lse
     block_m = 128 if q.is_cuda else 16

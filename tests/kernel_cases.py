@@ -1,0 +1,63 @@
+"""Shared inputs and checks for the Triton kernel tests (interpreter on CPU, real GPU on CUDA)."""
+
+from __future__ import annotations
+
+import torch
+
+from msattn import reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cu_seqlens(lengths, device=DEVICE) -> torch.Tensor:
+    out = [0]
+    for length in lengths:
+        out.append(out[-1] + length)
+    return torch.tensor(out, dtype=torch.int32, device=device)
+
+
+def random_tensor(shape, dtype, *, integer=False, generator=None, device=DEVICE) -> torch.Tensor:
+    """Random normal values, or small integers (exact dot products, many exact ties)."""
+    if integer:
+        values = torch.randint(-2, 3, shape, generator=generator)
+    else:
+        values = torch.randn(shape, generator=generator)
+    return values.to(dtype).to(device)
+
+
+def index_inputs(lens_q, lens_k, groups, index_dim, dtype, *, integer=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    qi = random_tensor((sum(lens_q), groups, index_dim), dtype, integer=integer, generator=generator)
+    ki = random_tensor((sum(lens_k), index_dim), dtype, integer=integer, generator=generator)
+    return qi, ki, cu_q, cu_k
+
+
+def assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, *, block_size, rel_tol=0.0):
+    """Selections equal as sets per row, with the output format of the reference.
+
+    With ``rel_tol > 0`` a row may differ only where the swapped blocks' float32 scores are within
+    ``rel_tol`` of each other (rounding-order near-ties of random data).
+    """
+    assert out.shape == expected.shape and out.dtype == torch.int32
+    # Same number of valid entries and -1 padding after them.
+    assert torch.equal(out == -1, expected == -1)
+    # The own block is the last valid entry.
+    num_valid = (out >= 0).sum(-1)
+    last = out.gather(-1, (num_valid - 1).clamp_min(0).unsqueeze(-1).long()).squeeze(-1)
+    assert torch.equal(last, expected.gather(-1, (num_valid - 1).clamp_min(0).unsqueeze(-1).long()).squeeze(-1))
+    differs = (out.sort(-1).values != expected.sort(-1).values).any(-1)
+    if not differs.any():
+        return
+    assert rel_tol > 0, f"{int(differs.sum())} rows select other blocks, e.g. {differs.nonzero()[:3].tolist()}"
+    seq_of_row = torch.searchsorted(cu_q[1:], torch.arange(qi.shape[0], device=cu_q.device), right=True)
+    for group, row in differs.nonzero().tolist():
+        b = int(seq_of_row[row])
+        q_start, k_start, k_end = int(cu_q[b]), int(cu_k[b]), int(cu_k[b + 1])
+        position = (k_end - k_start) - (int(cu_q[b + 1]) - q_start) + (row - q_start)
+        scores = reference.block_scores(qi[row:row + 1, group:group + 1], ki[k_start:k_end],
+                                        torch.tensor([position], device=qi.device), block_size)[0, 0]
+        mine, theirs = set(out[group, row].tolist()), set(expected[group, row].tolist())
+        swapped = torch.tensor(sorted((mine ^ theirs) - {-1}), device=scores.device)
+        spread = scores[swapped].max() - scores[swapped].min()
+        assert spread <= rel_tol * scores[swapped].abs().max(), (group, row, mine, theirs)

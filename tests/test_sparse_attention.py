@@ -1,0 +1,118 @@
+"""The KV-outer Triton sparse attention against the exact reference."""
+
+import math
+
+import pytest
+import torch
+
+import msattn
+from msattn import reference
+from msattn.ops.sparse_attention import build_block_csr, sparse_attention
+from tests.kernel_cases import DEVICE, cu_seqlens, index_inputs, random_tensor
+
+# lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows
+CASES = [
+    ([100], [100], 4, 2, 32, 16, 3, torch.float32, None),
+    ([70, 130, 0], [200, 130, 9], 6, 2, 16, 16, 4, torch.float32, 50),  # varlen, group 3, chunks
+    ([64], [300], 12, 2, 64, 32, 4, torch.float32, None),  # T < S, group 6
+    ([40], [170], 3, 3, 32, 16, 2, torch.bfloat16, None),  # group 1
+    ([50], [120], 16, 1, 16, 16, 3, torch.float16, None),  # group 16
+    ([150], [300], 2, 1, 128, 128, 2, torch.float32, None),  # D = 128, partial block
+    ([20], [600], 2, 1, 16, 256, 2, torch.float32, None),  # 256 = two key tiles
+    ([9, 5], [9, 40], 4, 4, 16, 16, 4, torch.float32, 3),  # shorter than a block
+]
+
+
+def _inputs(lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = random_tensor((sum(lens_q), heads, head_dim), dtype, generator=generator)
+    k = random_tensor((sum(lens_k), groups, head_dim), dtype, generator=generator)
+    v = random_tensor((sum(lens_k), groups, head_dim), dtype, generator=generator)
+    qi, ki, cu_q, cu_k = index_inputs(lens_q, lens_k, groups, 16, torch.float32, seed=seed + 1)
+    indices = reference.select_blocks(qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
+                                      init_blocks=0, local_blocks=1)
+    return q, k, v, indices, cu_q, cu_k
+
+
+def _poisoned(q):
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device)
+    return o, lse
+
+
+def _check(o, lse, expected_o, expected_lse):
+    tol = 1e-5 if o.dtype == torch.float32 else 2e-2
+    error = (o.float() - expected_o.float()).norm() / expected_o.float().norm()
+    assert not o.isnan().any() and error < tol, float(error)
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (lse[finite] - expected_lse[finite]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_sparse_attention_matches_reference(case):
+    lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows = case
+    q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype)
+    scale = head_dim ** -0.5
+    expected_o, expected_lse = reference.sparse_attention(q, k, v, indices, cu_q, cu_k,
+                                                          block_size=block_size, softmax_scale=scale)
+    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
+                              softmax_scale=scale, chunk_rows=chunk_rows, out=_poisoned(q))
+    _check(o, lse, expected_o, expected_lse)
+
+
+def test_ignores_padding_and_blocks_after_the_query():
+    """User indices: -1 entries, blocks past the query and rows with nothing visible."""
+    q, k, v, _, cu_q, cu_k = _inputs([40], [40], 2, 1, 16, 16, 2, torch.float32)
+    indices = torch.full((1, 40, 3), -1, dtype=torch.int32, device=q.device)
+    indices[0, 20:, 0] = 2  # block 2 starts at key 32: visible from row 32 on only
+    indices[0, 20:, 1] = 0
+    indices[0, 30, 1] = -1  # row 30 sees nothing
+    expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25)
+    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25,
+                              out=_poisoned(q))
+    _check(o, lse, *expected)
+    assert torch.equal(o[:20], torch.zeros_like(o[:20])) and (lse[:20] == -math.inf).all()
+
+
+def test_csr_lists_every_visible_entry_once():
+    q, k, v, indices, cu_q, cu_k = _inputs([30, 50], [60, 50], 4, 2, 16, 16, 3, torch.float32)
+    csr = build_block_csr(indices, cu_q, cu_k, block_size=16, total_k=110, row_start=10,
+                          row_end=80, group_size=2, block_m=16)
+    num_valid = int(csr.bucket_start[-1])
+    entries = csr.entries[:num_valid].long()
+    assert entries.unique().numel() == num_valid
+    group, row, slot = entries // (70 * 3), (entries // 3) % 70, entries % 3
+    chosen = indices[group, 10 + row, slot].long()
+    assert (chosen >= 0).all() and (chosen * 16 <= csr.row_position[row].long()).all()
+    visible = (indices[:, 10:80] >= 0) & (indices[:, 10:80].long() * 16 <= csr.row_position[None, :, None].long())
+    assert int(visible.sum()) == num_valid
+
+
+def test_msa_attention_triton_equals_reference_batched():
+    generator = torch.Generator().manual_seed(11)
+    shape = dict(B=2, T=48, S=80, H=6, G=2, D=32, Di=16)
+    q = torch.randn(2, 48, 6, 32, generator=generator).to(DEVICE)
+    k = torch.randn(2, 80, 2, 32, generator=generator).to(DEVICE)
+    v = torch.randn(2, 80, 2, 32, generator=generator).to(DEVICE)
+    qi = torch.randn(2, 48, 2, 16, generator=generator).to(DEVICE)
+    ki = torch.randn(2, 80, 16, generator=generator).to(DEVICE)
+    kwargs = dict(block_size=16, topk=3, init_blocks=1, local_blocks=1, return_lse=True)
+    o, lse = msattn.msa_attention(q, k, v, qi, ki, backend="triton", **kwargs)
+    expected_o, expected_lse = msattn.msa_attention(q, k, v, qi, ki, backend="reference", **kwargs)
+    assert o.shape == (shape["B"], shape["T"], shape["H"], shape["D"])
+    _check(o, lse, expected_o, expected_lse)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens_q,lens_k", [([8192], [8192]), ([3000, 1, 20000], [9000, 50000, 20000]),
+                                           ([131072], [131072])])
+def test_gpu_m3_shape(lens_q, lens_k):
+    """M3 shape (64 heads, 4 KV heads, D = 128, block 128, top-16) in bf16."""
+    q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, 64, 4, 128, 128, 16, torch.bfloat16)
+    expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=128,
+                                          softmax_scale=128 ** -0.5)
+    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=128,
+                              softmax_scale=128 ** -0.5, out=_poisoned(q))
+    _check(o, lse, *expected)
+    assert cu_seqlens(lens_q).equal(cu_q)
