@@ -76,6 +76,8 @@ class MSAConfig:
             value = _get(sparse, hf_key, None)
             if value is not None:
                 values[field] = value
+        if "num_index_heads" not in values and "num_kv_heads" in values:
+            values["num_index_heads"] = values["num_kv_heads"]  # one index head per GQA group
         return cls(**values)
 
     def selection_kwargs(self) -> dict:

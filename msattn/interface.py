@@ -58,7 +58,7 @@ def check_selection_params(topk, init_blocks, local_blocks) -> None:
 
 
 def _check_same_device(**tensors) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     first_name, first = next(iter(devices.items()))
     for name, device in devices.items():
         if device != first:
@@ -112,7 +112,7 @@ class _Layout:
 
 
 def _uniform_cu_seqlens(batch: int, length: int, device) -> torch.Tensor:
-    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
 
 
 def _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k):
@@ -194,6 +194,10 @@ def _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k):
 def _check_index_matches(q, qi, ki, layout_main: _Layout, layout_index: _Layout, k) -> None:
     if (layout_main.batch is None) != (layout_index.batch is None):
         raise ValueError("q and qi must use the same layout (both batched 4-D or both varlen 3-D)")
+    if layout_main.batch is not None and layout_index != layout_main:
+        raise ValueError(f"qi [B, T, G, Di] and ki [B, S, Di] must match q [B, T, H, D] and k [B, S, G, D]: "
+                         f"got B, T, S = {layout_index.batch}, {layout_index.len_q}, {layout_index.len_k} "
+                         f"for qi/ki and {layout_main.batch}, {layout_main.len_q}, {layout_main.len_k} for q/k")
     if qi.shape[0] != q.shape[0]:
         raise ValueError(f"qi must have one row per query token ({q.shape[0]}), got {qi.shape[0]}")
     if qi.shape[1] != k.shape[1]:
@@ -308,6 +312,13 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
     check_block_size(block_size)
     check_selection_params(topk, init_blocks, local_blocks)
     q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if isinstance(qi, torch.Tensor) and (qi.dim() == 4) != (layout.batch is not None):
+        raise ValueError("q and qi must use the same layout (both batched 4-D or both varlen 3-D), got "
+                         f"q with {4 if layout.batch is not None else 3} dims and qi with {qi.dim()}")
+    if layout.batch is None and isinstance(qi, torch.Tensor) and qi.dim() == 3 and qi.shape[0] != q.shape[0]:
+        raise ValueError(f"qi must have one row per query token ({q.shape[0]}), got {qi.shape[0]}")
+    if layout.batch is None and isinstance(ki, torch.Tensor) and ki.dim() == 2 and ki.shape[0] != k.shape[0]:
+        raise ValueError(f"ki must have one row per key token ({k.shape[0]}), got {ki.shape[0]}")
     qi, ki, _, _, layout_index = _to_varlen_index(
         qi, ki, cu_q if layout.batch is None else None, cu_k if layout.batch is None else None)
     _check_index_matches(q, qi, ki, layout, layout_index, k)
