@@ -78,7 +78,8 @@ def test_ignores_padding_and_blocks_after_the_query():
 def test_csr_lists_every_visible_entry_once():
     q, k, v, indices, cu_q, cu_k = _inputs([30, 50], [60, 50], 4, 2, 16, 16, 3, torch.float32)
     csr = build_block_csr(indices, cu_q, cu_k, block_size=16, total_k=110, row_start=10,
-                          row_end=80, group_size=2, block_m=16)
+                          row_end=80, group_size=2, block_m=16,
+                          tiles_per_program=2)
     num_valid = int(csr.bucket_start[-1])
     entries = csr.entries[:num_valid].long()
     assert entries.unique().numel() == num_valid

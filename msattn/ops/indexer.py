@@ -18,8 +18,11 @@ import triton.language as tl
 
 from msattn.ops.utils import device_sm_count, dot_options, mma
 
+# Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H200.
+CUDA_CONFIG = {"block_r": 128, "num_warps": 8, "num_stages": 3}
+
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
-_PAD_ID = 1 << 30
+_PAD_ID = tl.constexpr(1 << 30)
 
 
 @triton.jit
@@ -227,14 +230,15 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
         return out
     len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()
     len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()
-    block_r = 128 if qi.is_cuda else 32
+    config = CUDA_CONFIG if qi.is_cuda else {"block_r": 32, "num_warps": 4, "num_stages": 1}
+    block_r = config["block_r"]
     num_tiles = triton.cdiv(len_q * num_groups, block_r)
     max_blocks = triton.cdiv(len_k, block_size)
     if num_splits is None:
         num_splits = _num_splits(num_tiles * batch, max_blocks, qi.device)
     num_splits = max(1, min(num_splits, max_blocks))
     blocks_per_split = triton.cdiv(max_blocks, num_splits)
-    topk_pad = triton.next_power_of_2(topk)
+    topk_pad = max(4, triton.next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
     total_rows = total_q * num_groups
     if num_splits > 1:
         partial_vals = torch.empty(num_splits * total_rows * topk_pad, dtype=torch.float32,
@@ -252,7 +256,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
         INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim),
         BLOCK_N=min(block_size, 128), INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         SPLIT=num_splits > 1, **dot_options(dtype),
-        num_warps=8 if qi.is_cuda else 4, num_stages=3, **common)
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **common)
     if num_splits > 1:
         _merge_kernel[(num_tiles, batch)](
             partial_vals, partial_ids, cu_seqlens_q, cu_seqlens_k, out, out.stride(0),

@@ -13,7 +13,6 @@ Pipeline for a chunk of query rows (chunks bound the memory of the partial resul
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +22,12 @@ import triton.language as tl
 from msattn.ops.utils import dot_options, mma
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 # Memory for the partial outputs of one chunk of query rows.
 PARTIAL_BUDGET_BYTES = 1 << 30
+# Row tiles of one (group, key block) bucket per program: amortises the program's set-up and
+# lets the pipeliner overlap the next tile's loads with this tile's math.
+TILES_PER_PROGRAM = 4
 
 
 @dataclass
@@ -39,23 +41,26 @@ class BlockCSR:
         entries: ``[num_entries]`` int32, sorted by bucket; entry ``(g * rows + r) * topk + slot``
             for chunk row ``r`` (``row_start + r`` in the batch) and selection slot ``slot``.
         bucket_start: ``[num_buckets + 1]`` int32 offsets of each bucket's entries.
-        tile_start: ``[num_buckets + 1]`` int32 offsets of each bucket's row tiles.
+        program_start: ``[num_buckets + 1]`` int32 offsets of each bucket's programs; a program
+            takes ``tiles_per_program`` consecutive row tiles of its bucket.
+        program_bucket: ``[max_programs + 1]`` int32 bucket of each program.
         block_key_start: ``[num_blocks]`` int32 first key row (in ``total_k``) of each block.
         block_position: ``[num_blocks]`` int32 position of that key in its sequence.
         block_num_keys: ``[num_blocks]`` int32 keys in the block (0 for unused ids).
         row_position: ``[rows]`` int32 absolute position of each query row in its sequence.
-        max_tiles: host upper bound on the number of tiles (the grid size).
+        max_programs: host upper bound on the number of programs (the grid size).
     """
 
     entries: torch.Tensor
     bucket_start: torch.Tensor
-    tile_start: torch.Tensor
+    program_start: torch.Tensor
+    program_bucket: torch.Tensor
     block_key_start: torch.Tensor
     block_position: torch.Tensor
     block_num_keys: torch.Tensor
     row_position: torch.Tensor
     num_blocks: int
-    max_tiles: int
+    max_programs: int
 
 
 def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_start: int,
@@ -70,13 +75,14 @@ def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_st
 
 def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                     *, block_size: int, total_k: int, row_start: int, row_end: int,
-                    group_size: int, block_m: int) -> BlockCSR:
+                    group_size: int, block_m: int, tiles_per_program: int) -> BlockCSR:
     """Invert the selection of query rows ``[row_start, row_end)`` (see :class:`BlockCSR`).
 
     Args:
         indices: ``[G, total_q, topk]`` int32 block ids relative to each sequence.
         group_size: query heads per group (rows of a tile are (entry, head) pairs).
         block_m: rows per tile.
+        tiles_per_program: row tiles of one bucket handled by one program.
     """
     device = indices.device
     num_groups, _, topk = indices.shape
@@ -102,9 +108,16 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
     sorted_bucket, order = torch.sort(bucket, stable=True)
     bucket_start = torch.searchsorted(sorted_bucket, torch.arange(num_buckets + 1, device=device))
     counts = bucket_start[1:] - bucket_start[:-1]
-    tiles = (counts * group_size + block_m - 1) // block_m
-    tile_start = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
-    torch.cumsum(tiles, 0, out=tile_start[1:])
+    rows_per_program = block_m * tiles_per_program
+    programs = (counts * group_size + rows_per_program - 1) // rows_per_program
+    program_start = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
+    torch.cumsum(programs, 0, out=program_start[1:])
+    max_programs = (triton.cdiv(num_groups * rows * topk * group_size, rows_per_program)
+                    + num_buckets)
+    # program -> bucket without a host sync: mark each bucket's first program, prefix-sum.
+    marks = torch.zeros(max_programs + 1, dtype=torch.int32, device=device)
+    marks.index_add_(0, program_start[:-1], torch.ones(num_buckets, dtype=torch.int32, device=device))
+    program_bucket = torch.cumsum(marks, 0, dtype=torch.int32) - 1
 
     global_block = torch.arange(num_blocks, device=device)
     block_seq = torch.searchsorted(block_offset[1:], global_block, right=True).clamp_max(batch - 1)
@@ -113,91 +126,84 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
     block_num_keys = (len_k[block_seq] - block_position).clamp(0, block_size)
     block_num_keys = torch.where(global_block < block_offset[-1], block_num_keys, 0)
 
-    max_tiles = triton.cdiv(num_groups * rows * topk * group_size, block_m) + num_buckets
     return BlockCSR(
         entries=order.to(torch.int32), bucket_start=bucket_start.to(torch.int32),
-        tile_start=tile_start.to(torch.int32),
+        program_start=program_start.to(torch.int32), program_bucket=program_bucket,
         block_key_start=(cu_seqlens_k[block_seq].long() + block_position).to(torch.int32),
         block_position=block_position.to(torch.int32), block_num_keys=block_num_keys.to(torch.int32),
-        row_position=position.to(torch.int32), num_blocks=num_blocks, max_tiles=max_tiles)
+        row_position=position.to(torch.int32), num_blocks=num_blocks, max_programs=max_programs)
 
 
-# One program: one (group, key block) bucket x one tile of BLOCK_M (entry, head) rows of it.
-# Grid: (upper bound on the tiles of all buckets,); programs past the real tiles exit.
+# One program: one (group, key block) bucket x up to TILES_PER_PROGRAM tiles of BLOCK_M gathered
+# (entry, head) rows of it. Grid: (upper bound on the programs,); programs past the real ones exit.
 # q [total_q, H, D], k/v [total_k, G, D]; writes partial_o [rows, H, TOPK, D] (q's dtype)
 # and partial_lse [rows, H, TOPK] (float32, natural log) for the rows of its entries.
 @triton.jit
 def _block_attention_kernel(
         q_ptr, k_ptr, v_ptr, partial_o_ptr, partial_lse_ptr,
-        entries_ptr, bucket_start_ptr, tile_start_ptr, block_key_start_ptr, block_position_ptr,
-        block_num_keys_ptr, row_position_ptr,
+        entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, block_key_start_ptr,
+        block_position_ptr, block_num_keys_ptr, row_position_ptr,
         stride_q_token, stride_q_head, stride_k_token, stride_k_group,
         stride_v_token, stride_v_group,
         row_start, rows, num_heads, num_buckets, num_blocks, scale_log2,
         GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, SEARCH_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, DOT_PRECISION: tl.constexpr,
         DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    if pid < tl.load(tile_start_ptr + num_buckets):
-        # Binary search: the bucket whose tiles hold pid (tile_start[lo] <= pid < tile_start[hi]).
-        lo = 0
-        hi = num_buckets
-        for _ in tl.static_range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            go_right = tl.load(tile_start_ptr + mid) <= pid
-            lo = tl.where(go_right, mid, lo)
-            hi = tl.where(go_right, hi, mid)
-        bucket = lo
+    if pid < tl.load(program_start_ptr + num_buckets):
+        bucket = tl.load(program_bucket_ptr + pid)
         group = bucket // num_blocks
         block = bucket % num_blocks
         key_start = tl.load(block_key_start_ptr + block)
         key_position = tl.load(block_position_ptr + block)
         num_keys = tl.load(block_num_keys_ptr + block)
+        entry_start = tl.load(bucket_start_ptr + bucket)
         entry_end = tl.load(bucket_start_ptr + bucket + 1)
-
-        rows_in_tile = (pid - tl.load(tile_start_ptr + bucket)) * BLOCK_M + tl.arange(0, BLOCK_M)
-        entry_index = tl.load(bucket_start_ptr + bucket) + rows_in_tile // GROUP_SIZE
-        row_mask = entry_index < entry_end
-        entry = tl.load(entries_ptr + entry_index, mask=row_mask, other=0)
-        slot = entry % TOPK
-        row = (entry // TOPK) % rows  # row of the chunk
-        head = group * GROUP_SIZE + rows_in_tile % GROUP_SIZE
-        position = tl.load(row_position_ptr + row, mask=row_mask, other=-1)
-        token = (row_start + row).to(tl.int64)
-
+        first_row = (pid - tl.load(program_start_ptr + bucket)) * TILES_PER_PROGRAM * BLOCK_M
+        last_row = tl.minimum(first_row + TILES_PER_PROGRAM * BLOCK_M, (entry_end - entry_start) * GROUP_SIZE)
         dim = tl.arange(0, BLOCK_D)
         dim_mask = dim < HEAD_DIM
-        q = tl.load(q_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
-                    + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
-            offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            key_mask = offs < num_keys
-            key_rows = (key_start + offs).to(tl.int64)
-            k = tl.load(k_ptr + key_rows[:, None] * stride_k_token + group * stride_k_group
-                        + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-            visible = key_mask[None, :] & ((key_position + offs)[None, :] <= position[:, None])
-            scores = tl.where(visible, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(scores - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group
-                        + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-            m_i = m_new
-        has_keys = l_i > 0
-        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
-        flat = (row.to(tl.int64) * num_heads + head) * TOPK + slot
-        tl.store(partial_lse_ptr + flat, lse, mask=row_mask)
-        tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
-                 out.to(partial_o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+        for tile_row in range(first_row, last_row, BLOCK_M):
+            rows_in_bucket = tile_row + tl.arange(0, BLOCK_M)
+            entry_index = entry_start + rows_in_bucket // GROUP_SIZE
+            row_mask = entry_index < entry_end
+            entry = tl.load(entries_ptr + entry_index, mask=row_mask, other=0)
+            slot = entry % TOPK
+            row = (entry // TOPK) % rows  # row of the chunk
+            head = group * GROUP_SIZE + rows_in_bucket % GROUP_SIZE
+            position = tl.load(row_position_ptr + row, mask=row_mask, other=-1)
+            token = (row_start + row).to(tl.int64)
+            q = tl.load(q_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
+                        + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
+                offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+                key_mask = offs < num_keys
+                key_rows = (key_start + offs).to(tl.int64)
+                k = tl.load(k_ptr + key_rows[:, None] * stride_k_token + group * stride_k_group
+                            + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+                scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+                visible = key_mask[None, :] & ((key_position + offs)[None, :] <= position[:, None])
+                scores = tl.where(visible, scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp2(scores - m_safe[:, None])
+                alpha = tl.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group
+                            + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+                acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+                m_i = m_new
+            has_keys = l_i > 0
+            out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+            lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+            flat = (row.to(tl.int64) * num_heads + head) * TOPK + slot
+            tl.store(partial_lse_ptr + flat, lse, mask=row_mask)
+            tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
+                     out.to(partial_o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
 # One program: one query row of the chunk x the heads of one group. Merges the TOPK partial
@@ -291,16 +297,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                               total_k=total_k, row_start=row_start, row_end=row_end,
-                              group_size=group_size, block_m=block_m)
+                              group_size=group_size, block_m=block_m,
+                              tiles_per_program=TILES_PER_PROGRAM)
         num_buckets = num_groups * csr.num_blocks
-        _block_attention_kernel[(csr.max_tiles,)](
-            q, k, v, partial_o, partial_lse, csr.entries, csr.bucket_start, csr.tile_start,
-            csr.block_key_start, csr.block_position, csr.block_num_keys, csr.row_position,
+        _block_attention_kernel[(csr.max_programs,)](
+            q, k, v, partial_o, partial_lse, csr.entries, csr.bucket_start, csr.program_start,
+            csr.program_bucket, csr.block_key_start, csr.block_position, csr.block_num_keys, csr.row_position,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             row_start, rows, num_heads, num_buckets, csr.num_blocks, softmax_scale * LOG2E,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_SIZE=block_size,
-            SEARCH_STEPS=max(1, math.ceil(math.log2(num_buckets + 1))),
+            BLOCK_N=block_n, BLOCK_SIZE=block_size, TILES_PER_PROGRAM=TILES_PER_PROGRAM,
             **dot_options(q.dtype), num_warps=8 if q.is_cuda else 4, num_stages=2)
         _combine_kernel[(rows, num_groups)](
             partial_o, partial_lse, indices, csr.row_position, o, lse,

@@ -1,0 +1,208 @@
+"""Command line: ``msattn bench [prefill|cpu] [options]``.
+
+Bare ``msattn bench`` runs the prefill suite on the GPU when CUDA is available, else the CPU
+suite: the reference backend at CPU-sized inputs, with selection statistics. Results go to a
+table on stdout and a JSON file (plus a speedup plot when matplotlib imports) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from msattn.backends import NAMES as BACKENDS
+from msattn.bench import prefill, report
+from msattn.bench.timing import matmul_tflops
+from msattn.config import MSAConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20}
+
+
+def parse_length(text: str) -> int:
+    """``"4096" -> 4096``, ``"8k" -> 8192``, ``"1m" -> 1048576`` (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
+    if not match or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"bad length {text!r}: expected a positive count such as "
+                                         "4096, 8k or 1m")
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+def parse_lengths(text: str) -> tuple[int, ...]:
+    """Comma-separated lengths: ``"8k,16k,1m"``."""
+    return tuple(parse_length(part) for part in text.split(","))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """Defaults of a suite; every one of them can be overridden on the command line."""
+
+    op: str
+    device: str
+    config: MSAConfig
+    lengths: tuple[int, ...]
+    dtype: str
+    backend: str
+    warmup: int
+    repeats: int
+    time_budget_s: float
+    out: str
+    matmul_size: int  # side of the square matrix product that measures the compute ceiling
+    columns: tuple[str, ...]
+
+
+SUITES = {
+    # M3's shape at 8K..1M tokens on the GPU.
+    "prefill": Suite(op="prefill", device="cuda", config=MSAConfig(),
+                     lengths=parse_lengths("8k,16k,32k,64k,128k,256k,512k,1m"), dtype="bf16",
+                     backend="triton", warmup=5, repeats=20, time_budget_s=10.0,
+                     out="benchmarks/results", matmul_size=8192, columns=report.GPU_COLUMNS),
+    # A small shape whose selection is still sparse, sized for a 2-core CPU (well under 2 min).
+    "cpu": Suite(op="prefill-cpu", device="cpu",
+                 config=MSAConfig(num_heads=8, num_kv_heads=2, num_index_heads=2, head_dim=64,
+                                  index_dim=64, block_size=128, topk=4),
+                 lengths=parse_lengths("1k,2k,4k"), dtype="fp32", backend="reference", warmup=1,
+                 repeats=3, time_budget_s=5.0, out="benchmarks/results/local", matmul_size=1024,
+                 columns=report.CPU_COLUMNS),
+}
+
+# Command-line option -> MSAConfig field(s).
+_CONFIG_OPTIONS = {
+    "heads": ("num_heads",),
+    "kv_heads": ("num_kv_heads", "num_index_heads"),
+    "head_dim": ("head_dim",),
+    "index_dim": ("index_dim",),
+    "block_size": ("block_size",),
+    "topk": ("topk",),
+    "init_blocks": ("init_blocks",),
+    "local_blocks": ("local_blocks",),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msattn", description="MiniMax Sparse Attention tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench", help="benchmark MSA prefill against dense attention",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("suite", nargs="?", choices=sorted(SUITES),
+                       help="prefill: M3 shape on the GPU; cpu: reference backend at CPU sizes "
+                            "(default: prefill with CUDA, else cpu)")
+    shape = bench.add_argument_group("shape (defaults: the suite's)")
+    shape.add_argument("--lengths", type=parse_lengths, help="e.g. 8k,16k,32k,1m")
+    shape.add_argument("--batch", type=positive_int, help="sequences per call (default 1)")
+    shape.add_argument("--heads", type=positive_int, help="query heads H")
+    shape.add_argument("--kv-heads", type=positive_int, help="KV heads = index heads G")
+    shape.add_argument("--head-dim", type=positive_int, help="D")
+    shape.add_argument("--index-dim", type=positive_int, help="Di")
+    shape.add_argument("--block-size", type=positive_int, help="KV block size (power of two)")
+    shape.add_argument("--topk", type=positive_int, help="selected blocks per query and group")
+    shape.add_argument("--init-blocks", type=int, help="leading blocks always selected")
+    shape.add_argument("--local-blocks", type=positive_int, help="trailing blocks always selected")
+    shape.add_argument("--dtype", choices=sorted(DTYPES))
+    run = bench.add_argument_group("run")
+    run.add_argument("--backend", choices=BACKENDS, help="msattn backend of the MSA calls")
+    run.add_argument("--warmup", type=positive_int, help="warm-up calls per measurement (at most)")
+    run.add_argument("--repeats", type=positive_int, help="timed calls per measurement (at most)")
+    run.add_argument("--time-budget", type=float, dest="time_budget_s", metavar="SECONDS",
+                     help="time per measurement; fewer timed calls when they would take longer")
+    run.add_argument("--no-dense", action="store_true", help="do not measure dense attention")
+    run.add_argument("--dense-max-len", type=parse_length, help="skip dense beyond this length")
+    run.add_argument("--seed", type=int, default=0)
+    out = bench.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="folder of the JSON and plot (default: the suite's)")
+    out.add_argument("--no-plot", action="store_true", help="do not write the speedup plot")
+    return parser
+
+
+def _settings(args: argparse.Namespace, suite: Suite, parser) -> prefill.PrefillSettings:
+    overrides = {field: getattr(args, option) for option, fields in _CONFIG_OPTIONS.items()
+                 for field in fields if getattr(args, option) is not None}
+    try:
+        config = dataclasses.replace(suite.config, **overrides)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+
+    def pick(name):
+        value = getattr(args, name)
+        return getattr(suite, name) if value is None else value
+
+    return prefill.PrefillSettings(
+        op=suite.op, device=torch.device(suite.device), config=config, lengths=pick("lengths"),
+        batch=args.batch or 1, dtype=DTYPES[pick("dtype")], backend=pick("backend"),
+        warmup=pick("warmup"), repeats=pick("repeats"), time_budget_s=pick("time_budget_s"),
+        dense=not args.no_dense, dense_max_len=args.dense_max_len, seed=args.seed)
+
+
+def _header(env: dict, settings: prefill.PrefillSettings, ceiling: float, matmul_size: int) -> str:
+    c = settings.config
+    return (f"MSA {settings.op} on {env['device']}: backend {settings.backend} "
+            f"({prefill.executed_path(settings)}), {report.dtype_name(settings.dtype)}, "
+            f"batch {settings.batch}, H={c.num_heads} G={c.num_kv_heads} D={c.head_dim} "
+            f"Di={c.index_dim}, block {c.block_size}, top-{c.topk} (init {c.init_blocks}, "
+            f"local {c.local_blocks})\n"
+            f"matmul ceiling ({matmul_size}^3 {report.dtype_name(settings.dtype)}): "
+            f"{ceiling:.1f} TFLOP/s")
+
+
+def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> int:
+    """Run a suite, print its table, write its JSON (and plot); returns the exit code."""
+    suite_name = args.suite or ("prefill" if torch.cuda.is_available() else "cpu")
+    suite = SUITES[suite_name]
+    if suite.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"the {suite_name} suite needs a CUDA GPU; `msattn bench` without a suite "
+                     "runs the CPU suite")
+    settings = _settings(args, suite, parser)
+    try:
+        prefill.executed_path(settings)
+    except (ImportError, ValueError) as error:
+        parser.error(f"backend {settings.backend!r} cannot run on {settings.device.type}: {error} "
+                     "(--backend reference times the PyTorch reference)")
+
+    env = report.environment(settings.device)
+    progress = report.Progress(len(settings.lengths) + 1)
+    progress.step("matmul ceiling")
+    ceiling = matmul_tflops(settings.device, settings.dtype, suite.matmul_size, **settings.timing())
+    out = args.out or Path(suite.out)
+    stem = report.output_stem(settings.op, env)
+    json_path = out / f"{stem}.json"
+    rows: list[dict] = []
+    document = {**env, "command": command, "suite": suite_name, "settings": settings.to_dict(),
+                "ceilings": {"matmul_tflops": ceiling, "matmul_size": suite.matmul_size},
+                "rows": rows}
+    for row in prefill.run(settings, progress):
+        rows.append(row)
+        report.write_json(json_path, document)  # after every length: a crash keeps what was measured
+    print(_header(env, settings, ceiling, suite.matmul_size))
+    print(report.format_table(rows, suite.columns))
+    print(f"results: {json_path}")
+    plot_path = out / f"{stem}.png"
+    if not args.no_plot and report.plot_speedup(rows, plot_path, f"MSA {settings.op} speedup, "
+                                                                 f"{env['device']}"):
+        print(f"plot: {plot_path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``msattn`` command; ``argv`` defaults to the process's arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = list(sys.argv) if argv is None else ["msattn", *argv]
+    return bench(args, parser, command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The prefill benchmark: MSA (indexer, sparse attention, both) against dense causal attention.
+
+One row per sequence length. MSA runs through the public API in the varlen layout
+(``q [N, H, D]``, ``k, v [N, G, D]``, ``qi [N, G, Di]``, ``ki [N, Di]``, int32 ``cu_seqlens``) on
+random inputs. The same code serves the GPU suite and the CPU suite; only the settings differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+
+import msattn
+from msattn import backends
+from msattn.bench import metrics
+from msattn.bench.dense import measure_dense
+from msattn.bench.report import dtype_name, format_length
+from msattn.bench.timing import l2_cache_bytes, num_input_sets, release_memory, synchronize, time_ms
+from msattn.config import MSAConfig
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class PrefillSettings:
+    """Everything one prefill run depends on."""
+
+    op: str  # the rows' "op", e.g. "prefill"
+    device: torch.device
+    config: MSAConfig
+    lengths: tuple[int, ...]
+    batch: int
+    dtype: torch.dtype
+    backend: str
+    warmup: int
+    repeats: int
+    time_budget_s: float  # per measurement; bounds the timed calls at long lengths
+    dense: bool
+    dense_max_len: int | None  # None: dense at every length
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy."""
+        return {**asdict(self), "device": str(self.device), "dtype": dtype_name(self.dtype),
+                "lengths": list(self.lengths)}
+
+    def timing(self) -> dict:
+        """Keyword arguments of :func:`msattn.bench.timing.time_ms` other than ``device``."""
+        return {"warmup": self.warmup, "repeats": self.repeats, "budget_s": self.time_budget_s}
+
+
+@dataclass
+class PrefillInputs:
+    """One random input set of a prefill call, in the varlen layout."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    qi: torch.Tensor
+    ki: torch.Tensor
+    cu_seqlens: torch.Tensor
+    indices: torch.Tensor | None = None  # filled by the indexer, read by the sparse attention
+
+    @property
+    def nbytes(self) -> int:
+        tensors = (getattr(self, f.name) for f in fields(self))
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def make_inputs(settings: PrefillSettings, seq_len: int) -> PrefillInputs:
+    """Random (never zero) inputs: ``settings.batch`` sequences of ``seq_len`` tokens."""
+    config, total = settings.config, settings.batch * seq_len
+    rand = partial(torch.randn, device=settings.device, dtype=settings.dtype)
+    return PrefillInputs(
+        q=rand(total, config.num_heads, config.head_dim),
+        k=rand(total, config.num_kv_heads, config.head_dim),
+        v=rand(total, config.num_kv_heads, config.head_dim),
+        qi=rand(total, config.num_kv_heads, config.index_dim),
+        ki=rand(total, config.index_dim),
+        cu_seqlens=torch.arange(0, total + 1, seq_len, dtype=torch.int32, device=settings.device),
+    )
+
+
+def _select(settings: PrefillSettings, x: PrefillInputs) -> torch.Tensor:
+    return msattn.msa_select(x.qi, x.ki, **settings.config.selection_kwargs(),
+                             cu_seqlens_q=x.cu_seqlens, cu_seqlens_k=x.cu_seqlens,
+                             backend=settings.backend)
+
+
+def _sparse_attention(settings: PrefillSettings, x: PrefillInputs):
+    return msattn.msa_sparse_attention(x.q, x.k, x.v, x.indices,
+                                       block_size=settings.config.block_size,
+                                       cu_seqlens_q=x.cu_seqlens, cu_seqlens_k=x.cu_seqlens,
+                                       backend=settings.backend)
+
+
+def _msa(settings: PrefillSettings, x: PrefillInputs) -> torch.Tensor:
+    return msattn.msa_attention(x.q, x.k, x.v, x.qi, x.ki, **settings.config.selection_kwargs(),
+                                cu_seqlens_q=x.cu_seqlens, cu_seqlens_k=x.cu_seqlens,
+                                backend=settings.backend)
+
+
+def executed_path(settings: PrefillSettings) -> str:
+    """Which implementation ran the MSA calls: the single hook for msattn's own report.
+
+    When msattn can say which path a call took (e.g. a dense fallback), read it here. Until then
+    this is the name of the backend that ``settings.backend`` resolves to on the device; it raises
+    when that backend cannot run there.
+    """
+    impl = backends.resolve(settings.backend, settings.device)
+    return getattr(impl, "name", settings.backend)
+
+
+def _peak_memory_gib(settings: PrefillSettings, x: PrefillInputs) -> tuple[float | None, float | None]:
+    """Peak allocated GiB during one ``msa_attention`` call, and that peak minus the memory held
+    before the call (the inputs) and the output: the call's workspace. ``None`` off CUDA."""
+    if settings.device.type != "cuda":
+        return None, None
+    _msa(settings, x)  # compilation and autotuning allocate outside the measured call
+    synchronize(settings.device)
+    before = torch.cuda.memory_allocated(settings.device)
+    torch.cuda.reset_peak_memory_stats(settings.device)
+    out = _msa(settings, x)
+    synchronize(settings.device)
+    peak = torch.cuda.max_memory_allocated(settings.device)
+    extra = peak - before - out.numel() * out.element_size()
+    return peak / GIB, extra / GIB
+
+
+def _dense_skipped(settings: PrefillSettings, seq_len: int) -> str | None:
+    """Why dense is not measured at ``seq_len``: "off" (--no-dense), "skipped" (beyond
+    --dense-max-len), or None when it is."""
+    if not settings.dense:
+        return "off"
+    if settings.dense_max_len is not None and seq_len > settings.dense_max_len:
+        return "skipped"
+    return None
+
+
+@torch.inference_mode()
+def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[str], None]) -> dict:
+    """Measure one sequence length; returns the JSON row."""
+    device, config, batch = settings.device, settings.config, settings.batch
+    l2_bytes = l2_cache_bytes(device)
+    measure = partial(time_ms, device=device, **settings.timing())
+    torch.manual_seed(settings.seed + seq_len)
+
+    progress("peak memory")
+    sets = [make_inputs(settings, seq_len)]
+    peak_gib, extra_gib = _peak_memory_gib(settings, sets[0])
+    sets += [make_inputs(settings, seq_len)
+             for _ in range(num_input_sets(sets[0].nbytes, l2_bytes) - 1)]
+    progress("indexer")
+    indexer = measure(partial(_select, settings), sets)
+    for x in sets:
+        x.indices = _select(settings, x)
+    progress("sparse attention")
+    attention = measure(partial(_sparse_attention, settings), sets)
+    progress("msa_attention")
+    total = measure(partial(_msa, settings), sets)
+    progress("selection statistics")
+    selection = metrics.selection_stats(sets[0].indices, seq_len=seq_len,
+                                        block_size=config.block_size)
+    del sets
+    release_memory(device)
+
+    dense_status, dense = _dense_skipped(settings, seq_len), None
+    if dense_status is None:
+        progress("dense attention")
+        dense = measure_dense(config, batch=batch, seq_len=seq_len, dtype=settings.dtype,
+                              device=device, l2_bytes=l2_bytes, measure=measure)
+        dense_status = "measured" if dense.timing else "failed"
+    dense_ms = dense.timing.ms if dense and dense.timing else None
+
+    return {
+        "op": settings.op,
+        "seq_len": seq_len,
+        "batch": batch,
+        "dtype": dtype_name(settings.dtype),
+        "index_dtype": dtype_name(settings.dtype),  # qi / ki share the dtype of q, k, v here
+        "backend": settings.backend,
+        "msa_path": executed_path(settings),
+        "msa_ms": total.ms,
+        "dense_ms": dense_ms,
+        "speedup": dense_ms / total.ms if dense_ms else None,
+        "indexer_ms": indexer.ms,
+        "attention_ms": attention.ms,
+        "indexer_tflops": metrics.tflops(metrics.indexer_flops(config, seq_len, batch), indexer.ms),
+        "attention_tflops": metrics.tflops(metrics.sparse_attention_flops(config, seq_len, batch),
+                                           attention.ms),
+        "dense_tflops": metrics.tflops(metrics.dense_attention_flops(config, seq_len, batch),
+                                       dense_ms),
+        "dense_status": dense_status,
+        "dense_backend": dense.backend if dense else None,
+        "dense_candidates_ms": dense.candidates_ms if dense else {},
+        "dense_failures": dense.failures if dense else {},
+        "peak_memory_gib": peak_gib,
+        "extra_memory_gib": extra_gib,
+        "selection": selection,
+        "runs": {"indexer": indexer.runs, "attention": attention.runs, "msa": total.runs,
+                 "dense": dense.timing.runs if dense and dense.timing else 0},
+    }
+
+
+def run(settings: PrefillSettings, progress) -> Iterator[dict]:
+    """Measure every length of ``settings`` in turn, yielding each row as soon as it is measured;
+    ``progress`` is a :class:`msattn.bench.report.Progress`."""
+    for seq_len in settings.lengths:
+        progress.step(f"N={format_length(seq_len)}")
+        yield measure_length(settings, seq_len, progress)
+        release_memory(settings.device)

@@ -1,0 +1,174 @@
+"""Presentation of benchmark results: progress lines, the text table, the JSON file and the plot."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+
+def format_length(n: int) -> str:
+    """``8192 -> "8K"``, ``1048576 -> "1M"``, ``1000 -> "1000"``."""
+    for suffix, unit in (("M", 1 << 20), ("K", 1 << 10)):
+        if n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16 -> "bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+class Progress:
+    """Progress lines on stderr: elapsed time, step counter, current step and stage."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.index, self.label = total, 0, ""
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.index, self.label = self.index + 1, label
+        self("start")
+
+    def __call__(self, stage: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        print(f"[{elapsed:8.1f}s] {self.index}/{self.total} {self.label}: {stage}",
+              file=self.stream, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------
+
+def _number(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[dict], str]:
+    """Cell of ``row[key]`` formatted with ``spec``; "-" for None."""
+    def cell(row: dict) -> str:
+        value = row.get(key)
+        return "-" if value is None else f"{value * scale:{spec}}{suffix}"
+    return cell
+
+
+def _selection(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[dict], str]:
+    number = _number(key, spec, scale, suffix)
+    return lambda row: number(row["selection"])
+
+
+def _dense_ms(row: dict) -> str:
+    return _number("dense_ms", ".2f")(row) if row["dense_status"] == "measured" else row["dense_status"]
+
+
+CELLS: dict[str, Callable[[dict], str]] = {
+    "length": lambda row: format_length(row["seq_len"]),
+    "indexer ms": _number("indexer_ms", ".2f"),
+    "attention ms": _number("attention_ms", ".2f"),
+    "MSA ms": _number("msa_ms", ".2f"),
+    "dense ms": _dense_ms,
+    "dense kernel": lambda row: row["dense_backend"] or "-",
+    "speedup": _number("speedup", ".3g", suffix="x"),
+    "indexer TFLOP/s": _number("indexer_tflops", ".1f"),
+    "attention TFLOP/s": _number("attention_tflops", ".1f"),
+    "peak extra GiB": _number("extra_memory_gib", ".2f"),
+    "full rows": _selection("full_row_fraction", ".1f", 100, "%"),
+    "blocks selected": _selection("selected_block_fraction", ".1f", 100, "%"),
+    "distinct/qblock": _selection("distinct_blocks_per_query_block", ".1f"),
+    "key sparsity": _selection("key_sparsity", ".1f", 100, "%"),
+}
+
+GPU_COLUMNS = ("length", "indexer ms", "attention ms", "MSA ms", "dense ms", "dense kernel",
+               "speedup", "indexer TFLOP/s", "attention TFLOP/s", "peak extra GiB")
+CPU_COLUMNS = ("length", "full rows", "blocks selected", "distinct/qblock", "key sparsity",
+               "indexer ms", "attention ms", "MSA ms", "dense ms", "dense kernel", "speedup")
+
+_NOTES = {
+    "skipped": "dense skipped: longer than --dense-max-len (speedup null)",
+    "off": "dense off: --no-dense (speedup null)",
+    "failed": "dense failed with every kernel (see dense_failures in the JSON; speedup null)",
+}
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Right-aligned text table of ``rows``, then a note for each dense status that needs one."""
+    cells = [[CELLS[name](row) for name in columns] for row in rows]
+    widths = [max(len(name), *(len(r[i]) for r in cells)) for i, name in enumerate(columns)]
+    lines = ["  ".join(name.rjust(w) for name, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    statuses = dict.fromkeys(row["dense_status"] for row in rows)
+    lines += [_NOTES[s] for s in statuses if s in _NOTES]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+
+def environment(device: torch.device) -> dict:
+    """What the numbers were measured on and with."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "gpu": gpu,
+        "device": gpu or f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
+
+
+def slug(text: str) -> str:
+    """``"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def output_stem(op: str, env: dict) -> str:
+    """File name without extension: ``<op>_<device-slug>_<UTC date-time>``."""
+    stamp = datetime.fromisoformat(env["date"]).strftime("%Y%m%d-%H%M%S")
+    return f"{op}_{slug(env['gpu'] or 'cpu')}_{stamp}"
+
+
+def write_json(path: Path, document: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> bool:
+    """Speedup over dense against sequence length (log2 axis) as a PNG; False when there is no
+    measured speedup or matplotlib is missing."""
+    points = [(row["seq_len"], row["speedup"]) for row in rows if row["speedup"] is not None]
+    if not points:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    lengths, speedups = zip(*points)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lengths, speedups, marker="o")
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [format_length(n) for n in lengths])
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("speedup over dense (x)")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
