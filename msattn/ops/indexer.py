@@ -19,7 +19,7 @@ import triton.language as tl
 from msattn.ops.utils import device_sm_count, dot_options, mma
 
 # Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H200.
-CUDA_CONFIG = {"block_r": 128, "num_warps": 8, "num_stages": 3}
+CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 3}
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)

@@ -28,6 +28,8 @@ PARTIAL_BUDGET_BYTES = 1 << 30
 # Row tiles of one (group, key block) bucket per program: amortises the program's set-up and
 # lets the pipeliner overlap the next tile's loads with this tile's math.
 TILES_PER_PROGRAM = 4
+# Launch configuration on CUDA for 16-bit inputs (float32 needs smaller tiles to fit shared memory).
+CUDA_CONFIG = {"block_m": 128, "num_warps": 8, "num_stages": 2}
 
 
 @dataclass
@@ -284,7 +286,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     o, lse = out
     if total_q == 0:
         return o, lse
-    block_m = 128 if q.is_cuda else 16
+    if not q.is_cuda:
+        config = {"block_m": 16, "num_warps": 4, "num_stages": 1}
+    elif q.dtype == torch.float32:
+        config = {"block_m": 64, "num_warps": 4, "num_stages": 1}
+    else:
+        config = CUDA_CONFIG
+    block_m = config["block_m"]
     block_n = min(block_size, 128)
     block_d = triton.next_power_of_2(head_dim)
     chunk_rows = chunk_rows or _chunk_rows(num_heads, topk, head_dim, q.element_size())
@@ -307,7 +315,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             row_start, rows, num_heads, num_buckets, csr.num_blocks, softmax_scale * LOG2E,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
             BLOCK_N=block_n, BLOCK_SIZE=block_size, TILES_PER_PROGRAM=TILES_PER_PROGRAM,
-            **dot_options(q.dtype), num_warps=8 if q.is_cuda else 4, num_stages=2)
+            **dot_options(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"])
         _combine_kernel[(rows, num_groups)](
             partial_o, partial_lse, indices, csr.row_position, o, lse,
             indices.stride(0), indices.stride(1), o.stride(0), o.stride(1), row_start, num_heads,
