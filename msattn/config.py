@@ -25,13 +25,17 @@ _HF_MODEL_KEYS = {
 
 @dataclass(frozen=True)
 class MSAConfig:
-    """MSA layer parameters. Defaults are MiniMax-M3's."""
+    """MSA layer parameters. Defaults are MiniMax-M3's.
+
+    ``num_index_heads`` (index query heads) defaults to ``None``, which means "equal to
+    ``num_kv_heads``" (one index query per GQA group); a given value must equal ``num_kv_heads``.
+    """
 
     num_heads: int = 64
     num_kv_heads: int = 4
     head_dim: int = 128
     index_dim: int = 128
-    num_index_heads: int = 4
+    num_index_heads: int | None = None
     block_size: int = 128
     topk: int = 16
     init_blocks: int = 0
@@ -41,6 +45,8 @@ class MSAConfig:
     def __post_init__(self):
         from msattn.interface import check_block_size, check_selection_params
 
+        if self.num_index_heads is None:  # frozen dataclass: set the derived default directly
+            object.__setattr__(self, "num_index_heads", self.num_kv_heads)
         check_block_size(self.block_size)
         check_selection_params(self.topk, self.init_blocks, self.local_blocks)
         if self.score_type != "max":
@@ -76,8 +82,6 @@ class MSAConfig:
             value = _get(sparse, hf_key, None)
             if value is not None:
                 values[field] = value
-        if "num_index_heads" not in values and "num_kv_heads" in values:
-            values["num_index_heads"] = values["num_kv_heads"]  # one index head per GQA group
         return cls(**values)
 
     def selection_kwargs(self) -> dict:

@@ -57,6 +57,16 @@ def test_defaults_are_minimax_m3():
     assert c.selection_kwargs() == {"block_size": 128, "topk": 16, "init_blocks": 0, "local_blocks": 1}
 
 
+def test_index_heads_default_to_kv_heads():
+    c = MSAConfig(num_heads=48, num_kv_heads=8)
+    assert c.num_index_heads == 8 == c.num_kv_heads
+    assert c.to_dict()["num_index_heads"] == 8
+    # The derived default and the explicit value give the same (equal, equally hashed) config.
+    assert c == MSAConfig(num_heads=48, num_kv_heads=8, num_index_heads=8)
+    assert hash(c) == hash(MSAConfig(num_heads=48, num_kv_heads=8, num_index_heads=8))
+    assert MSAConfig(num_index_heads=None).num_index_heads == 4
+
+
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         MSAConfig().topk = 8

@@ -27,9 +27,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 PARTIAL_BUDGET_BYTES = 1 << 30
 # Row tiles of one (group, key block) bucket per program: amortises the program's set-up and
 # lets the pipeliner overlap the next tile's loads with this tile's math.
-TILES_PER_PROGRAM = 4
+TILES_PER_PROGRAM = 8
 # Launch configuration on CUDA for 16-bit inputs (float32 needs smaller tiles to fit shared memory).
-CUDA_CONFIG = {"block_m": 128, "num_warps": 8, "num_stages": 2}
+CUDA_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 1}
 
 
 @dataclass
@@ -137,7 +137,8 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
 
 
 # One program: one (group, key block) bucket x up to TILES_PER_PROGRAM tiles of BLOCK_M gathered
-# (entry, head) rows of it. Grid: (upper bound on the programs,); programs past the real ones exit.
+# (entry, head) rows of it; the block's K and V are loaded once for all its tiles.
+# Grid: (upper bound on the programs,); programs past the real ones exit.
 # q [total_q, H, D], k/v [total_k, G, D]; writes partial_o [rows, H, TOPK, D] (q's dtype)
 # and partial_lse [rows, H, TOPK] (float32, natural log) for the rows of its entries.
 @triton.jit
@@ -149,9 +150,8 @@ def _block_attention_kernel(
         stride_v_token, stride_v_group,
         row_start, rows, num_heads, num_buckets, num_blocks, scale_log2,
         GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr):
+        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        TILES_PER_PROGRAM: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
         bucket = tl.load(program_bucket_ptr + pid)
@@ -164,8 +164,18 @@ def _block_attention_kernel(
         entry_end = tl.load(bucket_start_ptr + bucket + 1)
         first_row = (pid - tl.load(program_start_ptr + bucket)) * TILES_PER_PROGRAM * BLOCK_M
         last_row = tl.minimum(first_row + TILES_PER_PROGRAM * BLOCK_M, (entry_end - entry_start) * GROUP_SIZE)
+
         dim = tl.arange(0, BLOCK_D)
         dim_mask = dim < HEAD_DIM
+        offs = tl.arange(0, BLOCK_SIZE)
+        key_mask = offs < num_keys
+        key_rows = (key_start + offs).to(tl.int64)
+        kv_mask = key_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_ptr + key_rows[:, None] * stride_k_token + group * stride_k_group + dim[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group + dim[None, :],
+                    mask=kv_mask, other=0.0)
+        k_t = tl.trans(k)
         for tile_row in range(first_row, last_row, BLOCK_M):
             rows_in_bucket = tile_row + tl.arange(0, BLOCK_M)
             entry_index = entry_start + rows_in_bucket // GROUP_SIZE
@@ -178,30 +188,18 @@ def _block_attention_kernel(
             token = (row_start + row).to(tl.int64)
             q = tl.load(q_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
                         + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
-                offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-                key_mask = offs < num_keys
-                key_rows = (key_start + offs).to(tl.int64)
-                k = tl.load(k_ptr + key_rows[:, None] * stride_k_token + group * stride_k_group
-                            + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-                scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-                visible = key_mask[None, :] & ((key_position + offs)[None, :] <= position[:, None])
-                scores = tl.where(visible, scores, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(scores - m_safe[:, None])
-                alpha = tl.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group
-                            + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-                acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-                m_i = m_new
-            has_keys = l_i > 0
-            out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-            lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+            scores = mma(q, k_t, DOT_PRECISION, DOT_UPCAST) * scale_log2
+            visible = key_mask[None, :] & ((key_position + offs)[None, :] <= position[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            row_max = tl.max(scores, axis=1)
+            row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+            p = tl.exp2(scores - row_max[:, None])
+            row_sum = tl.sum(p, axis=1)
+            out = mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            has_keys = row_sum > 0
+            out = out / tl.where(has_keys, row_sum, 1.0)[:, None]
+            lse = tl.where(has_keys, (row_max + tl.log2(tl.where(has_keys, row_sum, 1.0))) * LN2,
+                           float("-inf"))
             flat = (row.to(tl.int64) * num_heads + head) * TOPK + slot
             tl.store(partial_lse_ptr + flat, lse, mask=row_mask)
             tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
@@ -292,8 +290,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         config = {"block_m": 64, "num_warps": 4, "num_stages": 1}
     else:
         config = CUDA_CONFIG
-    block_m = config["block_m"]
-    block_n = min(block_size, 128)
+    # A program holds a whole K/V block: fewer query rows per tile for large blocks.
+    block_m = max(16, min(config["block_m"], config["block_m"] * 128 // block_size))
     block_d = triton.next_power_of_2(head_dim)
     chunk_rows = chunk_rows or _chunk_rows(num_heads, topk, head_dim, q.element_size())
     partial_o = torch.empty(min(chunk_rows, total_q) * num_heads * topk * head_dim, dtype=q.dtype,
@@ -314,7 +312,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             row_start, rows, num_heads, num_buckets, csr.num_blocks, softmax_scale * LOG2E,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-            BLOCK_N=block_n, BLOCK_SIZE=block_size, TILES_PER_PROGRAM=TILES_PER_PROGRAM,
+            BLOCK_SIZE=block_size, TILES_PER_PROGRAM=TILES_PER_PROGRAM,
             **dot_options(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"])
         _combine_kernel[(rows, num_groups)](
             partial_o, partial_lse, indices, csr.row_position, o, lse,
