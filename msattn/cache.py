@@ -1,0 +1,421 @@
+"""Paged K/V and index-key caches for decode and serving (flash-attn / vLLM layout).
+
+Layout of one layer's caches (``page_size`` = MSA ``block_size``):
+
+* ``k_cache, v_cache [num_pages, page_size, G, D]`` fp16 / bf16 / fp32, any strides (a head-major
+  physical buffer ``[num_pages, G, page_size, D]`` permuted to this logical view works as is);
+* ``index_cache [num_pages, page_size, Di]`` fp16 / bf16 / fp32, or ``torch.float8_e4m3fn`` with
+  ``index_scale [num_pages, page_size]`` float32: dequantised key = ``float(fp8) * scale``;
+* ``block_table [B, max_pages]`` int32: page ``i`` of request ``b`` is ``block_table[b, i]``;
+  entries past a request's pages may hold anything (``-1`` included) and are never read;
+* ``seq_lens [B]`` int32: tokens written for request ``b``, its new tokens included;
+* ``cu_seqlens_q [B + 1]`` int32: the new tokens of request ``b`` are the last
+  ``cu_seqlens_q[b + 1] - cu_seqlens_q[b]`` of its ``seq_lens[b]`` tokens.
+
+Token ``p`` (0-based position) of request ``b`` lives in page ``block_table[b, p // page_size]``,
+slot ``p % page_size``.
+
+:func:`write_paged_cache` runs without host synchronisation (it can be captured in a CUDA graph);
+:func:`gather_paged` (tests, reference) may synchronise. :class:`MSAPagedCache` owns the buffers
+of one or more layers and hands out pages.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)
+
+
+def _dtype_text(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_tensor(name: str, tensor, ndim: int, shape_text: str, dtypes) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_text} ({ndim} dims), got {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        names = ", ".join(_dtype_text(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {_dtype_text(tensor.dtype)}")
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int], shape_text: str) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {shape_text} = {tuple(expected)}, got {tuple(tensor.shape)}")
+
+
+def _check_same_device(**tensors) -> None:
+    items = [(name, t.device) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
+    first_name, first = items[0]
+    for name, device in items[1:]:
+        if device != first:
+            raise ValueError(f"{name} is on {device} but {first_name} is on {first}: all tensors must "
+                             "be on one device")
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 index keys
+# ----------------------------------------------------------------------------------------------
+
+def _check_any_rank(name: str, tensor, dtypes) -> None:
+    """A tensor ``[..., Di]`` (at least one dim) of one of ``dtypes``."""
+    _check_tensor(name, tensor, max(1, tensor.dim()) if isinstance(tensor, torch.Tensor) else 1,
+                  "[..., Di]", dtypes)
+
+
+def quantize_index_keys(index_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise index keys to float8_e4m3fn with one float32 scale per token.
+
+    Args:
+        index_keys: ``[..., Di]`` fp16, bf16 or fp32 (e.g. ``[total, Di]``).
+    Returns:
+        ``(keys_fp8 [..., Di] float8_e4m3fn, scale [...] float32)`` with
+        ``scale = amax(|x|) / 448`` over the last dim (1.0 for an all-zero row, whose keys then
+        quantise to zeros), so that ``keys_fp8.float() * scale[..., None]`` approximates ``x``
+        with a relative error of about 2^-4 of the row's largest value or better.
+    """
+    _check_any_rank("index_keys", index_keys, FLOAT_DTYPES)
+    x = index_keys.float()
+    scale = x.abs().amax(dim=-1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowed) rows
+    scaled = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX)  # rounding may step past 448
+    return scaled.to(FP8_DTYPE), scale
+
+
+def dequantize_index_keys(keys_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_index_keys`: ``keys_fp8 [..., Di]`` float8_e4m3fn and
+    ``scale [...]`` float32 -> float32 ``[..., Di]``."""
+    _check_any_rank("keys_fp8", keys_fp8, (FP8_DTYPE,))
+    _check_tensor("scale", scale, keys_fp8.dim() - 1, "[...] (keys_fp8's shape without Di)",
+                  (torch.float32,))
+    _check_shape("scale", scale, keys_fp8.shape[:-1], "keys_fp8.shape[:-1]")
+    return keys_fp8.float() * scale[..., None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and reading pages
+# ----------------------------------------------------------------------------------------------
+
+def _check_batch_layout(block_table, cu_seqlens_q, seq_lens, device) -> int:
+    """Check ``block_table``, ``cu_seqlens_q`` and ``seq_lens`` (metadata only); returns B."""
+    _check_tensor("block_table", block_table, 2, "[B, max_pages]", (torch.int32,))
+    _check_tensor("seq_lens", seq_lens, 1, "[B]", (torch.int32,))
+    batch = block_table.shape[0]
+    _check_shape("seq_lens", seq_lens, (batch,), "[B] (B from block_table)")
+    if cu_seqlens_q is not None:
+        _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]", (torch.int32,))
+        _check_shape("cu_seqlens_q", cu_seqlens_q, (batch + 1,), "[B + 1] (B from block_table)")
+    _check_same_device(block_table=block_table, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q)
+    if block_table.device != device:
+        raise ValueError(f"block_table is on {block_table.device} but the caches are on {device}")
+    return batch
+
+
+def token_slots(block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                total_q: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page and slot of every new token, computed on the device without host synchronisation.
+
+    Args:
+        block_table: int32 ``[B, max_pages]``; cu_seqlens_q: int32 ``[B + 1]`` with
+            ``cu_seqlens_q[-1] == total_q``; seq_lens: int32 ``[B]``.
+    Returns:
+        ``(pages [total_q], slots [total_q])`` int64: new token ``i`` of request ``b`` (row ``i``
+        of the varlen batch) sits at position ``p = seq_lens[b] - cu_seqlens_q[b + 1] + i``, in
+        page ``block_table[b, p // page_size]``, slot ``p % page_size``.
+    """
+    rows = torch.arange(total_q, device=block_table.device, dtype=torch.int32)
+    # Request of each row: the first b with cu_seqlens_q[b + 1] > row (empty requests skipped).
+    request = torch.searchsorted(cu_seqlens_q[1:].contiguous(), rows, right=True)
+    positions = (seq_lens.long()[request] - cu_seqlens_q.long()[request + 1] + rows.long())
+    pages = block_table[request, positions // page_size].long()
+    return pages, positions % page_size
+
+
+def _check_values(block_table, cu_seqlens_q, seq_lens, num_pages: int, page_size: int,
+                  total_q: int) -> None:
+    """Host-side checks of the batch layout's values (synchronises with the device)."""
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] != total_q:
+        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at total_q = "
+                         f"{total_q}, got {cu}")
+    max_pages = block_table.shape[1]
+    table = block_table.tolist()
+    for b, seq_len in enumerate(lens):
+        len_q = cu[b + 1] - cu[b]
+        if seq_len < len_q:
+            raise ValueError(f"seq_lens[{b}] = {seq_len} is smaller than the {len_q} new tokens of "
+                             f"request {b} (cu_seqlens_q): seq_lens counts the new tokens too")
+        used = math.ceil(seq_len / page_size)
+        if used > max_pages:
+            raise ValueError(f"seq_lens[{b}] = {seq_len} needs {used} pages but block_table has "
+                             f"{max_pages} columns")
+        bad = [p for p in table[b][:used] if not 0 <= p < num_pages]
+        if bad:
+            raise ValueError(f"block_table[{b}] holds page ids {bad} outside [0, {num_pages}) "
+                             f"among the {used} pages of its {seq_len} tokens")
+
+
+def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
+                      seq_lens, *, index_scale=None, check_values=False) -> None:
+    """Write the new tokens' K, V and index keys into their pages (in place, through the views).
+
+    Args:
+        k, v: ``[total_q, G, D]`` fp16 / bf16 / fp32 (cast to the cache dtype), the new tokens of
+            all requests in the varlen order of ``cu_seqlens_q``.
+        index_keys: ``[total_q, Di]`` fp16 / bf16 / fp32; quantised per token
+            (:func:`quantize_index_keys`) when ``index_cache`` is float8_e4m3fn.
+        k_cache, v_cache: ``[num_pages, page_size, G, D]``, any strides.
+        index_cache: ``[num_pages, page_size, Di]`` fp16 / bf16 / fp32 / float8_e4m3fn, any strides.
+        block_table: int32 ``[B, max_pages]``.
+        cu_seqlens_q: int32 ``[B + 1]``, ``cu_seqlens_q[-1] == total_q``.
+        seq_lens: int32 ``[B]``, tokens of request ``b`` after this write (new tokens included).
+        index_scale: float32 ``[num_pages, page_size]``: required with an fp8 ``index_cache``,
+            must be None otherwise.
+        check_values: also check the values of ``cu_seqlens_q``, ``seq_lens`` and the used
+            entries of ``block_table`` on the host (synchronises; not capturable). Without it,
+            bad values write to wrong pages (or fault on the GPU).
+
+    Only tensor metadata is checked by default: the write itself is pure device work with no host
+    synchronisation and can be captured in a CUDA graph.
+    """
+    _check_tensor("k", k, 3, "[total_q, G, D]", FLOAT_DTYPES)
+    _check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
+    _check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
+    _check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", INDEX_DTYPES)
+    total_q, num_groups, head_dim = k.shape
+    num_pages, page_size = k_cache.shape[:2]
+    _check_shape("k_cache", k_cache, (num_pages, page_size, num_groups, head_dim),
+                 "[num_pages, page_size, G, D] (G, D from k)")
+    _check_shape("v_cache", v_cache, k_cache.shape, "k_cache.shape")
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"v_cache must have the dtype of k_cache ({_dtype_text(k_cache.dtype)}), got "
+                        f"{_dtype_text(v_cache.dtype)}")
+    _check_tensor("v", v, 3, "[total_q, G, D]", FLOAT_DTYPES)
+    _check_shape("v", v, k.shape, "k.shape")
+    _check_tensor("index_keys", index_keys, 2, "[total_q, Di]", FLOAT_DTYPES)
+    index_dim = index_keys.shape[1]
+    _check_shape("index_keys", index_keys, (total_q, index_dim), "[total_q, Di] (total_q from k)")
+    _check_shape("index_cache", index_cache, (num_pages, page_size, index_dim),
+                 "[num_pages, page_size, Di] (from k_cache and index_keys)")
+    fp8 = index_cache.dtype == FP8_DTYPE
+    if fp8:
+        if index_scale is None:
+            raise ValueError("index_scale [num_pages, page_size] float32 is required with a "
+                             "float8_e4m3fn index_cache")
+        _check_tensor("index_scale", index_scale, 2, "[num_pages, page_size]", (torch.float32,))
+        _check_shape("index_scale", index_scale, (num_pages, page_size), "[num_pages, page_size]")
+    elif index_scale is not None:
+        raise ValueError(f"index_scale must be None unless index_cache is float8_e4m3fn (got an "
+                         f"index_cache of {_dtype_text(index_cache.dtype)})")
+    _check_same_device(k_cache=k_cache, k=k, v=v, index_keys=index_keys, v_cache=v_cache,
+                       index_cache=index_cache, index_scale=index_scale)
+    if cu_seqlens_q is None:
+        raise TypeError("cu_seqlens_q must be an int32 torch.Tensor of shape [B + 1], got NoneType")
+    _check_batch_layout(block_table, cu_seqlens_q, seq_lens, k_cache.device)
+    if check_values:
+        _check_values(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
+    if total_q == 0:
+        return
+
+    pages, slots = token_slots(block_table, cu_seqlens_q, seq_lens, total_q, page_size)
+    k_cache[pages, slots] = k.to(k_cache.dtype)
+    v_cache[pages, slots] = v.to(v_cache.dtype)
+    if fp8:
+        keys, scale = quantize_index_keys(index_keys)
+        index_cache[pages, slots] = keys
+        index_scale[pages, slots] = scale
+    else:
+        index_cache[pages, slots] = index_keys.to(index_cache.dtype)
+
+
+def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``seq_lens[b]`` tokens of every request, concatenated (for tests and references).
+
+    Args:
+        cache: ``[num_pages, page_size, ...]`` any dtype and strides (a K/V or index cache, or an
+            ``index_scale [num_pages, page_size]``).
+        block_table: int32 ``[B, max_pages]``; seq_lens: int32 ``[B]``.
+    Returns:
+        ``(contiguous [sum(seq_lens), ...], cu_seqlens_k int32 [B + 1])`` on ``cache``'s device.
+        Synchronises with the device.
+    """
+    if not isinstance(cache, torch.Tensor) or cache.dim() < 2:
+        raise TypeError(f"cache must be a torch.Tensor of shape [num_pages, page_size, ...], got "
+                        f"{tuple(cache.shape) if isinstance(cache, torch.Tensor) else type(cache).__name__}")
+    _check_batch_layout(block_table, None, seq_lens, cache.device)
+    num_pages, page_size = cache.shape[:2]
+    lens = seq_lens.tolist()
+    table = block_table.tolist()
+    parts = []
+    for b, seq_len in enumerate(lens):
+        if seq_len < 0:
+            raise ValueError(f"seq_lens[{b}] must be >= 0, got {seq_len}")
+        used = math.ceil(seq_len / page_size)
+        if used > block_table.shape[1]:
+            raise ValueError(f"seq_lens[{b}] = {seq_len} needs {used} pages but block_table has "
+                             f"{block_table.shape[1]} columns")
+        pages = table[b][:used]
+        bad = [p for p in pages if not 0 <= p < num_pages]
+        if bad:
+            raise ValueError(f"block_table[{b}] holds page ids {bad} outside [0, {num_pages})")
+        ids = torch.tensor(pages, dtype=torch.long, device=cache.device)
+        parts.append(cache[ids].reshape(used * page_size, *cache.shape[2:])[:seq_len])
+    cu = torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(torch.int32).to(cache.device)
+    return torch.cat(parts) if parts else cache.new_empty((0, *cache.shape[2:])), cu
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache object
+# ----------------------------------------------------------------------------------------------
+
+class MSAPagedCache:
+    """The paged K/V and index-key caches of ``num_layers`` MSA layers, and their page allocator.
+
+    Attributes (``layer`` indexes the lists):
+        k_cache[layer], v_cache[layer]: ``[num_pages, page_size, G, D]`` of ``dtype`` (a view of a
+            ``[num_pages, G, page_size, D]`` buffer when ``head_major``);
+        index_cache[layer]: ``[num_pages, page_size, Di]`` of ``index_dtype``;
+        index_scale[layer]: float32 ``[num_pages, page_size]`` with fp8 index keys, else None;
+        page_size, num_pages, num_kv_heads, head_dim, index_dim, num_layers.
+
+    Pages are shared by all layers: one page id addresses the same slots in every layer's buffers,
+    so one block table serves the whole model. K/V and index buffers start zeroed, scales at one.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 index_dim: int, *, num_layers: int = 1, dtype: torch.dtype = torch.bfloat16,
+                 index_dtype: torch.dtype = torch.bfloat16, device=None, head_major: bool = False):
+        for name, value in (("num_pages", num_pages), ("page_size", page_size),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                            ("index_dim", index_dim), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two (it is the MSA block size), got {page_size}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
+        if index_dtype not in INDEX_DTYPES:
+            raise TypeError(f"index_dtype must be one of float16, bfloat16, float32, float8_e4m3fn, "
+                            f"got {index_dtype}")
+        self.num_pages, self.page_size, self.num_layers = num_pages, page_size, num_layers
+        self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
+        self.dtype, self.index_dtype = dtype, index_dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.head_major = head_major
+
+        def kv_buffer():
+            if head_major:
+                physical = torch.zeros(num_pages, num_kv_heads, page_size, head_dim, dtype=dtype,
+                                       device=self.device)
+                return physical.permute(0, 2, 1, 3)
+            return torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype,
+                               device=self.device)
+
+        fp8 = index_dtype == FP8_DTYPE
+        self.k_cache = [kv_buffer() for _ in range(num_layers)]
+        self.v_cache = [kv_buffer() for _ in range(num_layers)]
+        self.index_cache = [torch.zeros(num_pages, page_size, index_dim, dtype=index_dtype,
+                                        device=self.device) for _ in range(num_layers)]
+        self.index_scale = [torch.ones(num_pages, page_size, dtype=torch.float32, device=self.device)
+                            if fp8 else None for _ in range(num_layers)]
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
+        self._in_use: set[int] = set()
+
+    # -- allocator --------------------------------------------------------------------------
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_needed(self, num_tokens: int) -> int:
+        """Pages that hold ``num_tokens`` tokens."""
+        return -(-num_tokens // self.page_size)
+
+    def allocate(self, num_tokens: int) -> list[int]:
+        """Page ids for ``num_tokens`` more tokens (``ceil(num_tokens / page_size)`` pages).
+
+        Raises RuntimeError when too few pages are free (nothing is allocated then).
+        """
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        count = self.pages_needed(num_tokens)
+        if count > len(self._free):
+            raise RuntimeError(f"out of cache pages: {num_tokens} tokens need {count} pages, "
+                               f"{len(self._free)} of {self.num_pages} are free")
+        pages = [self._free.pop() for _ in range(count)]
+        self._in_use.update(pages)
+        return pages
+
+    def free(self, pages: Iterable[int]) -> None:
+        """Return pages to the allocator; raises ValueError for a page that is not allocated."""
+        pages = list(pages)
+        bad = [p for p in pages if p not in self._in_use]
+        if bad or len(set(pages)) != len(pages):
+            raise ValueError(f"pages must be allocated and distinct; not allocated (or repeated): "
+                             f"{bad or pages}")
+        self._in_use.difference_update(pages)
+        self._free.extend(reversed(pages))
+
+    def block_table(self, page_lists: Sequence[Sequence[int]], max_pages: int | None = None,
+                    device=None) -> torch.Tensor:
+        """int32 ``[B, max_pages]`` block table of per-request page lists, padded with ``-1``.
+
+        ``max_pages`` defaults to the longest list (a fixed value keeps the shape of a graph).
+        """
+        return build_block_table(page_lists, max_pages=max_pages,
+                                 device=self.device if device is None else device)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def append(self, layer: int, k, v, index_keys, block_table, cu_seqlens_q, seq_lens, *,
+               check_values: bool = False) -> None:
+        """Write new tokens of ``layer`` into their pages: :func:`write_paged_cache` on this
+        layer's buffers (no host synchronisation unless ``check_values``)."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        write_paged_cache(k, v, index_keys, self.k_cache[layer], self.v_cache[layer],
+                          self.index_cache[layer], block_table, cu_seqlens_q, seq_lens,
+                          index_scale=self.index_scale[layer], check_values=check_values)
+
+    def layer(self, layer: int) -> dict:
+        """Keyword arguments of the paged MSA calls for ``layer``: ``k_cache``, ``v_cache``,
+        ``index_cache``, ``index_scale``."""
+        return {"k_cache": self.k_cache[layer], "v_cache": self.v_cache[layer],
+                "index_cache": self.index_cache[layer], "index_scale": self.index_scale[layer]}
+
+    def __repr__(self) -> str:
+        return (f"MSAPagedCache(num_pages={self.num_pages}, page_size={self.page_size}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"index_dim={self.index_dim}, num_layers={self.num_layers}, "
+                f"dtype={_dtype_text(self.dtype)}, index_dtype={_dtype_text(self.index_dtype)}, "
+                f"device={self.device}, free={self.num_free_pages})")
+
+
+def build_block_table(page_lists: Sequence[Sequence[int]], *, max_pages: int | None = None,
+                      device=None) -> torch.Tensor:
+    """int32 ``[B, max_pages]`` block table of per-request page lists, padded with ``-1``."""
+    lists = [list(pages) for pages in page_lists]
+    longest = max((len(p) for p in lists), default=0)
+    width = longest if max_pages is None else max_pages
+    if width < longest:
+        raise ValueError(f"max_pages = {max_pages} is smaller than the longest page list ({longest})")
+    table = torch.full((len(lists), max(width, 1) if max_pages is None else width), -1,
+                       dtype=torch.int32)
+    for b, pages in enumerate(lists):
+        if pages:
+            table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+    return table.to(device) if device is not None else table
