@@ -2,6 +2,8 @@
 
 from msattn.config import MSAConfig
 from msattn.interface import msa_attention, msa_select, msa_sparse_attention
+from msattn.paged import MSAPagedWrapper, msa_paged_attention, msa_paged_select
 
 __version__ = "0.1.0"
-__all__ = ["MSAConfig", "msa_attention", "msa_select", "msa_sparse_attention", "__version__"]
+__all__ = ["MSAConfig", "MSAPagedWrapper", "msa_attention", "msa_paged_attention",
+           "msa_paged_select", "msa_select", "msa_sparse_attention", "__version__"]

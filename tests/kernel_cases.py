@@ -61,3 +61,26 @@ def assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, *, block_size, r
         swapped = torch.tensor(sorted((mine ^ theirs) - {-1}), device=scores.device)
         spread = scores[swapped].max() - scores[swapped].min()
         assert spread <= rel_tol * scores[swapped].abs().max(), (group, row, mine, theirs)
+
+
+def paginate(contiguous: torch.Tensor, cu_seqlens_k: torch.Tensor, page_size: int, *,
+             generator: torch.Generator, spare_pages: int = 3, fill=float("nan")):
+    """Scatter each sequence of ``contiguous [total_k, ...]`` into pages of a cache in a random
+    physical order. Returns ``(cache [num_pages, page_size, ...], block_table [B, max_pages])``;
+    unused slots hold ``fill`` and unused table entries ``-1``."""
+    lengths = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    pages_of = [-(-length // page_size) for length in lengths]
+    num_pages = sum(pages_of) + spare_pages
+    order = torch.randperm(num_pages, generator=generator).tolist()
+    cache = torch.full((num_pages, page_size, *contiguous.shape[1:]), fill, dtype=contiguous.dtype,
+                       device=contiguous.device)
+    table = torch.full((len(lengths), max(pages_of, default=0) + 2), -1, dtype=torch.int32)
+    start = 0
+    for b, length in enumerate(lengths):
+        for j in range(pages_of[b]):
+            page = order.pop()
+            table[b, j] = page
+            chunk = contiguous[start + j * page_size:start + min(length, (j + 1) * page_size)]
+            cache[page, :chunk.shape[0]] = chunk
+        start += length
+    return cache, table.to(contiguous.device)

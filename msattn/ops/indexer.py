@@ -6,11 +6,17 @@ every index-key load, and streams the index keys block by block:
 ``qi . ki^T`` on the tensor cores, causal mask, max over the block, then the block enters the
 running top-k list of a row when it beats the row's worst entry (value, then lower id wins).
 
-With few query tiles and a long key range (chunked prefill, short T) the key blocks are split
+With few query tiles and a long key range (chunked prefill, decode) the key blocks are split
 across programs; each writes its partial top-k list and a merge kernel combines them exactly.
+
+Index keys come either contiguous (``ki [total_k, Di]`` with ``cu_seqlens_k``) or paged
+(``index_cache [num_pages, page_size, Di]`` with ``block_table`` and ``seq_lens``, one page per
+key block), in fp16/bf16 or in float8_e4m3fn with a float32 scale per key.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -26,13 +32,20 @@ _PAD_ID = tl.constexpr(1 << 30)
 
 
 @triton.jit
-def _tile_rows(cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, tile, NUM_GROUPS: tl.constexpr,
-               BLOCK_R: tl.constexpr):
-    """Rows of one tile: flattened (token, group) rows ``tile * BLOCK_R ...`` of sequence ``batch``."""
+def _tile_rows(cu_seqlens_q_ptr, key_lengths_ptr, batch, tile, NUM_GROUPS: tl.constexpr,
+               BLOCK_R: tl.constexpr, PAGED: tl.constexpr):
+    """Rows of one tile: flattened (token, group) rows ``tile * BLOCK_R ...`` of sequence ``batch``.
+
+    ``key_lengths_ptr`` is ``cu_seqlens_k`` (contiguous keys) or ``seq_lens`` (``PAGED``).
+    """
     q_start = tl.load(cu_seqlens_q_ptr + batch)
     len_q = tl.load(cu_seqlens_q_ptr + batch + 1) - q_start
-    k_start = tl.load(cu_seqlens_k_ptr + batch)
-    len_k = tl.load(cu_seqlens_k_ptr + batch + 1) - k_start
+    if PAGED:
+        k_start = 0
+        len_k = tl.load(key_lengths_ptr + batch)
+    else:
+        k_start = tl.load(key_lengths_ptr + batch)
+        len_k = tl.load(key_lengths_ptr + batch + 1) - k_start
     rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < len_q * NUM_GROUPS
     token = rows // NUM_GROUPS
@@ -82,26 +95,41 @@ def _store_selection(out_ptr, stride_out_group, stride_out_token, global_token, 
 
 
 @triton.jit
-def _scan_blocks(q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, position, own_block,
+def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
+                 stride_scale_page, k_start, dim, dim_mask, position, own_block,
                  block_from, block_to, vals, ids, threshold, scale,
                  BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MASKED: tl.constexpr,
+                 PAGED: tl.constexpr, KEY_SCALE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Stream key blocks ``[block_from, block_to)`` into the running top-k lists.
 
-    ``MASKED`` applies the causal mask (blocks that reach past the tile's first query).
+    ``MASKED`` applies the causal mask (blocks that reach past the tile's first query). ``PAGED``
+    reads block ``b`` from page ``page_row_ptr[b]``; ``KEY_SCALE`` multiplies each key's scores
+    by its float32 scale (fp8 keys).
     """
     for block in range(block_from, block_to):
+        if PAGED:
+            page = tl.load(page_row_ptr + block).to(tl.int64)
+            block_base = page * stride_ki_page
+        else:
+            block_base = (k_start + block * BLOCK_SIZE).to(tl.int64) * stride_ki_token
         block_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
         for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
-            keys = block * BLOCK_SIZE + sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            key_ptrs = ki_ptr + (k_start + keys).to(tl.int64)[:, None] * stride_ki_token + dim[None, :]
+            offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+            keys = block * BLOCK_SIZE + offs
+            key_ptrs = ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :]
             if MASKED:
-                k = tl.load(key_ptrs, mask=(keys[:, None] <= tl.max(position)) & dim_mask[None, :],
-                            other=0.0)
+                key_mask = keys <= tl.max(position)
+                k = tl.load(key_ptrs, mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
             else:
+                key_mask = keys >= 0
                 k = tl.load(key_ptrs, mask=dim_mask[None, :], other=0.0)
-            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST)
+            scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
+            if KEY_SCALE:
+                key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs, mask=key_mask,
+                                    other=0.0)
+                scores = scores * key_scale[None, :]
             if MASKED:
                 scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
             block_max = tl.maximum(block_max, tl.max(scores, axis=1))
@@ -116,23 +144,25 @@ def _scan_blocks(q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, position, o
 
 
 # One program: BLOCK_R flattened (token, group) rows of one sequence x one split of its key blocks.
-# Grid: (query tiles of the longest sequence, B, splits). qi [total_q, G, Di], ki [total_k, Di];
+# Grid: (query tiles of the longest sequence, B, splits). qi [total_q, G, Di]; keys ki [total_k, Di]
+# or paged index_cache [num_pages, page_size, Di] (+ key_scale [num_pages, page_size] for fp8);
 # writes indices [G, total_q, TOPK] (one split) or the partial lists of each split.
 @triton.jit
-def _indexer_kernel(qi_ptr, ki_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr,
-                    partial_vals_ptr, partial_ids_ptr,
-                    stride_qi_token, stride_qi_group, stride_ki_token,
-                    stride_out_group, stride_out_token, scale, blocks_per_split, total_rows,
+def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q_ptr,
+                    key_lengths_ptr, out_ptr, partial_vals_ptr, partial_ids_ptr,
+                    stride_qi_token, stride_qi_group, stride_ki_token, stride_ki_page,
+                    stride_scale_page, stride_block_table, stride_out_group, stride_out_token,
+                    scale, blocks_per_split, total_rows,
                     NUM_GROUPS: tl.constexpr, INDEX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT_BLOCKS: tl.constexpr,
-                    LOCAL_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    DOT_UPCAST: tl.constexpr):
+                    LOCAL_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr,
+                    KEY_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     batch = tl.program_id(1)
     split = tl.program_id(2)
     q_start, len_q, k_start, len_k, row_mask, token, group, position = _tile_rows(
-        cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, tile, NUM_GROUPS, BLOCK_R)
+        cu_seqlens_q_ptr, key_lengths_ptr, batch, tile, NUM_GROUPS, BLOCK_R, PAGED)
     if tile * BLOCK_R < len_q * NUM_GROUPS:
         dim = tl.arange(0, BLOCK_D)
         dim_mask = dim < INDEX_DIM
@@ -147,16 +177,19 @@ def _indexer_kernel(qi_ptr, ki_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr,
         block_lo = split * blocks_per_split
         block_hi = tl.minimum(block_end, block_lo + blocks_per_split)
         unmasked_end = tl.maximum(tl.minimum(block_hi, first_position // BLOCK_SIZE), block_lo)
+        page_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_block_table
         vals, ids = _empty_lists(BLOCK_R, TOPK, TOPK_PAD)
         threshold = tl.full([BLOCK_R], float("-inf"), tl.float32)
         vals, ids, threshold = _scan_blocks(
-            q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, position, own_block, block_lo,
+            q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
+            stride_scale_page, k_start, dim, dim_mask, position, own_block, block_lo,
             unmasked_end, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
-            LOCAL_BLOCKS, False, DOT_PRECISION, DOT_UPCAST)
+            LOCAL_BLOCKS, False, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
-            q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, position, own_block, unmasked_end,
+            q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
+            stride_scale_page, k_start, dim, dim_mask, position, own_block, unmasked_end,
             block_hi, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
-            LOCAL_BLOCKS, True, DOT_PRECISION, DOT_UPCAST)
+            LOCAL_BLOCKS, True, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
         if SPLIT:
             flat = (split * total_rows + global_token.to(tl.int64) * NUM_GROUPS + group) * TOPK_PAD
             offsets = flat[:, None] + tl.arange(0, TOPK_PAD)[None, :]
@@ -167,38 +200,67 @@ def _indexer_kernel(qi_ptr, ki_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr,
                              row_mask, own_block, ids, TOPK_PAD)
 
 
-# One program: BLOCK_R flattened (token, group) rows of one sequence; merges the partial top-k
-# lists of all splits (candidates in ascending split order) and writes the final selection.
-# Grid: (query tiles of the longest sequence, B).
+# One program: BLOCK_R flattened (token, group) rows of one sequence. Loads the partial top-k
+# lists of all splits (NUM_CANDIDATES = splits x TOPK_PAD per row, padded to CANDIDATES_PAD) and
+# takes the best candidate TOPK times (greater value, then lower id), then writes the selection.
+# Grid: (merge tiles of the longest sequence, B).
 @triton.jit
-def _merge_kernel(partial_vals_ptr, partial_ids_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr, out_ptr,
-                  stride_out_group, stride_out_token, num_splits, total_rows,
+def _merge_kernel(partial_vals_ptr, partial_ids_ptr, cu_seqlens_q_ptr, key_lengths_ptr, out_ptr,
+                  stride_out_group, stride_out_token, total_rows, num_candidates,
                   NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+                  TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CANDIDATES_PAD: tl.constexpr,
+                  PAGED: tl.constexpr):
     tile = tl.program_id(0)
     batch = tl.program_id(1)
     q_start, len_q, k_start, len_k, row_mask, token, group, position = _tile_rows(
-        cu_seqlens_q_ptr, cu_seqlens_k_ptr, batch, tile, NUM_GROUPS, BLOCK_R)
+        cu_seqlens_q_ptr, key_lengths_ptr, batch, tile, NUM_GROUPS, BLOCK_R, PAGED)
     if tile * BLOCK_R < len_q * NUM_GROUPS:
         global_token = q_start + token
         row = global_token.to(tl.int64) * NUM_GROUPS + group
-        vals, ids = _empty_lists(BLOCK_R, TOPK, TOPK_PAD)
-        for split in range(num_splits):
-            for slot in range(TOPK):
-                offset = (split * total_rows + row) * TOPK_PAD + slot
-                cand_val = tl.load(partial_vals_ptr + offset, mask=row_mask, other=float("-inf"))
-                cand_id = tl.load(partial_ids_ptr + offset, mask=row_mask, other=-1)
-                vals, ids = _topk_insert(vals, ids, cand_val, cand_id)
+        candidate = tl.arange(0, CANDIDATES_PAD)
+        split = candidate // TOPK_PAD
+        slot = candidate % TOPK_PAD
+        offsets = (split * total_rows + row[:, None]) * TOPK_PAD + slot
+        valid = row_mask[:, None] & (candidate < num_candidates) & (slot < TOPK)
+        vals = tl.load(partial_vals_ptr + offsets, mask=valid, other=float("-inf"))
+        ids = tl.load(partial_ids_ptr + offsets, mask=valid, other=-1)
+        ids = tl.where(valid, ids, 2147483647)  # taken or absent candidates: never chosen
+        slots = tl.arange(0, TOPK_PAD)[None, :]
+        chosen = tl.where(slots < TOPK, -1 - slots, _PAD_ID) + tl.zeros([BLOCK_R, TOPK_PAD], tl.int32)
+        for rank in range(TOPK):
+            best_val = tl.max(vals, axis=1)
+            best_id = tl.min(tl.where(vals == best_val[:, None], ids, 2147483647), axis=1)
+            take = (vals == best_val[:, None]) & (ids == best_id[:, None])
+            vals = tl.where(take, float("-inf"), vals)
+            ids = tl.where(take, 2147483647, ids)
+            # Empty slots (negative ids) and exhausted rows stay invalid: -1 - rank.
+            best_id = tl.where((best_id >= 0) & (best_id < _PAD_ID), best_id, -1 - rank)
+            chosen = tl.where(slots == rank, best_id[:, None], chosen)
         _store_selection(out_ptr, stride_out_group, stride_out_token, global_token, group,
-                         row_mask, position // BLOCK_SIZE, ids, TOPK_PAD)
+                         row_mask, position // BLOCK_SIZE, chosen, TOPK_PAD)
 
 
-def _num_splits(num_tiles: int, max_blocks: int, device: torch.device) -> int:
+# Largest candidate list the merge kernel holds per row (splits x padded topk).
+MAX_MERGE_CANDIDATES = 4096
+
+
+def _num_splits(num_tiles: int, max_blocks: int, topk_pad: int, device: torch.device) -> int:
     """Split the key range when the query tiles alone cannot fill the GPU."""
     sms = device_sm_count(device)
     if num_tiles >= sms or max_blocks < 8:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, num_tiles), max_blocks // 4))
+    return max(1, min(triton.cdiv(2 * sms, num_tiles), max_blocks // 4,
+                      MAX_MERGE_CANDIDATES // topk_pad))
+
+
+def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
+    """Rows per program and warps: 256-row tiles for prefill, small tiles for decode rows."""
+    if not is_cuda:
+        return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1}
+    if rows_per_sequence > 128:
+        return CUDA_CONFIG
+    return {"block_r": max(16, triton.next_power_of_2(rows_per_sequence)), "num_warps": 4,
+            "num_stages": 4}
 
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -215,51 +277,145 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
     Returns:
         int32 ``[G, total_q, topk]``.
     """
-    total_q, num_groups, index_dim = qi.shape
     dtype = torch.promote_types(qi.dtype, ki.dtype)
-    qi = qi.to(dtype)
-    ki = ki.to(dtype)
-    if qi.stride(-1) != 1:
-        qi = qi.contiguous()
+    qi, ki = qi.to(dtype), ki.to(dtype)
     if ki.stride(-1) != 1:
         ki = ki.contiguous()
+    if qi.shape[0] == 0:
+        return _output(qi, topk, out)
+    max_len_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    max_len_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+    plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_len_q,
+                          triton.cdiv(max_len_k, block_size), topk=topk, device=qi.device,
+                          num_splits=num_splits)
+    return run_selection(plan, qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                         init_blocks=init_blocks, local_blocks=local_blocks, out=out)
+
+
+def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
+                        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
+                        init_blocks: int, local_blocks: int, index_scale: torch.Tensor | None = None,
+                        max_len_q: int | None = None, num_splits: int | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Selection against a paged index-key cache (one page per key block).
+
+    Args:
+        qi: ``[total_q, G, Di]`` fp16/bf16.
+        index_cache: ``[num_pages, page_size, Di]`` fp16/bf16, or float8_e4m3fn with
+            ``index_scale [num_pages, page_size]`` float32 (key = value x scale).
+        block_table: int32 ``[B, max_pages]``; cu_seqlens_q int32 ``[B + 1]``; seq_lens int32 ``[B]``.
+        max_len_q: the longest query run (default: read from ``cu_seqlens_q``, a host sync).
+    Returns:
+        int32 ``[G, total_q, topk]``, block ids relative to each request.
+    """
+    if qi.shape[0] == 0:
+        return _output(qi, topk, out)
+    if max_len_q is None:
+        max_len_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    plan = plan_selection(qi.shape[0], block_table.shape[0], qi.shape[1], max_len_q,
+                          block_table.shape[1], topk=topk, device=qi.device, num_splits=num_splits)
+    return run_selection(plan, qi, index_cache, cu_seqlens_q, seq_lens, block_size=index_cache.shape[1],
+                         init_blocks=init_blocks, local_blocks=local_blocks, block_table=block_table,
+                         index_scale=index_scale, out=out)
+
+
+def _output(qi: torch.Tensor, topk: int, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
-        out = torch.empty(num_groups, total_q, topk, dtype=torch.int32, device=qi.device)
-    batch = cu_seqlens_q.numel() - 1
-    if total_q == 0:
-        return out
-    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()
-    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()
-    config = CUDA_CONFIG if qi.is_cuda else {"block_r": 32, "num_warps": 4, "num_stages": 1}
-    block_r = config["block_r"]
-    num_tiles = triton.cdiv(len_q * num_groups, block_r)
-    max_blocks = triton.cdiv(len_k, block_size)
-    if num_splits is None:
-        num_splits = _num_splits(num_tiles * batch, max_blocks, qi.device)
-    num_splits = max(1, min(num_splits, max_blocks))
-    blocks_per_split = triton.cdiv(max_blocks, num_splits)
-    topk_pad = max(4, triton.next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
-    total_rows = total_q * num_groups
-    if num_splits > 1:
-        partial_vals = torch.empty(num_splits * total_rows * topk_pad, dtype=torch.float32,
-                                   device=qi.device)
-        partial_ids = torch.empty(num_splits * total_rows * topk_pad, dtype=torch.int32,
-                                  device=qi.device)
-    else:
-        partial_vals = partial_ids = out  # unused
-    common = dict(NUM_GROUPS=num_groups, BLOCK_R=block_r, BLOCK_SIZE=block_size, TOPK=topk,
-                  TOPK_PAD=topk_pad)
-    _indexer_kernel[(num_tiles, batch, num_splits)](
-        qi, ki, cu_seqlens_q, cu_seqlens_k, out, partial_vals, partial_ids,
-        qi.stride(0), qi.stride(1), ki.stride(0), out.stride(0), out.stride(1),
-        index_dim ** -0.5, blocks_per_split, total_rows,
-        INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim),
-        BLOCK_N=min(block_size, 128), INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
-        SPLIT=num_splits > 1, **dot_options(dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **common)
-    if num_splits > 1:
-        _merge_kernel[(num_tiles, batch)](
-            partial_vals, partial_ids, cu_seqlens_q, cu_seqlens_k, out, out.stride(0),
-            out.stride(1), num_splits, total_rows, num_warps=4, **common)
+        out = torch.empty(qi.shape[1], qi.shape[0], topk, dtype=torch.int32, device=qi.device)
     return out
 
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """Grid and workspace of one selection launch (fixed, so that it can be graph-captured)."""
+
+    total_q: int
+    batch: int
+    num_groups: int
+    topk: int
+    topk_pad: int
+    num_tiles: int
+    num_splits: int
+    blocks_per_split: int
+    config: dict
+    partial_vals: torch.Tensor | None
+    partial_ids: torch.Tensor | None
+
+
+def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
+                   topk: int, device: torch.device, num_splits: int | None = None) -> SelectionPlan:
+    """Size the grid (query tiles x B x key splits) and the split workspace.
+
+    Args:
+        max_len_q: longest query run of a sequence; max_blocks: most key blocks of a sequence.
+    """
+    config = _launch_config(max_len_q * num_groups, device.type == "cuda")
+    num_tiles = triton.cdiv(max_len_q * num_groups, config["block_r"])
+    topk_pad = max(4, triton.next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
+    max_blocks = max(1, max_blocks)
+    if num_splits is None:
+        num_splits = _num_splits(num_tiles * batch, max_blocks, topk_pad, device)
+    num_splits = max(1, min(num_splits, max_blocks, MAX_MERGE_CANDIDATES // topk_pad))
+    blocks_per_split = triton.cdiv(max_blocks, num_splits)
+    num_splits = triton.cdiv(max_blocks, blocks_per_split)
+    partial_vals = partial_ids = None
+    if num_splits > 1:
+        size = num_splits * total_q * num_groups * topk_pad
+        partial_vals = torch.empty(size, dtype=torch.float32, device=device)
+        partial_ids = torch.empty(size, dtype=torch.int32, device=device)
+    return SelectionPlan(total_q, batch, num_groups, topk, topk_pad, num_tiles, num_splits,
+                         blocks_per_split, config, partial_vals, partial_ids)
+
+
+def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, key_lengths: torch.Tensor, *, block_size: int,
+                  init_blocks: int, local_blocks: int, block_table: torch.Tensor | None = None,
+                  index_scale: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the indexer (and the merge when split) of a plan; no host synchronisation.
+
+    ``keys`` is ``ki [total_k, Di]`` with ``key_lengths = cu_seqlens_k``, or, with ``block_table``,
+    the paged ``index_cache [num_pages, page_size, Di]`` with ``key_lengths = seq_lens``.
+    """
+    out = _output(qi, plan.topk, out)
+    if plan.total_q == 0:
+        return out
+    if qi.stride(-1) != 1:
+        qi = qi.contiguous()
+    paged = block_table is not None
+    if paged:
+        if keys.stride(-1) != 1:
+            keys = keys.contiguous()
+        stride_key_token, stride_key_page = keys.stride(1), keys.stride(0)
+        if index_scale is not None and index_scale.stride(-1) != 1:
+            index_scale = index_scale.contiguous()
+    else:
+        stride_key_token, stride_key_page = keys.stride(0), 0
+        block_table = cu_seqlens_q  # unused
+    key_scale = index_scale if index_scale is not None else key_lengths  # unused without scale
+    split = plan.num_splits > 1
+    partial_vals = plan.partial_vals if split else out  # unused when not split
+    partial_ids = plan.partial_ids if split else out
+    total_rows = plan.total_q * plan.num_groups
+    index_dim = qi.shape[-1]
+    common = dict(NUM_GROUPS=plan.num_groups, BLOCK_SIZE=block_size, TOPK=plan.topk,
+                  TOPK_PAD=plan.topk_pad, PAGED=paged)
+    _indexer_kernel[(plan.num_tiles, plan.batch, plan.num_splits)](
+        qi, keys, key_scale, block_table, cu_seqlens_q, key_lengths, out, partial_vals,
+        partial_ids, qi.stride(0), qi.stride(1), stride_key_token, stride_key_page,
+        key_scale.stride(0), block_table.stride(0), out.stride(0), out.stride(1),
+        index_dim ** -0.5, plan.blocks_per_split, total_rows,
+        INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim), BLOCK_R=plan.config["block_r"],
+        BLOCK_N=min(block_size, 128), INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
+        SPLIT=split, KEY_SCALE=index_scale is not None, **dot_options(qi.dtype),
+        num_warps=plan.config["num_warps"], num_stages=plan.config["num_stages"], **common)
+    if split:
+        num_candidates = plan.num_splits * plan.topk_pad
+        candidates_pad = triton.next_power_of_2(num_candidates)
+        merge_rows = max(1, min(64, 8192 // candidates_pad))
+        max_rows = plan.num_tiles * plan.config["block_r"]
+        _merge_kernel[(triton.cdiv(max_rows, merge_rows), plan.batch)](
+            partial_vals, partial_ids, cu_seqlens_q, key_lengths, out, out.stride(0), out.stride(1),
+            total_rows, num_candidates, BLOCK_R=merge_rows, CANDIDATES_PAD=candidates_pad,
+            num_warps=8 if candidates_pad >= 1024 else 4, **common)
+    return out

@@ -46,7 +46,8 @@ class BlockCSR:
         program_start: ``[num_buckets + 1]`` int32 offsets of each bucket's programs; a program
             takes ``tiles_per_program`` consecutive row tiles of its bucket.
         program_bucket: ``[max_programs + 1]`` int32 bucket of each program.
-        block_key_start: ``[num_blocks]`` int32 first key row (in ``total_k``) of each block.
+        block_key_start: ``[num_blocks]`` int32 first key row (in ``total_k``) of each block, or
+            its page id for paged K/V.
         block_position: ``[num_blocks]`` int32 position of that key in its sequence.
         block_num_keys: ``[num_blocks]`` int32 keys in the block (0 for unused ids).
         row_position: ``[rows]`` int32 absolute position of each query row in its sequence.
@@ -77,7 +78,8 @@ def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_st
 
 def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                     *, block_size: int, total_k: int, row_start: int, row_end: int,
-                    group_size: int, block_m: int, tiles_per_program: int) -> BlockCSR:
+                    group_size: int, block_m: int, tiles_per_program: int,
+                    block_table: torch.Tensor | None = None) -> BlockCSR:
     """Invert the selection of query rows ``[row_start, row_end)`` (see :class:`BlockCSR`).
 
     Args:
@@ -85,16 +87,22 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
         group_size: query heads per group (rows of a tile are (entry, head) pairs).
         block_m: rows per tile.
         tiles_per_program: row tiles of one bucket handled by one program.
+        block_table: int32 ``[B, max_pages]`` for paged K/V (one page per block); then
+            ``block_key_start`` holds page ids and sequence ``b`` owns global blocks
+            ``b * max_pages ...``.
     """
     device = indices.device
     num_groups, _, topk = indices.shape
     batch = cu_seqlens_q.numel() - 1
     rows = row_end - row_start
-    num_blocks = total_k // block_size + batch  # bound on the blocks of all sequences
-    num_buckets = num_groups * num_blocks
-
     len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    seq_blocks = (len_k + block_size - 1) // block_size
+    if block_table is None:
+        num_blocks = total_k // block_size + batch  # bound on the blocks of all sequences
+        seq_blocks = (len_k + block_size - 1) // block_size
+    else:
+        num_blocks = batch * block_table.shape[1]
+        seq_blocks = torch.full_like(len_k, block_table.shape[1])
+    num_buckets = num_groups * num_blocks
     block_offset = torch.zeros(batch + 1, dtype=torch.int64, device=device)
     torch.cumsum(seq_blocks, 0, out=block_offset[1:])
 
@@ -127,11 +135,15 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
     block_position = local_block * block_size
     block_num_keys = (len_k[block_seq] - block_position).clamp(0, block_size)
     block_num_keys = torch.where(global_block < block_offset[-1], block_num_keys, 0)
+    if block_table is None:
+        block_key_start = cu_seqlens_k[block_seq].long() + block_position
+    else:  # page ids; blocks past a sequence's pages have no keys and are never dereferenced
+        block_key_start = torch.where(block_num_keys > 0, block_table.flatten().long(), 0)
 
     return BlockCSR(
         entries=order.to(torch.int32), bucket_start=bucket_start.to(torch.int32),
         program_start=program_start.to(torch.int32), program_bucket=program_bucket,
-        block_key_start=(cu_seqlens_k[block_seq].long() + block_position).to(torch.int32),
+        block_key_start=block_key_start.to(torch.int32),
         block_position=block_position.to(torch.int32), block_num_keys=block_num_keys.to(torch.int32),
         row_position=position.to(torch.int32), num_blocks=num_blocks, max_programs=max_programs)
 
@@ -139,15 +151,16 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
 # One program: one (group, key block) bucket x up to TILES_PER_PROGRAM tiles of BLOCK_M gathered
 # (entry, head) rows of it; the block's K and V are loaded once for all its tiles.
 # Grid: (upper bound on the programs,); programs past the real ones exit.
-# q [total_q, H, D], k/v [total_k, G, D]; writes partial_o [rows, H, TOPK, D] (q's dtype)
+# q [total_q, H, D], k/v [total_k, G, D] (a block starts at row block_key_start) or paged
+# [num_pages, page_size, G, D] (block_key_start is the page); writes partial_o [rows, H, TOPK, D] (q's dtype)
 # and partial_lse [rows, H, TOPK] (float32, natural log) for the rows of its entries.
 @triton.jit
 def _block_attention_kernel(
         q_ptr, k_ptr, v_ptr, partial_o_ptr, partial_lse_ptr,
         entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, block_key_start_ptr,
         block_position_ptr, block_num_keys_ptr, row_position_ptr,
-        stride_q_token, stride_q_head, stride_k_token, stride_k_group,
-        stride_v_token, stride_v_group,
+        stride_q_token, stride_q_head, stride_k_block, stride_k_token, stride_k_group,
+        stride_v_block, stride_v_token, stride_v_group,
         row_start, rows, num_heads, num_buckets, num_blocks, scale_log2,
         GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -169,12 +182,11 @@ def _block_attention_kernel(
         dim_mask = dim < HEAD_DIM
         offs = tl.arange(0, BLOCK_SIZE)
         key_mask = offs < num_keys
-        key_rows = (key_start + offs).to(tl.int64)
         kv_mask = key_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_ptr + key_rows[:, None] * stride_k_token + group * stride_k_group + dim[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group + dim[None, :],
-                    mask=kv_mask, other=0.0)
+        k = tl.load(k_ptr + key_start.to(tl.int64) * stride_k_block + offs[:, None] * stride_k_token
+                    + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + key_start.to(tl.int64) * stride_v_block + offs[:, None] * stride_v_token
+                    + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
         k_t = tl.trans(k)
         for tile_row in range(first_row, last_row, BLOCK_M):
             rows_in_bucket = tile_row + tl.arange(0, BLOCK_M)
@@ -261,20 +273,25 @@ def _chunk_rows(num_heads: int, topk: int, head_dim: int, element_size: int) -> 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, block_size: int,
                      softmax_scale: float, chunk_rows: int | None = None,
-                     out: tuple[torch.Tensor, torch.Tensor] | None = None
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     block_table: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`msattn.reference.sparse_attention` (same arguments and result).
 
     Args:
-        q: ``[total_q, H, D]``; k, v: ``[total_k, G, D]`` (fp16/bf16/fp32, last dim contiguous).
+        q: ``[total_q, H, D]``; k, v: ``[total_k, G, D]`` (fp16/bf16/fp32, last dim contiguous),
+            or paged ``[num_pages, block_size, G, D]`` with ``block_table``.
         indices: ``[G, total_q, topk]`` int32.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (for paged K/V, the prefix sums of
+            ``seq_lens``).
         chunk_rows: query rows per chunk (default: the partials of a chunk take at most 1 GiB).
         out: optional ``(o, lse)`` buffers to write into (o contiguous).
+        block_table: int32 ``[B, max_pages]``: page of each key block, for paged K/V.
     Returns:
         o ``[total_q, H, D]`` in q's dtype, lse ``[total_q, H]`` float32.
     """
     total_q, num_heads, head_dim = q.shape
-    total_k, num_groups, _ = k.shape
+    num_groups = k.shape[-2]
     group_size = num_heads // num_groups
     topk = indices.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -284,6 +301,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     o, lse = out
     if total_q == 0:
         return o, lse
+    if block_table is None:  # a block starts at key row block_key_start
+        k_strides = (k.stride(0), k.stride(0), k.stride(1))
+        v_strides = (v.stride(0), v.stride(0), v.stride(1))
+    else:  # a block is the page block_key_start
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))
+        v_strides = (v.stride(0), v.stride(1), v.stride(2))
     if not q.is_cuda:
         config = {"block_m": 16, "num_warps": 4, "num_stages": 1}
     elif q.dtype == torch.float32:
@@ -302,22 +325,38 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         row_end = min(total_q, row_start + chunk_rows)
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
-                              total_k=total_k, row_start=row_start, row_end=row_end,
+                              total_k=k.shape[0], row_start=row_start, row_end=row_end,
                               group_size=group_size, block_m=block_m,
-                              tiles_per_program=TILES_PER_PROGRAM)
+                              tiles_per_program=TILES_PER_PROGRAM, block_table=block_table)
         num_buckets = num_groups * csr.num_blocks
         _block_attention_kernel[(csr.max_programs,)](
             q, k, v, partial_o, partial_lse, csr.entries, csr.bucket_start, csr.program_start,
             csr.program_bucket, csr.block_key_start, csr.block_position, csr.block_num_keys, csr.row_position,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q.stride(0), q.stride(1), *k_strides, *v_strides,
             row_start, rows, num_heads, num_buckets, csr.num_blocks, softmax_scale * LOG2E,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
             BLOCK_SIZE=block_size, TILES_PER_PROGRAM=TILES_PER_PROGRAM,
             **dot_options(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"])
-        _combine_kernel[(rows, num_groups)](
-            partial_o, partial_lse, indices, csr.row_position, o, lse,
-            indices.stride(0), indices.stride(1), o.stride(0), o.stride(1), row_start, num_heads,
-            GROUP_SIZE=group_size, BLOCK_H=triton.next_power_of_2(group_size), TOPK=topk,
-            TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_SIZE=block_size, num_warps=4)
+        combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
+                         row_start=row_start, rows=rows, block_size=block_size)
     return o, lse
+
+
+def combine_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, indices: torch.Tensor,
+                     row_position: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, *,
+                     row_start: int, rows: int, block_size: int) -> None:
+    """Merge the per-slot partials ``partial_o [rows, H, topk, D]``, ``partial_lse [rows, H, topk]``
+    of query rows ``[row_start, row_start + rows)`` into ``o [total_q, H, D]`` and ``lse [total_q, H]``.
+
+    ``row_position`` int32 ``[rows]`` is each row's position in its sequence (a slot counts when
+    its block holds a key at or before it); ``indices`` is ``[G, total_q, topk]``.
+    """
+    num_groups, _, topk = indices.shape
+    _, num_heads, head_dim = o.shape
+    group_size = num_heads // num_groups
+    _combine_kernel[(rows, num_groups)](
+        partial_o, partial_lse, indices, row_position, o, lse,
+        indices.stride(0), indices.stride(1), o.stride(0), o.stride(1), row_start, num_heads,
+        GROUP_SIZE=group_size, BLOCK_H=triton.next_power_of_2(group_size), TOPK=topk,
+        TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=4)

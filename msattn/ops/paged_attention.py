@@ -1,0 +1,168 @@
+"""Query-outer MSA sparse attention for decode: few query tokens against a paged K/V cache.
+
+Each program takes one query token and one group, with the group's heads as the rows of its
+tiles, and runs an online softmax over the token's selected pages. When those programs alone
+cannot fill the GPU, the selected slots are split across programs (one slot each) and
+:func:`msattn.ops.sparse_attention.combine_partials` merges the partials by their LSEs.
+
+Long query runs (chunked prefill against a paged cache) go through the KV-outer kernel of
+:mod:`msattn.ops.sparse_attention` instead, which loads each selected page once per chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from msattn.ops.sparse_attention import LN2, LOG2E, combine_partials
+from msattn.ops.utils import device_sm_count, dot_options, mma
+
+
+# One program: query token ``t`` of request ``b`` (program_id(0) = b * max_len_q + t) x one group
+# x one split of its selected slots. q [total_q, H, D]; k/v cache [num_pages, page_size, G, D];
+# indices [G, total_q, TOPK]. Not split: writes o [total_q, H, D], lse [total_q, H].
+# Split (one slot per program): writes partial_o [total_q, H, TOPK, D], partial_lse
+# [total_q, H, TOPK] and row_position [total_q] for the combine kernel.
+# Grid: (B * max_len_q, G, 1 or TOPK).
+@triton.jit
+def _paged_attention_kernel(
+        q_ptr, k_ptr, v_ptr, indices_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
+        o_ptr, lse_ptr, partial_o_ptr, partial_lse_ptr, row_position_ptr,
+        stride_q_token, stride_q_head, stride_k_page, stride_k_token, stride_k_group,
+        stride_v_page, stride_v_token, stride_v_group, stride_indices_group,
+        stride_indices_token, stride_block_table, stride_o_token, stride_o_head,
+        max_len_q, num_heads, scale_log2,
+        GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    batch = tl.program_id(0) // max_len_q
+    query = tl.program_id(0) % max_len_q
+    group = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + batch)
+    len_q = tl.load(cu_seqlens_q_ptr + batch + 1) - q_start
+    if query < len_q:
+        token = (q_start + query).to(tl.int64)
+        position = tl.load(seq_lens_ptr + batch) - len_q + query
+        if SPLIT:
+            if (group == 0) & (split == 0):
+                tl.store(row_position_ptr + token, position)
+        heads = group * GROUP_SIZE + tl.arange(0, BLOCK_H)
+        head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
+        dim = tl.arange(0, BLOCK_D)
+        dim_mask = dim < HEAD_DIM
+        q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dim[None, :],
+                    mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+        offs = tl.arange(0, PAGE_SIZE)
+        row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        if SPLIT:
+            slot_from = split
+            slot_to = split + 1
+        else:
+            slot_from = 0
+            slot_to = TOPK
+        index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
+        for slot in range(slot_from, slot_to):
+            block = tl.load(index_row + slot)
+            if (block >= 0) & (block * PAGE_SIZE <= position):
+                page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table + block)
+                key_mask = block * PAGE_SIZE + offs <= position
+                kv_mask = key_mask[:, None] & dim_mask[None, :]
+                k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + offs[:, None] * stride_k_token
+                            + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + offs[:, None] * stride_v_token
+                            + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
+                scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+                scores = tl.where(key_mask[None, :], scores, float("-inf"))
+                new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+                correction = tl.exp2(row_max - new_max)
+                p = tl.exp2(scores - new_max[:, None])
+                row_sum = row_sum * correction + tl.sum(p, axis=1)
+                acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+                row_max = new_max
+        has_keys = row_sum > 0
+        out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
+        lse = tl.where(has_keys, (row_max + tl.log2(tl.where(has_keys, row_sum, 1.0))) * LN2,
+                       float("-inf"))
+        if SPLIT:
+            flat = (token * num_heads + heads) * TOPK + split
+            tl.store(partial_lse_ptr + flat, lse, mask=head_mask & has_keys)
+            tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
+                     out.to(partial_o_ptr.dtype.element_ty),
+                     mask=has_keys[:, None] & head_mask[:, None] & dim_mask[None, :])
+        else:
+            tl.store(o_ptr + token * stride_o_token + heads[:, None] * stride_o_head + dim[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
+            tl.store(lse_ptr + token * num_heads + heads, lse, mask=head_mask)
+
+
+@dataclass(frozen=True)
+class PagedAttentionPlan:
+    """Grid and workspace of one decode attention launch (fixed for graph capture)."""
+
+    total_q: int
+    batch: int
+    max_len_q: int
+    num_heads: int
+    num_groups: int
+    head_dim: int
+    topk: int
+    split: bool
+    partial_o: torch.Tensor | None
+    partial_lse: torch.Tensor | None
+    row_position: torch.Tensor | None
+
+
+def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: int, num_groups: int,
+                         head_dim: int, topk: int, dtype: torch.dtype, device: torch.device,
+                         split: bool | None = None) -> PagedAttentionPlan:
+    """Choose whether to split the slots (when token x group programs cannot fill the GPU) and
+    allocate the partial buffers."""
+    if split is None:
+        split = batch * max_len_q * num_groups < device_sm_count(device)
+    partial_o = partial_lse = row_position = None
+    if split:
+        partial_o = torch.empty(total_q * num_heads * topk * head_dim, dtype=dtype, device=device)
+        partial_lse = torch.empty(total_q * num_heads * topk, dtype=torch.float32, device=device)
+        row_position = torch.empty(total_q, dtype=torch.int32, device=device)
+    return PagedAttentionPlan(total_q, batch, max_len_q, num_heads, num_groups, head_dim, topk,
+                              split, partial_o, partial_lse, row_position)
+
+
+def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
+                        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, softmax_scale: float,
+                        out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the decode attention of a plan into ``out = (o, lse)``; no host synchronisation.
+
+    Args:
+        q: ``[total_q, H, D]``; k_cache, v_cache: ``[num_pages, page_size, G, D]`` (any strides
+            with a contiguous last dim); indices: int32 ``[G, total_q, topk]``.
+        block_table: int32 ``[B, max_pages]``; cu_seqlens_q int32 ``[B + 1]``; seq_lens int32 ``[B]``.
+    """
+    o, lse = out
+    if plan.total_q == 0:
+        return o, lse
+    page_size = k_cache.shape[1]
+    group_size = plan.num_heads // plan.num_groups
+    unused = lse
+    _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
+        q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, o, lse,
+        plan.partial_o if plan.split else unused, plan.partial_lse if plan.split else unused,
+        plan.row_position if plan.split else unused,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), indices.stride(0),
+        indices.stride(1), block_table.stride(0), o.stride(0), o.stride(1),
+        plan.max_len_q, plan.num_heads, softmax_scale * LOG2E,
+        GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=plan.topk,
+        HEAD_DIM=plan.head_dim, BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size,
+        SPLIT=plan.split, **dot_options(q.dtype), num_warps=4, num_stages=2)
+    if plan.split:
+        combine_partials(plan.partial_o, plan.partial_lse, indices, plan.row_position, o, lse,
+                         row_start=0, rows=plan.total_q, block_size=page_size)
+    return o, lse

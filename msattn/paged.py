@@ -1,0 +1,351 @@
+"""MSA against paged caches: decode and chunked prefill, functional and plan/run (CUDA graphs).
+
+Cache layout (flash-attn / vLLM): ``k_cache, v_cache [num_pages, page_size, G, D]`` (any strides
+with a contiguous last dim), ``index_cache [num_pages, page_size, Di]`` in fp16/bf16, or
+float8_e4m3fn with ``index_scale [num_pages, page_size]`` float32 (key = value x scale). The page
+size is the MSA block size. ``block_table [B, max_pages]`` int32 maps request ``b``'s block ``j``
+to a page (entries past a request's pages are never read); ``seq_lens [B]`` int32 counts the
+tokens written, the new ones included; the new query tokens of request ``b`` are the last
+``cu_seqlens_q[b+1] - cu_seqlens_q[b]`` of its ``seq_lens[b]`` tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from msattn import backends, reference
+from msattn.interface import (FLOAT_DTYPES, _check_same_device, _check_tensor, _softmax_scale,
+                              check_block_size, check_selection_params)
+
+INDEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
+# Query runs up to this length use the query-outer decode kernel; longer runs (chunked
+# prefill) use the KV-outer kernel, which loads each selected page once per chunk.
+DECODE_MAX_QUERY_LEN = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+def _check_int32_vector(name: str, tensor, shape_text: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor of shape {shape_text}, got "
+                        f"{type(tensor).__name__}")
+    if tensor.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype int32, got {str(tensor.dtype).replace('torch.', '')}")
+
+
+def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale) -> None:
+    """Shapes and dtypes of the selection inputs (no host synchronisation)."""
+    _check_tensor("qi", qi, 3, "[total_q, G, Di]")
+    _check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", dtypes=INDEX_DTYPES)
+    if index_cache.shape[2] != qi.shape[2]:
+        raise ValueError(f"index_cache must have shape [num_pages, page_size, Di={qi.shape[2]}] to "
+                         f"match qi, got {tuple(index_cache.shape)}")
+    check_block_size(index_cache.shape[1])
+    if index_cache.dtype == torch.float8_e4m3fn:
+        if index_scale is None:
+            raise ValueError("index_scale [num_pages, page_size] float32 is required with a "
+                             "float8_e4m3fn index_cache")
+        _check_tensor("index_scale", index_scale, 2, "[num_pages, page_size]", dtypes=(torch.float32,))
+        if tuple(index_scale.shape) != tuple(index_cache.shape[:2]):
+            raise ValueError(f"index_scale must have shape [num_pages, page_size] = "
+                             f"{tuple(index_cache.shape[:2])}, got {tuple(index_scale.shape)}")
+    elif index_scale is not None:
+        raise ValueError("index_scale is only used with a float8_e4m3fn index_cache; got index_scale "
+                         f"with a {str(index_cache.dtype).replace('torch.', '')} index_cache")
+    _check_int32_vector("block_table", block_table, "[B, max_pages]")
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must have shape [B, max_pages], got {tuple(block_table.shape)}")
+    batch = block_table.shape[0]
+    _check_int32_vector("cu_seqlens_q", cu_seqlens_q, "[B + 1]")
+    if tuple(cu_seqlens_q.shape) != (batch + 1,):
+        raise ValueError(f"cu_seqlens_q must have shape [B + 1] = [{batch + 1}] (B from block_table), "
+                         f"got {tuple(cu_seqlens_q.shape)}")
+    _check_int32_vector("seq_lens", seq_lens, "[B]")
+    if tuple(seq_lens.shape) != (batch,):
+        raise ValueError(f"seq_lens must have shape [B] = [{batch}] (B from block_table), got "
+                         f"{tuple(seq_lens.shape)}")
+    _check_same_device(qi=qi, index_cache=index_cache, block_table=block_table,
+                       cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, index_scale=index_scale)
+
+
+def _check_lengths(total_q: int, block_table, cu_seqlens_q, seq_lens, page_size: int,
+                   num_pages: int) -> int:
+    """Check the lengths and the pages in use (reads them: a host sync); returns the longest query run."""
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] != total_q:
+        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at total_q = "
+                         f"{total_q}, got {cu}")
+    max_pages = block_table.shape[1]
+    for b, (len_q, len_k) in enumerate(zip((y - x for x, y in zip(cu, cu[1:])), lens)):
+        if len_q > len_k:
+            raise ValueError(f"request {b} has {len_q} query tokens but seq_lens[{b}] = {len_k}: "
+                             "seq_lens counts the new tokens too")
+        if len_k > max_pages * page_size:
+            raise ValueError(f"seq_lens[{b}] = {len_k} needs {-(-len_k // page_size)} pages but "
+                             f"block_table has {max_pages} per request")
+        pages = block_table[b, :-(-len_k // page_size)] if len_k else block_table[b, :0]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_pages):
+            raise ValueError(f"block_table[{b}] holds page ids outside [0, {num_pages}) among the "
+                             f"{pages.numel()} pages request {b} uses")
+    return max((y - x for x, y in zip(cu, cu[1:])), default=0)
+
+
+def _check_attention_layout(q, qi, k_cache, v_cache, index_cache) -> None:
+    _check_tensor("q", q, 3, "[total_q, H, D]")
+    _check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]")
+    _check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]")
+    num_pages, page_size, num_groups, head_dim = k_cache.shape
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got "
+                         f"{tuple(v_cache.shape)}")
+    if q.shape[2] != head_dim:
+        raise ValueError(f"q must have head dim D = {head_dim} (k_cache), got {q.shape[2]}")
+    if q.shape[1] % num_groups:
+        raise ValueError(f"the number of query heads H = {q.shape[1]} must be a multiple of the "
+                         f"number of KV heads G = {num_groups} (q and k_cache)")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
+    if qi.shape[0] != q.shape[0] or qi.shape[1] != num_groups:
+        raise ValueError(f"qi must have shape [total_q={q.shape[0]}, G={num_groups}, Di], got "
+                         f"{tuple(qi.shape)}")
+    if tuple(index_cache.shape[:2]) != (num_pages, page_size):
+        raise ValueError(f"index_cache must have the pages of k_cache [num_pages={num_pages}, "
+                         f"page_size={page_size}, Di], got {tuple(index_cache.shape)}")
+    for name, tensor in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if tensor.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
+                             f"{tuple(tensor.stride())}")
+    _check_same_device(q=q, qi=qi, k_cache=k_cache, v_cache=v_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementations
+# ----------------------------------------------------------------------------------------------
+
+def _prefix_sums(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B + 1]`` prefix sums of int32 ``[B]`` lengths (on the device, no host sync)."""
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
+
+
+def _reference_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
+                      local_blocks, index_scale):
+    from msattn.cache import dequantize_index_keys, gather_paged
+
+    keys, cu_seqlens_k = gather_paged(index_cache, block_table, seq_lens)
+    if index_scale is not None:
+        keys = dequantize_index_keys(keys, gather_paged(index_scale, block_table, seq_lens)[0])
+    backends.record_path("select", "reference")
+    return reference.select_blocks(qi, keys, cu_seqlens_q, cu_seqlens_k,
+                                   block_size=index_cache.shape[1], topk=topk,
+                                   init_blocks=init_blocks, local_blocks=local_blocks)
+
+
+def _reference_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
+                         softmax_scale, max_len_q):
+    from msattn.cache import gather_paged
+
+    k, cu_seqlens_k = gather_paged(k_cache, block_table, seq_lens)
+    v, _ = gather_paged(v_cache, block_table, seq_lens)
+    backends.record_path("attention", "reference")
+    return reference.sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
+                                      block_size=k_cache.shape[1], softmax_scale=softmax_scale)
+
+
+def _triton_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
+                   local_blocks, index_scale):
+    from msattn.ops.indexer import select_blocks_paged
+
+    backends.record_path("select", "triton")
+    return select_blocks_paged(qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
+                               init_blocks=init_blocks, local_blocks=local_blocks,
+                               index_scale=index_scale)
+
+
+def _triton_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
+                      softmax_scale, max_len_q):
+    from msattn.ops import paged_attention, sparse_attention
+
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    if max_len_q <= DECODE_MAX_QUERY_LEN:
+        backends.record_path("attention", "triton decode")
+        plan = paged_attention.plan_paged_attention(
+            q.shape[0], block_table.shape[0], max_len_q, q.shape[1], k_cache.shape[2], q.shape[2],
+            indices.shape[-1], q.dtype, q.device)
+        return paged_attention.run_paged_attention(
+            plan, q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
+            softmax_scale=softmax_scale, out=(o, lse))
+    backends.record_path("attention", "triton")
+    return sparse_attention.sparse_attention(
+        q, k_cache, v_cache, indices, cu_seqlens_q, _prefix_sums(seq_lens),
+        block_size=k_cache.shape[1], softmax_scale=softmax_scale, out=(o, lse),
+        block_table=block_table)
+
+
+def _use_triton(backend, device: torch.device, page_size: int, dims: tuple[int, ...]) -> bool:
+    impl = backends.resolve(backend, device)
+    return impl.name == "triton" and page_size >= 16 and min(dims) >= 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+def msa_paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk=16,
+                     init_blocks=0, local_blocks=1, index_scale=None, backend="auto"):
+    """MSA stage 1 against a paged index-key cache (decode and chunked prefill).
+
+    Args:
+        qi: ``[total_q, G, Di]`` fp16/bf16/fp32 index queries of the new tokens.
+        index_cache: ``[num_pages, page_size, Di]`` fp16/bf16/fp32, or float8_e4m3fn with
+            ``index_scale [num_pages, page_size]`` float32.
+        block_table: int32 ``[B, max_pages]``; cu_seqlens_q: int32 ``[B + 1]``; seq_lens: int32 ``[B]``.
+        topk, init_blocks, local_blocks: as :func:`msattn.msa_select`; the block size is the page size.
+    Returns:
+        int32 ``[G, total_q, topk]``: block ids relative to each request (``j`` is the request's
+        ``j``-th page), valid entries first, the own block the last valid one, ``-1`` padding.
+    """
+    check_selection_params(topk, init_blocks, local_blocks)
+    _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale)
+    _check_lengths(qi.shape[0], block_table, cu_seqlens_q, seq_lens, index_cache.shape[1],
+                   index_cache.shape[0])
+    select = (_triton_select if _use_triton(backend, qi.device, index_cache.shape[1], (qi.shape[2],))
+              else _reference_select)
+    return select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
+                  init_blocks=init_blocks, local_blocks=local_blocks, index_scale=index_scale)
+
+
+def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q, seq_lens,
+                        *, topk=16, init_blocks=0, local_blocks=1, softmax_scale=None,
+                        index_scale=None, return_lse=False, backend="auto"):
+    """Full MSA for new query tokens against paged K/V and index-key caches.
+
+    Args:
+        q: ``[total_q, H, D]`` fp16/bf16/fp32; qi: ``[total_q, G, Di]``.
+        k_cache, v_cache: ``[num_pages, page_size, G, D]`` in q's dtype.
+        index_cache, index_scale, block_table, cu_seqlens_q, seq_lens: as :func:`msa_paged_select`.
+        softmax_scale: defaults to ``D ** -0.5``.
+    Returns:
+        o ``[total_q, H, D]`` in q's dtype, or ``(o, lse)`` with lse float32 ``[total_q, H]`` when
+        ``return_lse``.
+    """
+    check_selection_params(topk, init_blocks, local_blocks)
+    _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale)
+    _check_attention_layout(q, qi, k_cache, v_cache, index_cache)
+    max_len_q = _check_lengths(q.shape[0], block_table, cu_seqlens_q, seq_lens,
+                               k_cache.shape[1], k_cache.shape[0])
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    triton = _use_triton(backend, q.device, k_cache.shape[1], (qi.shape[2], q.shape[2]))
+    select = _triton_select if triton else _reference_select
+    attend = _triton_attention if triton else _reference_attention
+    indices = select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
+                     init_blocks=init_blocks, local_blocks=local_blocks, index_scale=index_scale)
+    o, lse = attend(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
+                    softmax_scale=scale, max_len_q=max_len_q)
+    return (o, lse) if return_lse else o
+
+
+class MSAPagedWrapper:
+    """FlashInfer-style plan/run for MSA decode against paged caches, capturable in CUDA graphs.
+
+    ``plan()`` fixes the batch layout (``cu_seqlens_q``, at most ``DECODE_MAX_QUERY_LEN`` tokens
+    per request) and the table width, and allocates every workspace and the outputs, outside graph
+    capture. ``run()`` then launches the indexer (with its split merge), the attention (with its
+    combine) and nothing else: no host synchronisation, no allocation, no argument reads, so a
+    captured ``run()`` can be replayed after the caches, ``block_table`` and ``seq_lens`` are
+    updated in place. ``run()`` does not check its inputs: check them once with
+    :func:`msa_paged_attention`.
+
+    Example::
+
+        wrapper = MSAPagedWrapper(num_heads=64, num_kv_heads=4, head_dim=128, index_dim=128,
+                                  page_size=128)
+        wrapper.plan(cu_seqlens_q, max_pages=block_table.shape[1])
+        o = wrapper.run(q, qi, k_cache, v_cache, index_cache, block_table, seq_lens)
+    """
+
+    def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, index_dim: int,
+                 page_size: int, topk: int = 16, init_blocks: int = 0, local_blocks: int = 1,
+                 softmax_scale: float | None = None, device="cuda", backend: str = "auto"):
+        check_block_size(page_size)
+        check_selection_params(topk, init_blocks, local_blocks)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads = {num_heads} must be a multiple of num_kv_heads = {num_kv_heads}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.index_dim, self.page_size = head_dim, index_dim, page_size
+        self.topk, self.init_blocks, self.local_blocks = topk, init_blocks, local_blocks
+        self.softmax_scale = _softmax_scale(softmax_scale, head_dim)
+        self.device = torch.device(device)
+        if not _use_triton(backend, self.device, page_size, (head_dim, index_dim)):
+            raise ValueError(f"MSAPagedWrapper runs the Triton kernels; backend={backend!r} on "
+                             f"{self.device} with page_size {page_size}, D {head_dim}, Di {index_dim} "
+                             "cannot (use msa_paged_attention for the reference)")
+        self._plan = None
+
+    def plan(self, cu_seqlens_q: torch.Tensor, max_pages: int, *, dtype: torch.dtype = torch.bfloat16,
+             index_dtype: torch.dtype = torch.bfloat16) -> None:
+        """Fix the batch layout and allocate the workspaces (call outside graph capture).
+
+        Args:
+            cu_seqlens_q: int32 ``[B + 1]`` (host or device): the query tokens of each request,
+                1..``DECODE_MAX_QUERY_LEN`` each; fixed until the next ``plan()``.
+            max_pages: width of the ``block_table`` that ``run()`` will get.
+            dtype: dtype of q and the K/V caches; index_dtype: of the index cache (fp8 allowed).
+        """
+        from msattn.ops import paged_attention
+        from msattn.ops.indexer import plan_selection
+
+        _check_int32_vector("cu_seqlens_q", cu_seqlens_q, "[B + 1]")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        if index_dtype not in INDEX_DTYPES:
+            raise TypeError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype}")
+        cu = cu_seqlens_q.tolist()
+        lengths = [y - x for x, y in zip(cu, cu[1:])]
+        if not lengths or cu[0] != 0 or min(lengths) < 0:
+            raise ValueError(f"cu_seqlens_q must be int32 [B + 1] prefix sums from 0, got {cu}")
+        max_len_q = max(lengths)
+        if max_len_q > DECODE_MAX_QUERY_LEN:
+            raise ValueError(f"MSAPagedWrapper serves decode steps of 1..{DECODE_MAX_QUERY_LEN} tokens "
+                             f"per request, got {max_len_q}; use msa_paged_attention for longer runs")
+        batch, total_q = len(lengths), cu[-1]
+        self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=self.device)
+        self.batch, self.total_q, self.max_len_q, self.max_pages = batch, total_q, max_len_q, max_pages
+        self.selection_plan = plan_selection(total_q, batch, self.num_kv_heads, max_len_q, max_pages,
+                                             topk=self.topk, device=self.device)
+        self.attention_plan = paged_attention.plan_paged_attention(
+            total_q, batch, max_len_q, self.num_heads, self.num_kv_heads, self.head_dim, self.topk,
+            dtype, self.device)
+        self.indices = torch.empty(self.num_kv_heads, total_q, self.topk, dtype=torch.int32,
+                                   device=self.device)
+        self.o = torch.empty(total_q, self.num_heads, self.head_dim, dtype=dtype, device=self.device)
+        self.lse = torch.empty(total_q, self.num_heads, dtype=torch.float32, device=self.device)
+        self._plan = (dtype, index_dtype)
+
+    def run(self, q, qi, k_cache, v_cache, index_cache, block_table, seq_lens, *, index_scale=None,
+            return_lse: bool = False):
+        """One MSA step for the planned layout: ``q [total_q, H, D]``, ``qi [total_q, G, Di]``,
+        the caches, ``block_table [B, max_pages]`` and ``seq_lens [B]`` (see the module doc).
+
+        Returns the wrapper's ``o [total_q, H, D]`` (and ``lse [total_q, H]``), overwritten by the
+        next run. The selection is in ``self.indices [G, total_q, topk]``.
+        """
+        from msattn.ops import paged_attention
+        from msattn.ops.indexer import run_selection
+
+        if self._plan is None:
+            raise RuntimeError("MSAPagedWrapper.run() needs plan() first")
+        run_selection(self.selection_plan, qi, index_cache, self.cu_seqlens_q, seq_lens,
+                      block_size=self.page_size, init_blocks=self.init_blocks,
+                      local_blocks=self.local_blocks, block_table=block_table,
+                      index_scale=index_scale, out=self.indices)
+        paged_attention.run_paged_attention(
+            self.attention_plan, q, k_cache, v_cache, self.indices, block_table, self.cu_seqlens_q,
+            seq_lens, softmax_scale=self.softmax_scale, out=(self.o, self.lse))
+        return (self.o, self.lse) if return_lse else self.o

@@ -1,0 +1,252 @@
+"""Paged MSA (decode, chunked prefill, plan/run) against the contiguous reference.
+
+Caches are built from contiguous sequences in a random physical page order, with unused slots
+poisoned (NaN) and block tables padded with -1, so a read of a wrong page or slot shows.
+"""
+
+import pytest
+import torch
+
+import msattn
+from msattn import reference
+from msattn.ops.indexer import select_blocks_paged
+from msattn.ops.paged_attention import plan_paged_attention, run_paged_attention
+from tests.kernel_cases import (DEVICE, assert_selection_matches, cu_seqlens, paginate,
+                                random_tensor)
+
+FP8 = torch.float8_e4m3fn
+
+
+def _case(lens_q, lens_k, heads, groups, head_dim, index_dim, page_size, dtype, *, fp8=False,
+          seed=0):
+    """Contiguous inputs, their paged caches and the exact contiguous selection and attention."""
+    generator = torch.Generator().manual_seed(seed)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    q = random_tensor((sum(lens_q), heads, head_dim), dtype, generator=generator)
+    k = random_tensor((sum(lens_k), groups, head_dim), dtype, generator=generator)
+    v = random_tensor((sum(lens_k), groups, head_dim), dtype, generator=generator)
+    qi = random_tensor((sum(lens_q), groups, index_dim), dtype, integer=fp8, generator=generator)
+    if fp8:  # small integers x powers of two: fp8 keys and their dequantised values are exact
+        ki_values = random_tensor((sum(lens_k), index_dim), torch.float32, integer=True,
+                                  generator=generator)
+        scale = 2.0 ** torch.randint(-3, 4, (sum(lens_k),), generator=generator).float().to(DEVICE)
+        ki = ki_values * scale[:, None]
+    else:
+        ki = random_tensor((sum(lens_k), index_dim), dtype, generator=generator)
+    page_generator = torch.Generator().manual_seed(seed + 100)
+    k_cache, table = paginate(k, cu_k, page_size, generator=page_generator)
+    page_generator = torch.Generator().manual_seed(seed + 100)  # same page order for every cache
+    v_cache, _ = paginate(v, cu_k, page_size, generator=page_generator)
+    page_generator = torch.Generator().manual_seed(seed + 100)
+    if fp8:
+        index_cache, _ = paginate(ki_values.to(FP8), cu_k, page_size, generator=page_generator,
+                                  fill=0.0)
+        page_generator = torch.Generator().manual_seed(seed + 100)
+        index_scale, _ = paginate(scale, cu_k, page_size, generator=page_generator)
+    else:
+        index_cache, _ = paginate(ki, cu_k, page_size, generator=page_generator)
+        index_scale = None
+    seq_lens = torch.tensor(lens_k, dtype=torch.int32, device=DEVICE)
+    return dict(q=q, k=k, v=v, qi=qi, ki=ki, cu_q=cu_q, cu_k=cu_k, k_cache=k_cache,
+                v_cache=v_cache, index_cache=index_cache, index_scale=index_scale,
+                block_table=table, seq_lens=seq_lens)
+
+
+# lens_q, lens_k, groups, index_dim, page_size, topk, init_blocks, local_blocks, dtype, fp8, splits
+SELECT_CASES = [
+    ([1, 1, 1], [300, 17, 64], 2, 16, 16, 4, 0, 1, torch.float32, False, None),  # decode
+    ([4, 16, 1], [200, 90, 500], 4, 32, 16, 5, 1, 2, torch.bfloat16, False, 7),  # multi-token, split
+    ([1, 3], [700, 129], 4, 16, 32, 4, 0, 1, torch.bfloat16, True, 5),  # fp8 index keys, split
+    ([50, 1], [400, 30], 3, 16, 16, 6, 1, 1, torch.float16, False, None),  # chunked prefill
+    ([2], [2], 1, 16, 64, 2, 0, 1, torch.float32, True, None),  # shorter than a page
+]
+
+
+@pytest.mark.parametrize("case", SELECT_CASES, ids=[f"case{i}" for i in range(len(SELECT_CASES))])
+def test_paged_select_matches_contiguous(case):
+    lens_q, lens_k, groups, index_dim, page_size, topk, init_blocks, local_blocks, dtype, fp8, splits = case
+    c = _case(lens_q, lens_k, 2 * groups, groups, 16, index_dim, page_size, dtype, fp8=fp8,
+              seed=len(lens_q) + topk)
+    kwargs = dict(topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
+    expected = reference.select_blocks(c["qi"].float() if fp8 else c["qi"], c["ki"], c["cu_q"],
+                                       c["cu_k"], block_size=page_size, **kwargs)
+    out = torch.full_like(expected, 12345)  # poison: every element must be written
+    select_blocks_paged(c["qi"], c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
+                        index_scale=c["index_scale"], num_splits=splits, out=out, **kwargs)
+    assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
+                             block_size=page_size)
+
+
+# lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, split
+ATTENTION_CASES = [
+    ([1, 1, 1], [300, 17, 64], 8, 2, 32, 16, 4, torch.float32, True),  # decode, slots split
+    ([1, 1, 1], [300, 17, 64], 8, 2, 32, 16, 4, torch.float32, False),  # decode, one program
+    ([4, 16, 1], [200, 90, 500], 12, 2, 16, 16, 5, torch.bfloat16, True),  # group 6
+    ([3, 2], [100, 2], 3, 3, 64, 32, 3, torch.float16, False),  # group 1, short request
+]
+
+
+def _poisoned(q):
+    return (torch.full_like(q, float("nan")),
+            torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=q.device))
+
+
+def _check(o, lse, expected_o, expected_lse):
+    tol = 1e-5 if o.dtype == torch.float32 else 2e-2
+    error = (o.float() - expected_o.float()).norm() / expected_o.float().norm()
+    assert not o.isnan().any() and error < tol, float(error)
+    assert torch.isfinite(lse).all() and (lse - expected_lse).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[f"case{i}" for i in range(len(ATTENTION_CASES))])
+def test_decode_attention_matches_contiguous(case):
+    lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, split = case
+    c = _case(lens_q, lens_k, heads, groups, head_dim, 16, page_size, dtype, seed=topk)
+    indices = reference.select_blocks(c["qi"], c["ki"], c["cu_q"], c["cu_k"], block_size=page_size,
+                                      topk=topk, init_blocks=0, local_blocks=1)
+    scale = head_dim ** -0.5
+    expected_o, expected_lse = reference.sparse_attention(c["q"], c["k"], c["v"], indices, c["cu_q"],
+                                                          c["cu_k"], block_size=page_size,
+                                                          softmax_scale=scale)
+    plan = plan_paged_attention(c["q"].shape[0], len(lens_q), max(lens_q), heads, groups, head_dim,
+                                topk, dtype, c["q"].device, split=split)
+    o, lse = run_paged_attention(plan, c["q"], c["k_cache"], c["v_cache"], indices,
+                                 c["block_table"], c["cu_q"], c["seq_lens"], softmax_scale=scale,
+                                 out=_poisoned(c["q"]))
+    _check(o, lse, expected_o, expected_lse)
+
+
+def _head_major(cache):
+    """The same logical cache ``[P, page, G, D]`` stored head-major ``[P, G, page, D]``."""
+    return cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("lens_q", [[1, 1], [5, 16], [40, 1]], ids=["decode", "multi", "chunked"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_public_paged_attention_matches_contiguous(lens_q, fp8):
+    lens_k = [330, 170]
+    c = _case(lens_q, lens_k, 8, 2, 32, 16, 16, torch.bfloat16, fp8=fp8, seed=3)
+    kwargs = dict(topk=4, init_blocks=1, local_blocks=1)
+    expected_o, expected_lse = msattn.msa_attention(
+        c["q"], c["k"], c["v"], c["qi"].float() if fp8 else c["qi"], c["ki"], block_size=16,
+        cu_seqlens_q=c["cu_q"], cu_seqlens_k=c["cu_k"], return_lse=True, backend="reference",
+        **kwargs)
+    o, lse = msattn.msa_paged_attention(
+        c["q"], c["qi"], _head_major(c["k_cache"]), _head_major(c["v_cache"]), c["index_cache"],
+        c["block_table"], c["cu_q"], c["seq_lens"], index_scale=c["index_scale"],
+        return_lse=True, backend="triton", **kwargs)
+    expected_path = "triton decode" if max(lens_q) <= msattn.paged.DECODE_MAX_QUERY_LEN else "triton"
+    assert msattn.backends.LAST_PATH["attention"] == expected_path
+    _check(o, lse, expected_o, expected_lse)
+    indices = msattn.msa_paged_select(c["qi"], c["index_cache"], c["block_table"], c["cu_q"],
+                                      c["seq_lens"], index_scale=c["index_scale"], backend="triton",
+                                      **kwargs)
+    expected = msattn.msa_select(c["qi"].float() if fp8 else c["qi"], c["ki"], block_size=16,
+                                 cu_seqlens_q=c["cu_q"], cu_seqlens_k=c["cu_k"],
+                                 backend="reference", **kwargs)
+    assert torch.equal(indices.sort(-1).values, expected.sort(-1).values)
+
+
+def test_wrapper_run_matches_functional_and_is_reusable():
+    lens_q, lens_k = [1, 3, 2], [300, 45, 160]
+    c = _case(lens_q, lens_k, 8, 2, 32, 16, 16, torch.bfloat16, seed=5)
+    kwargs = dict(topk=4, init_blocks=0, local_blocks=2)
+    wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
+                                     page_size=16, device=DEVICE, backend="triton", **kwargs)
+    wrapper.plan(c["cu_q"], c["block_table"].shape[1])
+    args = (c["q"], c["qi"], c["k_cache"], c["v_cache"], c["index_cache"], c["block_table"])
+    for step in range(2):  # the second run reuses the workspaces with longer sequences
+        seq_lens = c["seq_lens"] - 5 + 5 * step
+        expected_o, expected_lse = msattn.msa_paged_attention(
+            *args, c["cu_q"], seq_lens, return_lse=True, backend="triton", **kwargs)
+        o, lse = wrapper.run(*args, seq_lens, return_lse=True)
+        assert torch.equal(o, expected_o) and torch.equal(lse, expected_lse)
+
+
+def test_wrapper_rejects_long_query_runs():
+    wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
+                                     page_size=16, device=DEVICE, backend="triton")
+    with pytest.raises(ValueError, match="1..16 tokens"):
+        wrapper.plan(cu_seqlens([1, 17]), 8)
+    with pytest.raises(RuntimeError, match="plan"):
+        wrapper.run(*([None] * 7))
+
+
+def test_decode_token_by_token_equals_prefill_rows():
+    """Each decode step (seq_lens grows by one) equals the matching row of one full prefill."""
+    length = 150
+    c = _case([length], [length], 4, 2, 16, 16, 16, torch.float32, seed=9)
+    kwargs = dict(topk=3, init_blocks=1, local_blocks=1)
+    prefill_o = msattn.msa_attention(c["q"], c["k"], c["v"], c["qi"], c["ki"], block_size=16,
+                                     backend="reference", **kwargs)
+    for position in (0, 15, 16, 63, 100, 149):
+        seq_lens = torch.tensor([position + 1], dtype=torch.int32, device=DEVICE)
+        o = msattn.msa_paged_attention(
+            c["q"][position:position + 1], c["qi"][position:position + 1], c["k_cache"],
+            c["v_cache"], c["index_cache"], c["block_table"], cu_seqlens([1]), seq_lens,
+            backend="triton", **kwargs)
+        torch.testing.assert_close(o, prefill_o[position:position + 1], rtol=1e-5, atol=1e-5)
+
+
+def _bad_call(**overrides):
+    c = _case([1, 2], [40, 20], 4, 2, 16, 16, 16, torch.bfloat16, seed=1)
+    args = dict(q=c["q"], qi=c["qi"], k_cache=c["k_cache"], v_cache=c["v_cache"],
+                index_cache=c["index_cache"], block_table=c["block_table"], cu_seqlens_q=c["cu_q"],
+                seq_lens=c["seq_lens"])
+    args.update(overrides)
+    names = ("q", "qi", "k_cache", "v_cache", "index_cache", "block_table", "cu_seqlens_q", "seq_lens")
+    kwargs = {key: value for key, value in args.items() if key not in names}
+    return msattn.msa_paged_attention(*(args[name] for name in names), topk=2, backend="reference",
+                                      **kwargs)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(block_table=torch.zeros(2, 3, dtype=torch.int64)), TypeError, "block_table"),
+    (dict(seq_lens=torch.tensor([40], dtype=torch.int32)), ValueError, "seq_lens"),
+    (dict(seq_lens=torch.tensor([40, 1], dtype=torch.int32)), ValueError, "seq_lens"),
+    (dict(seq_lens=torch.tensor([400, 20], dtype=torch.int32)), ValueError, "block_table"),
+    (dict(cu_seqlens_q=torch.tensor([0, 1, 4], dtype=torch.int32)), ValueError, "cu_seqlens_q"),
+    (dict(index_cache=torch.zeros(3, 16, 16, dtype=FP8)), ValueError, "index_scale"),
+    (dict(index_scale=torch.ones(3, 16)), ValueError, "index_scale"),
+    (dict(k_cache=torch.zeros(3, 16, 2, 8, dtype=torch.bfloat16)), ValueError, "k_cache"),
+    (dict(q=torch.zeros(3, 5, 16, dtype=torch.bfloat16)), ValueError, "multiple"),
+    (dict(block_table=torch.full((2, 5), 99, dtype=torch.int32)), ValueError, "page ids"),
+])
+def test_paged_bad_inputs(overrides, error, message):
+    with pytest.raises(error, match=message):
+        _bad_call(**{key: value.to(DEVICE) for key, value in overrides.items()})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_decode_m3_shape_and_cuda_graph(fp8):
+    """M3 shape, 1 and 8 tokens per request at 20K context: functional = contiguous reference,
+    and a captured wrapper.run() replays with new lengths."""
+    lens_q, lens_k = [1, 8, 1], [20000, 9000, 300]
+    c = _case(lens_q, lens_k, 64, 4, 128, 128, 128, torch.bfloat16, fp8=fp8, seed=11)
+    kwargs = dict(topk=16, init_blocks=0, local_blocks=1)
+    expected_o, expected_lse = msattn.msa_attention(
+        c["q"], c["k"], c["v"], c["qi"].float() if fp8 else c["qi"], c["ki"], block_size=128,
+        cu_seqlens_q=c["cu_q"], cu_seqlens_k=c["cu_k"], return_lse=True, backend="reference",
+        **kwargs)
+    caches = (c["k_cache"], c["v_cache"], c["index_cache"])
+    o, lse = msattn.msa_paged_attention(c["q"], c["qi"], *caches, c["block_table"], c["cu_q"],
+                                        c["seq_lens"], index_scale=c["index_scale"],
+                                        return_lse=True, **kwargs)
+    _check(o, lse, expected_o, expected_lse)
+    wrapper = msattn.MSAPagedWrapper(num_heads=64, num_kv_heads=4, head_dim=128, index_dim=128,
+                                     page_size=128, **kwargs)
+    wrapper.plan(c["cu_q"], c["block_table"].shape[1], index_dtype=FP8 if fp8 else torch.bfloat16)
+    seq_lens = c["seq_lens"].clone()
+    args = (c["q"], c["qi"], *caches, c["block_table"], seq_lens)
+    wrapper.run(*args, index_scale=c["index_scale"])  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        wrapper.run(*args, index_scale=c["index_scale"])
+    for shorter in (0, 700):
+        seq_lens.copy_(c["seq_lens"] - shorter)
+        graph.replay()
+        expected = msattn.msa_paged_attention(c["q"], c["qi"], *caches, c["block_table"], c["cu_q"],
+                                              seq_lens, index_scale=c["index_scale"], **kwargs)
+        torch.cuda.synchronize()
+        assert torch.equal(wrapper.o, expected)
