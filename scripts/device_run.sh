@@ -17,7 +17,7 @@ case "$mode" in
     python3 -m pytest -q tests 2>&1 | tail -n 40 | tee "$OUT/pytest.log"
     # Memcheck: the small-shape kernel tests (every kernel and launch path) under compute-sanitizer.
     compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
-        tests/test_indexer.py tests/test_sparse_attention.py -k "not gpu" 2>&1 | tail -n 15 | tee "$OUT/memcheck.log"
+        tests/test_indexer.py tests/test_sparse_attention.py tests/test_paged.py -k "not gpu" 2>&1 | tail -n 15 | tee "$OUT/memcheck.log"
     ;;
   bench)
     python3 -m msattn.bench.cli bench prefill --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"

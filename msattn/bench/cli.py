@@ -1,8 +1,12 @@
-"""Command line: ``msattn bench [prefill|cpu] [options]``.
+"""Command line: ``msattn bench [prefill|cpu|decode|decode-multi|decode-cpu] [options]``.
 
 Bare ``msattn bench`` runs the prefill suite on the GPU when CUDA is available, else the CPU
-suite: the reference backend at CPU-sized inputs, with selection statistics. Results go to a
-table on stdout and a JSON file (plus a speedup plot when matplotlib imports) under ``--out``.
+suite: the reference backend at CPU-sized inputs, with selection statistics. ``decode`` times one
+decode step (batch 1, one query token, bf16 and fp8 index keys) against paged caches as CUDA-graph
+replays; ``decode-multi`` does so for batches of 8/32/64 requests with 1 and 8 query tokens each;
+``decode-cpu`` runs the decode pipeline on the CPU with the reference backend (a smoke test).
+Results go to a table on stdout and a JSON file (plus a speedup plot when matplotlib imports)
+under ``--out``.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import argparse
 import dataclasses
 import re
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from msattn.backends import NAMES as BACKENDS
-from msattn.bench import prefill, report
+from msattn.bench import decode, prefill, report
 from msattn.bench.timing import matmul_tflops
 from msattn.config import MSAConfig
 
@@ -46,6 +51,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, sorted and without repeats: ``"8,1" -> (1, 8)``."""
+    try:
+        return tuple(sorted({positive_int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+
+
+def index_dtypes(text: str) -> tuple[str, ...]:
+    """Comma-separated index-key dtypes among ``decode.INDEX_DTYPES``: ``"bf16,fp8"``."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    bad = [name for name in names if name not in decode.INDEX_DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"bad index dtype(s) {', '.join(map(repr, bad))}: expected "
+                                         f"some of {', '.join(decode.INDEX_DTYPES)}")
+    return names
+
+
 @dataclasses.dataclass(frozen=True)
 class Suite:
     """Defaults of a suite; every one of them can be overridden on the command line."""
@@ -62,6 +85,13 @@ class Suite:
     out: str
     matmul_size: int  # side of the square matrix product that measures the compute ceiling
     columns: tuple[str, ...]
+    # Decode suites (kind "decode") only:
+    kind: str = "prefill"
+    batches: tuple[int, ...] = (1,)
+    q_tokens: tuple[int, ...] = (1,)
+    index_dtypes: tuple[str, ...] = ()
+    graphs: bool = False
+    copy_mib: int = 0  # buffer of the copy-bandwidth ceiling
 
 
 SUITES = {
@@ -77,6 +107,27 @@ SUITES = {
                  lengths=parse_lengths("1k,2k,4k"), dtype="fp32", backend="reference", warmup=1,
                  repeats=3, time_budget_s=5.0, out="benchmarks/results/local", matmul_size=1024,
                  columns=report.CPU_COLUMNS),
+    # One decode step of M3 against paged caches, batch 1, one query token, CUDA-graph replays.
+    "decode": Suite(op="decode", device="cuda", config=MSAConfig(),
+                    lengths=parse_lengths("8k,16k,32k,64k,128k,256k,512k,1m"), dtype="bf16",
+                    backend="triton", warmup=10, repeats=100, time_budget_s=1.0,
+                    out="benchmarks/results", matmul_size=0, columns=report.DECODE_COLUMNS,
+                    kind="decode", index_dtypes=("bf16", "fp8"), graphs=True, copy_mib=2048),
+    # Batched decode: 8/32/64 requests, 1 and 8 query tokens per request (tokens/s).
+    "decode-multi": Suite(op="decode-multi", device="cuda", config=MSAConfig(),
+                          lengths=parse_lengths("4k,16k,64k,200k"), dtype="bf16", backend="triton",
+                          warmup=10, repeats=100, time_budget_s=1.0, out="benchmarks/results",
+                          matmul_size=0, columns=report.DECODE_MULTI_COLUMNS, kind="decode",
+                          batches=(8, 32, 64), q_tokens=(1, 8), index_dtypes=("bf16", "fp8"),
+                          graphs=True, copy_mib=2048),
+    # The decode pipeline on the CPU: reference backend, eager calls (a smoke test).
+    "decode-cpu": Suite(op="decode-cpu", device="cpu",
+                        config=MSAConfig(num_heads=8, num_kv_heads=2, num_index_heads=2,
+                                         head_dim=64, index_dim=64, block_size=128, topk=4),
+                        lengths=parse_lengths("2k,8k,32k"), dtype="fp32", backend="reference",
+                        warmup=1, repeats=5, time_budget_s=2.0, out="benchmarks/results/local",
+                        matmul_size=0, columns=report.DECODE_COLUMNS, kind="decode",
+                        index_dtypes=("bf16", "fp8"), copy_mib=256),
 }
 
 # Command-line option -> MSAConfig field(s).
@@ -100,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("suite", nargs="?", choices=sorted(SUITES),
                        help="prefill: M3 shape on the GPU; cpu: reference backend at CPU sizes "
-                            "(default: prefill with CUDA, else cpu)")
+                            "(default: prefill with CUDA, else cpu); decode, decode-multi: M3 "
+                            "decode against paged caches on the GPU; decode-cpu: the decode "
+                            "pipeline on the CPU")
     shape = bench.add_argument_group("shape (defaults: the suite's)")
     shape.add_argument("--lengths", type=parse_lengths, help="e.g. 8k,16k,32k,1m")
     shape.add_argument("--batch", type=positive_int, help="sequences per call (default 1)")
@@ -113,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--init-blocks", type=int, help="leading blocks always selected")
     shape.add_argument("--local-blocks", type=positive_int, help="trailing blocks always selected")
     shape.add_argument("--dtype", choices=sorted(DTYPES))
+    dec = bench.add_argument_group("decode suites only")
+    dec.add_argument("--batches", type=positive_ints, help="requests per step, e.g. 8,32,64 "
+                     "(--batch N is the same as --batches N)")
+    dec.add_argument("--q-tokens", type=positive_ints, help="query tokens per request, e.g. 1,8")
+    dec.add_argument("--index-dtypes", type=index_dtypes,
+                     help=f"index-key cache dtypes, some of {','.join(decode.INDEX_DTYPES)}")
+    dec.add_argument("--no-graphs", action="store_true",
+                     help="time eager calls instead of CUDA-graph replays")
     run = bench.add_argument_group("run")
     run.add_argument("--backend", choices=BACKENDS, help="msattn backend of the MSA calls")
     run.add_argument("--warmup", type=positive_int, help="warm-up calls per measurement (at most)")
@@ -128,17 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, suite: Suite, parser) -> prefill.PrefillSettings:
+def _config(args: argparse.Namespace, suite: Suite, parser) -> MSAConfig:
     overrides = {field: getattr(args, option) for option, fields in _CONFIG_OPTIONS.items()
                  for field in fields if getattr(args, option) is not None}
     try:
-        config = dataclasses.replace(suite.config, **overrides)
+        return dataclasses.replace(suite.config, **overrides)
     except (TypeError, ValueError) as error:
         parser.error(str(error))
 
-    def pick(name):
-        value = getattr(args, name)
-        return getattr(suite, name) if value is None else value
+
+def _pick(args: argparse.Namespace, suite: Suite, name: str):
+    """The command line's value of option ``name``, else the suite's default."""
+    value = getattr(args, name)
+    return getattr(suite, name) if value is None else value
+
+
+def _settings(args: argparse.Namespace, suite: Suite, parser) -> prefill.PrefillSettings:
+    config = _config(args, suite, parser)
+
+    pick = partial(_pick, args, suite)
 
     return prefill.PrefillSettings(
         op=suite.op, device=torch.device(suite.device), config=config, lengths=pick("lengths"),
@@ -158,13 +227,105 @@ def _header(env: dict, settings: prefill.PrefillSettings, ceiling: float, matmul
             f"{ceiling:.1f} TFLOP/s")
 
 
+def _decode_settings(args: argparse.Namespace, suite: Suite, parser) -> decode.DecodeSettings:
+    config = _config(args, suite, parser)
+    if args.batch is not None and args.batches is not None:
+        parser.error("give --batch or --batches, not both")
+    batches = args.batches or ((args.batch,) if args.batch else suite.batches)
+
+    pick = partial(_pick, args, suite)
+
+    return decode.DecodeSettings(
+        op=suite.op, device=torch.device(suite.device), config=config, lengths=pick("lengths"),
+        batches=batches, q_tokens=pick("q_tokens"), index_dtypes=pick("index_dtypes"),
+        dtype=DTYPES[pick("dtype")], backend=pick("backend"),
+        graphs=suite.graphs and not args.no_graphs, warmup=pick("warmup"),
+        repeats=pick("repeats"), time_budget_s=pick("time_budget_s"), dense=not args.no_dense,
+        dense_max_len=args.dense_max_len, copy_bytes=suite.copy_mib << 20, seed=args.seed)
+
+
+def _decode_header(env: dict, settings: decode.DecodeSettings, copy_gbps: float) -> str:
+    c = settings.config
+    methods = ", ".join(sorted({decode.msa_method(settings, t) for t in settings.q_tokens}))
+    return (f"MSA {settings.op} on {env['device']}: backend {settings.backend} ({methods}), "
+            f"q/K/V {report.dtype_name(settings.dtype)}, index keys "
+            f"{'/'.join(settings.index_dtypes)}, batch {','.join(map(str, settings.batches))}, "
+            f"query tokens {','.join(map(str, settings.q_tokens))}, H={c.num_heads} "
+            f"G={c.num_kv_heads} D={c.head_dim} Di={c.index_dim}, page {c.block_size}, "
+            f"top-{c.topk} (init {c.init_blocks}, local {c.local_blocks})\n"
+            f"copy bandwidth ({settings.copy_bytes >> 20} MiB device-to-device, read + write): "
+            f"{copy_gbps:,.0f} GB/s")
+
+
+def _decode_series(row: dict, *, several: bool) -> str:
+    """The plot line of a decode row: its index dtype, with batch and query tokens if they vary."""
+    if several:
+        return f"B={row['batch']} q={row['q_tokens']} {row['index_dtype']}"
+    return f"index {row['index_dtype']}"
+
+
+def _record(args: argparse.Namespace, suite_name: str, command: list[str], env: dict, settings,
+            ceilings: dict, rows: Iterator[dict], header: str, *, cells=None, series=None) -> int:
+    """Collect the rows into the JSON document (rewritten after each row, so that a crash keeps
+    what was measured), then print the header and the table and write the plot."""
+    suite = SUITES[suite_name]
+    out = args.out or Path(suite.out)
+    stem = report.output_stem(settings.op, env)
+    json_path = out / f"{stem}.json"
+    document = {**env, "command": command, "suite": suite_name, "settings": settings.to_dict(),
+                "ceilings": ceilings, "rows": []}
+    for row in rows:
+        document["rows"].append(row)
+        report.write_json(json_path, document)
+    print(header)
+    print(report.format_table(document["rows"], suite.columns, cells))
+    print(f"results: {json_path}")
+    plot_path = out / f"{stem}.png"
+    title = f"MSA {settings.op} speedup, {env['device']}"
+    if not args.no_plot and report.plot_speedup(document["rows"], plot_path, title, series):
+        print(f"plot: {plot_path}")
+    return 0
+
+
+def bench_decode(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
+                 suite_name: str) -> int:
+    """Run a decode suite (see :mod:`msattn.bench.decode`); returns the exit code."""
+    settings = _decode_settings(args, SUITES[suite_name], parser)
+    try:
+        import msattn.paged  # noqa: F401
+        for q_tokens in settings.q_tokens:
+            decode.msa_method(settings, q_tokens)
+    except (ImportError, ValueError) as error:
+        parser.error(f"backend {settings.backend!r} cannot run the paged MSA on "
+                     f"{settings.device.type}: {error}")
+    env = report.environment(settings.device)
+    progress = report.Progress(len(settings.lengths) * len(settings.batches) + 1)
+    progress.step("copy bandwidth")
+    copy_gbps = decode.copy_bandwidth_gbps(settings)
+    return _record(args, suite_name, command, env, settings,
+                   {"copy_gbps": copy_gbps, "copy_bytes": settings.copy_bytes},
+                   decode.run(settings, progress, copy_gbps),
+                   _decode_header(env, settings, copy_gbps), cells=report.DECODE_CELLS,
+                   series=partial(_decode_series, several=len(settings.batches) > 1
+                                  or len(settings.q_tokens) > 1))
+
+
 def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> int:
     """Run a suite, print its table, write its JSON (and plot); returns the exit code."""
     suite_name = args.suite or ("prefill" if torch.cuda.is_available() else "cpu")
     suite = SUITES[suite_name]
     if suite.device == "cuda" and not torch.cuda.is_available():
-        parser.error(f"the {suite_name} suite needs a CUDA GPU; `msattn bench` without a suite "
-                     "runs the CPU suite")
+        cpu_suite = "decode-cpu" if suite.kind == "decode" else "cpu"
+        parser.error(f"the {suite_name} suite needs a CUDA GPU; `msattn bench {cpu_suite}` runs "
+                     f"its CPU counterpart (`msattn bench` without a suite runs the CPU suite)")
+    if suite.kind == "decode":
+        return bench_decode(args, parser, command, suite_name)
+    decode_only = [option for option, value in (("--batches", args.batches),
+                                                 ("--q-tokens", args.q_tokens),
+                                                 ("--index-dtypes", args.index_dtypes),
+                                                 ("--no-graphs", args.no_graphs)) if value]
+    if decode_only:
+        parser.error(f"{', '.join(decode_only)}: only for the decode suites")
     settings = _settings(args, suite, parser)
     try:
         prefill.executed_path(settings)
@@ -176,24 +337,9 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
     progress = report.Progress(len(settings.lengths) + 1)
     progress.step("matmul ceiling")
     ceiling = matmul_tflops(settings.device, settings.dtype, suite.matmul_size, **settings.timing())
-    out = args.out or Path(suite.out)
-    stem = report.output_stem(settings.op, env)
-    json_path = out / f"{stem}.json"
-    rows: list[dict] = []
-    document = {**env, "command": command, "suite": suite_name, "settings": settings.to_dict(),
-                "ceilings": {"matmul_tflops": ceiling, "matmul_size": suite.matmul_size},
-                "rows": rows}
-    for row in prefill.run(settings, progress):
-        rows.append(row)
-        report.write_json(json_path, document)  # after every length: a crash keeps what was measured
-    print(_header(env, settings, ceiling, suite.matmul_size))
-    print(report.format_table(rows, suite.columns))
-    print(f"results: {json_path}")
-    plot_path = out / f"{stem}.png"
-    if not args.no_plot and report.plot_speedup(rows, plot_path, f"MSA {settings.op} speedup, "
-                                                                 f"{env['device']}"):
-        print(f"plot: {plot_path}")
-    return 0
+    return _record(args, suite_name, command, env, settings,
+                   {"matmul_tflops": ceiling, "matmul_size": suite.matmul_size},
+                   prefill.run(settings, progress), _header(env, settings, ceiling, suite.matmul_size))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,6 +88,45 @@ GPU_COLUMNS = ("length", "indexer ms", "attention ms", "MSA ms", "dense ms", "de
 CPU_COLUMNS = ("length", "full rows", "blocks selected", "distinct/qblock", "key sparsity",
                "indexer ms", "attention ms", "MSA ms", "dense ms", "dense kernel", "speedup")
 
+
+def _significant(key: str) -> Callable[[dict], str]:
+    """Three significant digits below 100, whole numbers with thousands separators above
+    (decode times are often < 0.1 ms, bandwidths in the thousands of GB/s)."""
+    def cell(row: dict) -> str:
+        value = row.get(key)
+        if value is None:
+            return "-"
+        return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+    return cell
+
+
+def _decode_dense_ms(row: dict) -> str:
+    return _significant("dense_ms")(row) if row["dense_status"] == "measured" else row["dense_status"]
+
+
+# Decode rows (msattn.bench.decode): the same headers where the meaning is the same.
+DECODE_CELLS: dict[str, Callable[[dict], str]] = {
+    **CELLS,
+    "batch": lambda row: str(row["batch"]),
+    "q": lambda row: str(row["q_tokens"]),
+    "index": lambda row: row["index_dtype"],
+    "MSA ms": _significant("msa_ms"),
+    "dense ms": _decode_dense_ms,
+    "MSA GB/s": _significant("msa_gbps"),
+    "dense GB/s": _significant("dense_gbps"),
+    "MSA % copy": _number("msa_copy_fraction", ".0f", 100, "%"),
+    "dense % copy": _number("dense_copy_fraction", ".0f", 100, "%"),
+    "us/token": _number("ms_per_query_token", ".2f", 1e3),
+    "tokens/s": _number("tokens_per_s", ",.0f"),
+    "vs q=1": _number("tokens_per_s_vs_1q", ".2f", suffix="x"),
+    "timing": lambda row: row["msa_method"],
+}
+
+DECODE_COLUMNS = ("length", "index", "MSA ms", "dense ms", "dense kernel", "speedup", "MSA GB/s",
+                  "MSA % copy", "dense GB/s", "dense % copy", "timing")
+DECODE_MULTI_COLUMNS = ("length", "batch", "q", "index", "MSA ms", "us/token", "tokens/s",
+                        "vs q=1", "dense ms", "speedup", "MSA GB/s", "MSA % copy")
+
 _NOTES = {
     "skipped": "dense skipped: longer than --dense-max-len (speedup null)",
     "off": "dense off: --no-dense (speedup null)",
@@ -95,13 +134,17 @@ _NOTES = {
 }
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """Right-aligned text table of ``rows``, then a note for each dense status that needs one."""
-    cells = [[CELLS[name](row) for name in columns] for row in rows]
-    widths = [max(len(name), *(len(r[i]) for r in cells)) for i, name in enumerate(columns)]
+def format_table(rows: Sequence[dict], columns: Sequence[str],
+                 cells: dict[str, Callable[[dict], str]] | None = None) -> str:
+    """Right-aligned text table of ``rows``, then a note for each dense status that needs one.
+
+    ``cells`` maps a column name to its formatter (default :data:`CELLS`)."""
+    formatters = CELLS if cells is None else cells
+    table = [[formatters[name](row) for name in columns] for row in rows]
+    widths = [max(len(name), *(len(r[i]) for r in table)) for i, name in enumerate(columns)]
     lines = ["  ".join(name.rjust(w) for name, w in zip(columns, widths)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
     statuses = dict.fromkeys(row["dense_status"] for row in rows)
     lines += [_NOTES[s] for s in statuses if s in _NOTES]
     return "\n".join(lines)
@@ -145,11 +188,18 @@ def write_json(path: Path, document: dict) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> bool:
+def plot_speedup(rows: Sequence[dict], path: Path, title: str,
+                 series: Callable[[dict], str] | None = None) -> bool:
     """Speedup over dense against sequence length (log2 axis) as a PNG; False when there is no
-    measured speedup or matplotlib is missing."""
-    points = [(row["seq_len"], row["speedup"]) for row in rows if row["speedup"] is not None]
-    if not points:
+    measured speedup or matplotlib is missing.
+
+    ``series(row)``, when given, names the line a row belongs to (one line per name, with a
+    legend), e.g. its index dtype."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row["speedup"] is not None:
+            lines.setdefault(series(row) if series else "", []).append((row["seq_len"], row["speedup"]))
+    if not lines:
         return False
     try:
         import matplotlib
@@ -157,11 +207,14 @@ def plot_speedup(rows: Sequence[dict], path: Path, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    lengths, speedups = zip(*points)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(lengths, speedups, marker="o")
+    for label, points in lines.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=label or None)
+    if series:
+        ax.legend()
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xscale("log", base=2)
+    lengths = sorted({n for points in lines.values() for n, _ in points})
     ax.set_xticks(lengths, [format_length(n) for n in lengths])
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("speedup over dense (x)")

@@ -170,6 +170,11 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
         q = tl.load(qi_ptr + global_token.to(tl.int64)[:, None] * stride_qi_token
                     + group[:, None] * stride_qi_group + dim[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        if KEY_SCALE:
+            # fp8 keys convert to fp16 in one exact step (to bf16 in three), so bf16 queries go
+            # to fp16: exact in fp16's normal range (|x| >= 2^-14; tinier parts lose bits).
+            if q.dtype == tl.bfloat16:
+                q = q.to(tl.float16)
         position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
         own_block = position // BLOCK_SIZE
         first_position = len_k - len_q + tile * BLOCK_R // NUM_GROUPS
@@ -200,9 +205,18 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                              row_mask, own_block, ids, TOPK_PAD)
 
 
+@triton.jit
+def _ranking_keys(vals, ids):
+    """int64 keys that order candidates as the selection does: greater value first, then lower
+    id. High word: the float32 value's bits mapped to a monotone int32; low word: ``2^31-1 - id``."""
+    bits = vals.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (2147483647 - ids).to(tl.int64)
+
+
 # One program: BLOCK_R flattened (token, group) rows of one sequence. Loads the partial top-k
-# lists of all splits (NUM_CANDIDATES = splits x TOPK_PAD per row, padded to CANDIDATES_PAD) and
-# takes the best candidate TOPK times (greater value, then lower id), then writes the selection.
+# lists of all splits (NUM_CANDIDATES = splits x TOPK_PAD per row, padded to CANDIDATES_PAD) as
+# ranking keys and takes the largest key TOPK times, then writes the selection.
 # Grid: (merge tiles of the longest sequence, B).
 @triton.jit
 def _merge_kernel(partial_vals_ptr, partial_ids_ptr, cu_seqlens_q_ptr, key_lengths_ptr, out_ptr,
@@ -223,16 +237,16 @@ def _merge_kernel(partial_vals_ptr, partial_ids_ptr, cu_seqlens_q_ptr, key_lengt
         offsets = (split * total_rows + row[:, None]) * TOPK_PAD + slot
         valid = row_mask[:, None] & (candidate < num_candidates) & (slot < TOPK)
         vals = tl.load(partial_vals_ptr + offsets, mask=valid, other=float("-inf"))
-        ids = tl.load(partial_ids_ptr + offsets, mask=valid, other=-1)
-        ids = tl.where(valid, ids, 2147483647)  # taken or absent candidates: never chosen
+        ids = tl.load(partial_ids_ptr + offsets, mask=valid, other=2147483647)
+        keys = _ranking_keys(vals, ids)
+        taken = _ranking_keys(tl.full([1, 1], float("-inf"), tl.float32),
+                              tl.full([1, 1], 2147483647, tl.int32))  # below every candidate
         slots = tl.arange(0, TOPK_PAD)[None, :]
         chosen = tl.where(slots < TOPK, -1 - slots, _PAD_ID) + tl.zeros([BLOCK_R, TOPK_PAD], tl.int32)
         for rank in range(TOPK):
-            best_val = tl.max(vals, axis=1)
-            best_id = tl.min(tl.where(vals == best_val[:, None], ids, 2147483647), axis=1)
-            take = (vals == best_val[:, None]) & (ids == best_id[:, None])
-            vals = tl.where(take, float("-inf"), vals)
-            ids = tl.where(take, 2147483647, ids)
+            best = tl.max(keys, axis=1)
+            keys = tl.where(keys == best[:, None], taken, keys)
+            best_id = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
             # Empty slots (negative ids) and exhausted rows stay invalid: -1 - rank.
             best_id = tl.where((best_id >= 0) & (best_id < _PAD_ID), best_id, -1 - rank)
             chosen = tl.where(slots == rank, best_id[:, None], chosen)
@@ -343,13 +357,16 @@ class SelectionPlan:
 
 
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
-                   topk: int, device: torch.device, num_splits: int | None = None) -> SelectionPlan:
+                   topk: int, device: torch.device, num_splits: int | None = None,
+                   config: dict | None = None) -> SelectionPlan:
     """Size the grid (query tiles x B x key splits) and the split workspace.
 
     Args:
         max_len_q: longest query run of a sequence; max_blocks: most key blocks of a sequence.
+        config: launch configuration (``block_r``, ``num_warps``, ``num_stages``) to use instead
+            of the tuned one.
     """
-    config = _launch_config(max_len_q * num_groups, device.type == "cuda")
+    config = config or _launch_config(max_len_q * num_groups, device.type == "cuda")
     num_tiles = triton.cdiv(max_len_q * num_groups, config["block_r"])
     topk_pad = max(4, triton.next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
     max_blocks = max(1, max_blocks)

@@ -248,14 +248,15 @@ def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_pt
     dim = tl.arange(0, BLOCK_D)
     dim_mask = dim < HEAD_DIM
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # Masked loads rather than branches: the loads of all slots can be in flight together.
     for slot in tl.static_range(TOPK):
-        block = tl.load(indices_ptr + group * stride_indices_group
-                        + token.to(tl.int64) * stride_indices_token + slot)
-        if (block >= 0) & (block * BLOCK_SIZE <= position):
-            slot_lse = tl.load(partial_lse_ptr + partial_rows + slot, mask=head_mask, other=0.0)
-            part = tl.load(partial_o_ptr + (partial_rows + slot)[:, None] * HEAD_DIM + dim[None, :],
-                           mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
-            acc += tl.exp(slot_lse - lse_max)[:, None] * part.to(tl.float32)
+        block = tl.zeros([BLOCK_H], tl.int32) + tl.load(  # the slot's block, one per head
+            indices_ptr + group * stride_indices_group + token.to(tl.int64) * stride_indices_token + slot)
+        use = head_mask & (block >= 0) & (block * BLOCK_SIZE <= position)
+        slot_lse = tl.load(partial_lse_ptr + partial_rows + slot, mask=use, other=float("-inf"))
+        part = tl.load(partial_o_ptr + (partial_rows + slot)[:, None] * HEAD_DIM + dim[None, :],
+                       mask=use[:, None] & dim_mask[None, :], other=0.0)
+        acc += tl.exp(slot_lse - lse_max)[:, None] * part.to(tl.float32)
     has_keys = total > 0
     out = acc / tl.where(has_keys, total, 1.0)[:, None]
     row_lse = tl.where(has_keys, lse_max + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))

@@ -1,0 +1,600 @@
+"""The decode benchmark: MSA against paged caches versus dense decode attention.
+
+One row per (sequence length, batch, query tokens per request, index-key dtype). Every request of
+a point holds ``seq_len`` tokens in a paged cache (``k_cache, v_cache [num_pages, page_size, G, D]``,
+``index_cache [num_pages, page_size, Di]`` in bf16/fp16, or fp8 with per-token float32 scales)
+whose pages sit in a random physical order; block tables carry a ``-1`` column past the last
+page. The query tokens of a request are its last ``q_tokens`` positions. Data is random (never
+zeros).
+
+MSA: on a GPU with the Triton backend, :class:`msattn.MSAPagedWrapper` is planned once, run once
+per input set (compilation, autotuning), its ``run`` captured in one CUDA graph per input set, and
+the graphs replayed (``msa_method`` "cuda-graph"). Without graphs (``--no-graphs``, or a capture
+that fails, recorded in ``graph_failures``) the wrapper's ``run`` is called eagerly
+("wrapper"); with the reference backend the functional :func:`msattn.msa_paged_attention` is
+called ("functional").
+
+Dense: ``scaled_dot_product_attention`` over contiguous ``[B, G, S, D]`` copies of the same K/V
+(native GQA, else K/V expanded to ``H`` heads when that fits in memory), raced over the SDPA
+kernels of the device, each captured in CUDA graphs when possible; more than one query token per
+request uses an explicit bottom-right causal mask (queries are the last positions), and on CUDA
+also the flash kernel's own causal mode, which aligns the mask that way when ``T < S``. The
+fastest candidate is the baseline; every candidate's time and every failure are recorded.
+
+Achieved bandwidth uses the byte model of ``MSA_SPEC.md`` (see :func:`msa_bytes`,
+:func:`dense_bytes`) against a measured device-to-device copy (:func:`copy_bandwidth_gbps`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import msattn
+from msattn import backends
+from msattn.bench.dense import DenseResult, _first_line
+from msattn.bench.prefill import _dense_skipped
+from msattn.bench.report import dtype_name, format_length
+from msattn.bench.timing import (Timing, l2_cache_bytes, release_memory, synchronize, time_ms)
+from msattn.cache import FP8_DTYPE, quantize_index_keys
+from msattn.config import MSAConfig
+
+GIB = 1 << 30
+# Index-key dtypes by the names used in the rows and on the command line.
+INDEX_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8_DTYPE}
+# Input sets rotated through at most (decode touches little memory per call: short contexts need
+# many sets to span twice the L2 cache).
+MAX_INPUT_SETS = 32
+# Dense kernels raced on each device type, by the name recorded in the results.
+DENSE_CANDIDATES = {
+    "cuda": {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION},
+    "cpu": {"flash": SDPBackend.FLASH_ATTENTION},
+}
+# K/V expanded to H heads is only tried while it takes at most this share of the free memory.
+_EXPAND_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Everything one decode run depends on."""
+
+    op: str  # the rows' "op": "decode", "decode-multi" or "decode-cpu"
+    device: torch.device
+    config: MSAConfig
+    lengths: tuple[int, ...]
+    batches: tuple[int, ...]
+    q_tokens: tuple[int, ...]  # query tokens per request
+    index_dtypes: tuple[str, ...]  # keys of INDEX_DTYPES
+    dtype: torch.dtype  # q, K/V
+    backend: str
+    graphs: bool  # CUDA-graph replays (CUDA only)
+    warmup: int
+    repeats: int
+    time_budget_s: float
+    dense: bool
+    dense_max_len: int | None
+    copy_bytes: int  # size of the buffer of the copy-bandwidth measurement
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy."""
+        return {**asdict(self), "device": str(self.device), "dtype": dtype_name(self.dtype),
+                "lengths": list(self.lengths), "batches": list(self.batches),
+                "q_tokens": list(self.q_tokens), "index_dtypes": list(self.index_dtypes)}
+
+    def timing(self) -> dict:
+        """Keyword arguments of :func:`msattn.bench.timing.time_ms` other than ``device``."""
+        return {"warmup": self.warmup, "repeats": self.repeats, "budget_s": self.time_budget_s}
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.graphs and self.device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------
+# Byte model
+# ----------------------------------------------------------------------------------------------
+
+def index_bytes_per_token(config: MSAConfig, index_dtype: str) -> int:
+    """Bytes of one token's index key (plus its float32 scale with fp8)."""
+    if index_dtype == "fp8":
+        return config.index_dim + 4
+    return config.index_dim * INDEX_DTYPES[index_dtype].itemsize
+
+
+def msa_bytes(config: MSAConfig, *, seq_len: int, batch: int, q_tokens: int, index_dtype: str,
+              kv_bytes: int = 2) -> int:
+    """Bytes an MSA decode step reads: every request's index keys (and fp8 scales) once, plus
+    for every query token and group the K and V of the selected blocks, ``topk * page_size``
+    tokens capped by ``seq_len``: ``G * min(topk * bs, S) * D * 2 * kv_bytes`` per query token."""
+    selected = min(config.topk * config.block_size, seq_len)
+    per_request = (seq_len * index_bytes_per_token(config, index_dtype)
+                   + q_tokens * config.num_kv_heads * selected * config.head_dim * 2 * kv_bytes)
+    return batch * per_request
+
+
+def dense_bytes(config: MSAConfig, *, seq_len: int, batch: int, kv_bytes: int = 2) -> int:
+    """Bytes a dense decode step reads: all K and V, ``S * G * D * 2 * kv_bytes`` per request."""
+    return batch * seq_len * config.num_kv_heads * config.head_dim * 2 * kv_bytes
+
+
+def gbps(num_bytes: int, ms: float | None) -> float | None:
+    """GB/s (10^9 bytes per second) of moving ``num_bytes`` in ``ms`` milliseconds."""
+    return None if not ms else num_bytes / (ms * 1e6)
+
+
+def num_decode_sets(touched_bytes: int, l2_bytes: int) -> int:
+    """Input sets to rotate through so that the bytes the calls touch span twice the L2 cache."""
+    if touched_bytes <= 0 or l2_bytes <= 0:
+        return 1
+    return max(1, min(MAX_INPUT_SETS, math.ceil(2 * l2_bytes / touched_bytes)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class CacheSet:
+    """One paged cache of ``batch`` requests of ``seq_len`` tokens, pages in random order."""
+
+    k_cache: torch.Tensor  # [num_pages, page_size, G, D]
+    v_cache: torch.Tensor
+    index: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # dtype name -> (cache, scale)
+    block_table: torch.Tensor  # int32 [B, pages_per_request + 1], last column -1
+    seq_lens: torch.Tensor  # int32 [B]
+    seq_len: int
+
+    @property
+    def pages_per_request(self) -> int:
+        return self.block_table.shape[1] - 1
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.k_cache, self.v_cache, *(t for pair in self.index.values() for t in pair)]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def make_cache_set(settings: DecodeSettings, seq_len: int, batch: int) -> CacheSet:
+    """Random K/V and index keys (one set of keys, stored in every index dtype of ``settings``)
+    in ``batch * ceil(seq_len / page_size)`` pages handed out in a random order."""
+    config, device = settings.config, settings.device
+    page_size = config.block_size
+    pages = math.ceil(seq_len / page_size)
+    num_pages = batch * pages
+    rand = partial(torch.randn, device=device, dtype=settings.dtype)
+    k_cache = rand(num_pages, page_size, config.num_kv_heads, config.head_dim)
+    v_cache = rand(num_pages, page_size, config.num_kv_heads, config.head_dim)
+    keys = torch.randn(num_pages, page_size, config.index_dim, device=device, dtype=torch.bfloat16)
+    index = {}
+    for name in settings.index_dtypes:
+        if INDEX_DTYPES[name] == FP8_DTYPE:
+            index[name] = quantize_index_keys(keys)
+        else:
+            index[name] = (keys.to(INDEX_DTYPES[name]), None)
+    del keys
+    order = torch.randperm(num_pages, device=device).view(batch, pages).to(torch.int32)
+    padding = torch.full((batch, 1), -1, dtype=torch.int32, device=device)
+    return CacheSet(k_cache=k_cache, v_cache=v_cache, index=index,
+                    block_table=torch.cat([order, padding], dim=1),
+                    seq_lens=torch.full((batch,), seq_len, dtype=torch.int32, device=device),
+                    seq_len=seq_len)
+
+
+@dataclass
+class Queries:
+    """The new tokens of one decode step: ``q [B * T, H, D]``, ``qi [B * T, G, Di]``."""
+
+    q: torch.Tensor
+    qi: torch.Tensor
+    cu_seqlens_q: torch.Tensor  # int32 [B + 1] on the device
+
+
+def make_queries(settings: DecodeSettings, batch: int, q_tokens: int) -> Queries:
+    config, device = settings.config, settings.device
+    total = batch * q_tokens
+    return Queries(
+        q=torch.randn(total, config.num_heads, config.head_dim, device=device, dtype=settings.dtype),
+        qi=torch.randn(total, config.num_kv_heads, config.index_dim, device=device,
+                       dtype=settings.dtype),
+        cu_seqlens_q=torch.arange(0, total + 1, q_tokens, dtype=torch.int32, device=device))
+
+
+def dense_kv(cache: CacheSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous ``[B, G, S, D]`` copies of the logical K and V sequences of a paged cache."""
+    pages = cache.block_table[:, :cache.pages_per_request].long()
+
+    def contiguous(paged: torch.Tensor) -> torch.Tensor:
+        logical = paged[pages].flatten(1, 2)[:, :cache.seq_len]  # [B, S, G, D]
+        return logical.transpose(1, 2).contiguous()
+
+    return contiguous(cache.k_cache), contiguous(cache.v_cache)
+
+
+def dense_queries(queries: Queries, batch: int) -> torch.Tensor:
+    """``q [B * T, H, D]`` -> contiguous ``[B, H, T, D]``."""
+    total, heads, head_dim = queries.q.shape
+    return queries.q.view(batch, total // batch, heads, head_dim).transpose(1, 2).contiguous()
+
+
+def bottom_right_causal_mask(q_tokens: int, seq_len: int, device) -> torch.Tensor:
+    """bool ``[T, S]``: query ``t`` (position ``S - T + t``) sees keys ``<= S - T + t``."""
+    return torch.ones(q_tokens, seq_len, dtype=torch.bool, device=device).tril(seq_len - q_tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing: CUDA graphs where possible
+# ----------------------------------------------------------------------------------------------
+
+def capture_graphs(fn: Callable, inputs: Sequence) -> list:
+    """One CUDA graph of ``fn(x)`` per input set, after a warm-up call of each on a side stream
+    (lazy initialisation of libraries must happen outside capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for x in inputs:
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graphs = []
+    for x in inputs:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(x)
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    return graphs
+
+
+@dataclass
+class Measured:
+    """A timing, how it was taken ("cuda-graph" or "eager"), and why graphs were not used."""
+
+    timing: Timing
+    mode: str
+    graph_failure: str | None = None
+
+
+def measure(settings: DecodeSettings, fn: Callable, inputs: Sequence,
+            after: Callable[[Callable[[int], None]], None] | None = None) -> Measured:
+    """Median time of ``fn(x)`` over the rotating ``inputs``: CUDA-graph replays when the
+    settings ask for graphs and capture succeeds, else eager calls.
+
+    ``after(call)``, when given, runs after the timing with ``call(i)`` running the timed form
+    (graph replay or eager call) of input set ``i`` once, e.g. to check its output.
+    """
+    timing = settings.timing()
+    failure = None
+    if settings.use_graphs:
+        try:
+            graphs = capture_graphs(fn, inputs)
+        except Exception as error:  # capture unsupported by a kernel: time eager calls instead
+            failure = _first_line(error)
+            synchronize(settings.device)
+        else:
+            result = time_ms(lambda graph: graph.replay(), graphs, device=settings.device, **timing)
+            if after is not None:
+                after(lambda i: graphs[i].replay())
+            del graphs
+            return Measured(result, "cuda-graph")
+    fn(inputs[0])  # first call (compilation, lazy initialisation) outside the estimate
+    result = time_ms(fn, inputs, device=settings.device, **timing)
+    if after is not None:
+        after(lambda i: fn(inputs[i]))
+    return Measured(result, "eager", failure)
+
+
+def copy_bandwidth_gbps(settings: DecodeSettings) -> float:
+    """Achieved GB/s of a device-to-device copy of ``settings.copy_bytes`` (bytes read plus bytes
+    written), timed like the decode calls: the ceiling the achieved GB/s are compared with."""
+    count = max(1, settings.copy_bytes // 2)
+    src = torch.randn(count, device=settings.device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    result = measure(settings, lambda _: dst.copy_(src), [None])
+    return gbps(2 * count * 2, result.timing.ms)
+
+
+# ----------------------------------------------------------------------------------------------
+# MSA
+# ----------------------------------------------------------------------------------------------
+
+def msa_method(settings: DecodeSettings, q_tokens: int) -> str:
+    """How the MSA step runs: "cuda-graph" (wrapper run replayed), "wrapper" (eager wrapper run)
+    or "functional" (:func:`msattn.msa_paged_attention`, e.g. the reference backend)."""
+    from msattn.paged import DECODE_MAX_QUERY_LEN
+
+    impl = backends.resolve(settings.backend, settings.device)
+    if getattr(impl, "name", "") != "triton" or q_tokens > DECODE_MAX_QUERY_LEN:
+        return "functional"
+    return "cuda-graph" if settings.use_graphs else "wrapper"
+
+
+def _cache_args(cache: CacheSet, index_dtype: str) -> dict:
+    index_cache, index_scale = cache.index[index_dtype]
+    return dict(k_cache=cache.k_cache, v_cache=cache.v_cache, index_cache=index_cache,
+                block_table=cache.block_table, seq_lens=cache.seq_lens, index_scale=index_scale)
+
+
+def _functional(settings: DecodeSettings, args: dict, backend: str | None = None) -> torch.Tensor:
+    c = settings.config
+    return msattn.msa_paged_attention(
+        args["q"], args["qi"], args["k_cache"], args["v_cache"], args["index_cache"],
+        args["block_table"], args["cu_seqlens_q"], args["seq_lens"], topk=c.topk,
+        init_blocks=c.init_blocks, local_blocks=c.local_blocks, index_scale=args["index_scale"],
+        backend=settings.backend if backend is None else backend)
+
+
+def _first_request(args: dict, q_tokens: int) -> dict:
+    """The arguments of request 0 alone."""
+    return {**args, "q": args["q"][:q_tokens], "qi": args["qi"][:q_tokens],
+            "block_table": args["block_table"][:1], "seq_lens": args["seq_lens"][:1],
+            "cu_seqlens_q": args["cu_seqlens_q"][:2]}
+
+
+@dataclass
+class MSAResult:
+    measured: Measured
+    method: str
+    path: str
+    # Largest |difference| between the timed output of request 0 of input set 0 and the
+    # reference backend on the same request (None when the timed call is the functional API).
+    check_max_abs_diff: float | None
+
+
+def measure_msa(settings: DecodeSettings, caches: Sequence[CacheSet], queries: Sequence[Queries],
+                index_dtype: str, *, batch: int, q_tokens: int) -> MSAResult:
+    """Time one MSA decode step over the rotating (cache, queries) sets."""
+    config = settings.config
+    method = msa_method(settings, q_tokens)
+    sets = [dict(q=x.q, qi=x.qi, cu_seqlens_q=x.cu_seqlens_q, **_cache_args(cache, index_dtype))
+            for cache, x in zip(caches, queries)]
+    if method == "functional":
+        measured = measure(settings, partial(_functional, settings), sets)
+        path = "/".join(backends.LAST_PATH.get(stage, "?") for stage in ("select", "attention"))
+        return MSAResult(measured, method, path, None)
+
+    wrapper = msattn.MSAPagedWrapper(
+        num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+        index_dim=config.index_dim, page_size=config.block_size, topk=config.topk,
+        init_blocks=config.init_blocks, local_blocks=config.local_blocks, device=settings.device,
+        backend=settings.backend)
+    cu_host = torch.arange(0, batch * q_tokens + 1, q_tokens, dtype=torch.int32)
+    wrapper.plan(cu_host, caches[0].block_table.shape[1], dtype=settings.dtype,
+                 index_dtype=INDEX_DTYPES[index_dtype])
+
+    def run(args):
+        return wrapper.run(args["q"], args["qi"], args["k_cache"], args["v_cache"],
+                           args["index_cache"], args["block_table"], args["seq_lens"],
+                           index_scale=args["index_scale"])
+
+    for args in sets:  # compile and autotune outside the graphs and the timing
+        run(args)
+    synchronize(settings.device)
+    checked = {}
+
+    def check(call):
+        """Request 0 of set 0 through the timed form (graph replay or eager run) against the
+        reference backend."""
+        call(0)
+        synchronize(settings.device)
+        timed = wrapper.o[:q_tokens].float().clone()
+        expected = _functional(settings, _first_request(sets[0], q_tokens), "reference").float()
+        checked["diff"] = float((timed - expected).abs().max())
+
+    measured = measure(settings, run, sets, after=check)
+    method = "cuda-graph" if measured.mode == "cuda-graph" else "wrapper"
+    return MSAResult(measured, method, "MSAPagedWrapper (triton)", checked.get("diff"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense
+# ----------------------------------------------------------------------------------------------
+
+def _sdpa(x, *, kernel: SDPBackend, gqa: bool):
+    q, k, v, mask = x
+    with sdpa_kernel([kernel]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _flash_causal(x, *, gqa: bool):
+    """The CUDA flash kernel's own causal mode, bottom-right aligned when ``T < S``."""
+    q, k, v, _ = x
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal=True)[0]
+
+
+def _expanded(x, group_size: int):
+    q, k, v, mask = x
+    return q, k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1), mask
+
+
+def _dense_candidates(device: torch.device, q_tokens: int) -> dict[str, Callable]:
+    """Name -> ``fn(x, *, gqa)`` of every dense decode kernel to race."""
+    candidates = {name: partial(_sdpa, kernel=kernel)
+                  for name, kernel in DENSE_CANDIDATES[device.type].items()}
+    if device.type == "cuda" and q_tokens > 1:
+        candidates["flash-causal"] = _flash_causal
+    return candidates
+
+
+def _expansion_fits(sets: Sequence, group_size: int, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
+    extra = sum(2 * x[1].numel() * x[1].element_size() * (group_size - 1) for x in sets)
+    return extra <= _EXPAND_MEMORY_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
+def _time_dense_candidate(settings: DecodeSettings, fn: Callable, sets: list,
+                          group_size: int) -> tuple[Measured, str]:
+    """Native GQA if it runs, else K/V expanded to H heads (when it fits); returns how."""
+    native = partial(fn, gqa=True)
+    try:
+        native(sets[0])
+    except Exception as native_error:
+        if not _expansion_fits(sets, group_size, settings.device):
+            raise RuntimeError(f"native GQA failed ({_first_line(native_error)}); K/V expanded "
+                               "to H heads would not fit in memory") from native_error
+        expanded = [_expanded(x, group_size) for x in sets]
+        return measure(settings, partial(fn, gqa=False), expanded), "expanded-kv"
+    return measure(settings, native, sets), "gqa"
+
+
+@dataclass
+class DecodeDense(DenseResult):
+    """The dense race of one (length, batch, query tokens), with how each candidate was timed."""
+
+    timing_modes: dict[str, str] = field(default_factory=dict)
+
+
+def measure_dense_decode(settings: DecodeSettings, caches: Sequence[CacheSet], *, batch: int,
+                         q_tokens_list: Sequence[int], num_sets: int) -> dict[int, DecodeDense]:
+    """Race the dense candidates for every query-token count over contiguous copies of the
+    first ``num_sets`` caches; returns ``{q_tokens: DecodeDense}``."""
+    config, device = settings.config, settings.device
+    group_size = config.num_heads // config.num_kv_heads
+    kv = [dense_kv(cache) for cache in caches[:num_sets]]
+    seq_len = caches[0].seq_len
+    results = {}
+    for q_tokens in q_tokens_list:
+        mask = None if q_tokens == 1 else bottom_right_causal_mask(q_tokens, seq_len, device)
+        sets = [(dense_queries(make_queries(settings, batch, q_tokens), batch), k, v, mask)
+                for k, v in kv]
+        result = DecodeDense()
+        for name, fn in _dense_candidates(device, q_tokens).items():
+            try:
+                measured, how = _time_dense_candidate(settings, fn, sets, group_size)
+            except Exception as error:  # unsupported here, out of memory, capture failure
+                result.failures[name] = _first_line(error)
+                synchronize(device)
+            else:
+                label = name if how == "gqa" else f"{name}+{how}"
+                result.candidates_ms[label] = measured.timing.ms
+                result.timing_modes[label] = measured.mode
+                if measured.graph_failure:
+                    result.failures[f"{label} (graph)"] = measured.graph_failure
+                if result.timing is None or measured.timing.ms < result.timing.ms:
+                    result.timing, result.backend = measured.timing, label
+            release_memory(device)
+        results[q_tokens] = result
+        del sets
+    del kv
+    release_memory(device)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows
+# ----------------------------------------------------------------------------------------------
+
+def make_row(settings: DecodeSettings, *, seq_len: int, batch: int, q_tokens: int,
+             index_dtype: str, msa: MSAResult, dense: DecodeDense | None, dense_status: str,
+             copy_gbps: float | None, input_sets: int) -> dict:
+    """The JSON row of one measurement."""
+    config = settings.config
+    kv_bytes = settings.dtype.itemsize
+    tokens = batch * q_tokens
+    msa_ms = msa.measured.timing.ms
+    dense_ms = dense.timing.ms if dense is not None and dense.timing else None
+    moved = msa_bytes(config, seq_len=seq_len, batch=batch, q_tokens=q_tokens,
+                      index_dtype=index_dtype, kv_bytes=kv_bytes)
+    moved_dense = dense_bytes(config, seq_len=seq_len, batch=batch, kv_bytes=kv_bytes)
+    msa_gbps, dense_gbps = gbps(moved, msa_ms), gbps(moved_dense, dense_ms)
+
+    def fraction(value):
+        return value / copy_gbps if value is not None and copy_gbps else None
+
+    return {
+        "op": settings.op,
+        "seq_len": seq_len,
+        "batch": batch,
+        "q_tokens": q_tokens,
+        "index_dtype": index_dtype,
+        "dtype": dtype_name(settings.dtype),
+        "backend": settings.backend,
+        "msa_path": msa.path,
+        "msa_method": msa.method,
+        "msa_ms": msa_ms,
+        "dense_ms": dense_ms,
+        "speedup": dense_ms / msa_ms if dense_ms else None,
+        "dense_status": dense_status,
+        "dense_backend": dense.backend if dense is not None else None,
+        "dense_method": dense.timing_modes.get(dense.backend) if dense and dense.backend else None,
+        "dense_candidates_ms": dense.candidates_ms if dense is not None else {},
+        "dense_failures": dense.failures if dense is not None else {},
+        "msa_bytes": moved,
+        "dense_bytes": moved_dense,
+        "msa_gbps": msa_gbps,
+        "dense_gbps": dense_gbps,
+        "msa_copy_fraction": fraction(msa_gbps),
+        "dense_copy_fraction": fraction(dense_gbps),
+        "tokens_per_s": tokens / (msa_ms * 1e-3),
+        "ms_per_query_token": msa_ms / tokens,
+        "dense_tokens_per_s": tokens / (dense_ms * 1e-3) if dense_ms else None,
+        "tokens_per_s_vs_1q": None,  # filled by run() from the q_tokens = 1 row
+        "msa_graph_failure": msa.measured.graph_failure,
+        "check_max_abs_diff": msa.check_max_abs_diff,
+        "input_sets": input_sets,
+        "runs": {"msa": msa.measured.timing.runs,
+                 "dense": dense.timing.runs if dense is not None and dense.timing else 0},
+    }
+
+
+@torch.inference_mode()
+def measure_point(settings: DecodeSettings, seq_len: int, batch: int, progress: Callable[[str], None],
+                  copy_gbps: float | None) -> Iterator[dict]:
+    """Every row of one (length, batch): dense once per query-token count, MSA per query-token
+    count and index dtype, over shared random caches."""
+    device, config = settings.device, settings.config
+    torch.manual_seed(settings.seed + seq_len * 131 + batch)
+    l2_bytes = l2_cache_bytes(device)
+    kv_bytes = settings.dtype.itemsize
+    touched = min(msa_bytes(config, seq_len=seq_len, batch=batch, q_tokens=min(settings.q_tokens),
+                            index_dtype=name, kv_bytes=kv_bytes) for name in settings.index_dtypes)
+    num_sets = num_decode_sets(touched, l2_bytes)
+    progress(f"{num_sets} random cache set(s)")
+    caches = [make_cache_set(settings, seq_len, batch) for _ in range(num_sets)]
+
+    dense_status, dense = _dense_skipped(settings, seq_len), {}
+    if dense_status is None:
+        progress("dense attention")
+        dense_sets = num_decode_sets(dense_bytes(config, seq_len=seq_len, batch=batch,
+                                                 kv_bytes=kv_bytes), l2_bytes)
+        dense = measure_dense_decode(settings, caches, batch=batch, q_tokens_list=settings.q_tokens,
+                                     num_sets=min(dense_sets, num_sets))
+
+    for q_tokens in settings.q_tokens:
+        queries = [make_queries(settings, batch, q_tokens) for _ in caches]
+        for index_dtype in settings.index_dtypes:
+            progress(f"MSA q_tokens={q_tokens} index {index_dtype}")
+            msa = measure_msa(settings, caches, queries, index_dtype, batch=batch, q_tokens=q_tokens)
+            result = dense.get(q_tokens)
+            status = dense_status or ("measured" if result and result.timing else "failed")
+            yield make_row(settings, seq_len=seq_len, batch=batch, q_tokens=q_tokens,
+                           index_dtype=index_dtype, msa=msa, dense=result, dense_status=status,
+                           copy_gbps=copy_gbps, input_sets=num_sets)
+            release_memory(device)
+    del caches
+    release_memory(device)
+
+
+def run(settings: DecodeSettings, progress, copy_gbps: float | None) -> Iterator[dict]:
+    """Measure every (length, batch) of ``settings``, yielding each row as soon as it is measured;
+    ``progress`` is a :class:`msattn.bench.report.Progress`."""
+    single = {}  # (seq_len, batch, index_dtype) -> tokens/s with one query token per request
+    for seq_len in settings.lengths:
+        for batch in settings.batches:
+            progress.step(f"N={format_length(seq_len)} B={batch}")
+            for row in measure_point(settings, seq_len, batch, progress, copy_gbps):
+                key = (seq_len, batch, row["index_dtype"])
+                if row["q_tokens"] == 1:
+                    single[key] = row["tokens_per_s"]
+                if key in single:
+                    row["tokens_per_s_vs_1q"] = row["tokens_per_s"] / single[key]
+                yield row
+            release_memory(settings.device)
