@@ -292,7 +292,6 @@ def bench_decode(args: argparse.Namespace, parser: argparse.ArgumentParser, comm
     """Run a decode suite (see :mod:`msattn.bench.decode`); returns the exit code."""
     settings = _decode_settings(args, SUITES[suite_name], parser)
     try:
-        import msattn.paged  # noqa: F401
         for q_tokens in settings.q_tokens:
             decode.msa_method(settings, q_tokens)
     except (ImportError, ValueError) as error:

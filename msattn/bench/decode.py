@@ -208,12 +208,18 @@ def make_queries(settings: DecodeSettings, batch: int, q_tokens: int) -> Queries
 
 
 def dense_kv(cache: CacheSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous ``[B, G, S, D]`` copies of the logical K and V sequences of a paged cache."""
+    """Contiguous ``[B, G, S, D]`` copies of the logical K and V sequences of a paged cache
+    (copied one request at a time, so the only temporary is one request's pages)."""
     pages = cache.block_table[:, :cache.pages_per_request].long()
+    batch = pages.shape[0]
+    _, _, num_groups, head_dim = cache.k_cache.shape
 
     def contiguous(paged: torch.Tensor) -> torch.Tensor:
-        logical = paged[pages].flatten(1, 2)[:, :cache.seq_len]  # [B, S, G, D]
-        return logical.transpose(1, 2).contiguous()
+        out = paged.new_empty(batch, num_groups, cache.seq_len, head_dim)
+        for b in range(batch):
+            logical = paged[pages[b]].flatten(0, 1)[:cache.seq_len]  # [S, G, D]
+            out[b].copy_(logical.transpose(0, 1))
+        return out
 
     return contiguous(cache.k_cache), contiguous(cache.v_cache)
 
@@ -565,8 +571,14 @@ def measure_point(settings: DecodeSettings, seq_len: int, batch: int, progress: 
         progress("dense attention")
         dense_sets = num_decode_sets(dense_bytes(config, seq_len=seq_len, batch=batch,
                                                  kv_bytes=kv_bytes), l2_bytes)
-        dense = measure_dense_decode(settings, caches, batch=batch, q_tokens_list=settings.q_tokens,
-                                     num_sets=min(dense_sets, num_sets))
+        try:
+            dense = measure_dense_decode(settings, caches, batch=batch,
+                                         q_tokens_list=settings.q_tokens,
+                                         num_sets=min(dense_sets, num_sets))
+        except torch.OutOfMemoryError as error:  # the contiguous copies did not fit
+            failed = DecodeDense(failures={"contiguous K/V copies": _first_line(error)})
+            dense = {q_tokens: failed for q_tokens in settings.q_tokens}
+            release_memory(device)
 
     for q_tokens in settings.q_tokens:
         queries = [make_queries(settings, batch, q_tokens) for _ in caches]
