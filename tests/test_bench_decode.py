@@ -369,7 +369,8 @@ def test_wrapper_path_in_interpreter(tmp_path, capsys, no_cuda):
 @needs_paged
 def test_decode_suite_on_gpu_with_graphs(tmp_path, capsys):
     document, output, _ = _run(tmp_path, capsys, "decode", "--lengths", "4k,8k",
-                               "--q-tokens", "1,4", "--repeats", "20", "--no-plot")
+                               "--q-tokens", "1,4", "--warmup", "2", "--repeats", "20",
+                               "--time-budget", "0.2", "--no-plot")
     assert document["gpu"] and document["ceilings"]["copy_gbps"] > 100
     for row in document["rows"]:
         assert row["msa_method"] == "cuda-graph", row["msa_graph_failure"]
