@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one script (the device tool's lease is short):
 #   scripts/device_run.sh test    GPU tests + compute-sanitizer memcheck of every kernel
-#   scripts/device_run.sh bench [msattn bench options]   the prefill benchmark
+#   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi)
 # Logs and results go to $OUT (or ./device_out when OUT is unset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,8 @@ case "$mode" in
         tests/test_indexer.py tests/test_sparse_attention.py tests/test_paged.py -k "not gpu" 2>&1 | tail -n 15 | tee "$OUT/memcheck.log"
     ;;
   bench)
-    python3 -m msattn.bench.cli bench prefill --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+    suite=${1:-prefill}
+    shift || true
+    python3 -m msattn.bench.cli bench "$suite" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench-$suite.log"
     ;;
 esac

@@ -429,7 +429,8 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
     if split:
         num_candidates = plan.num_splits * plan.topk_pad
         candidates_pad = triton.next_power_of_2(num_candidates)
-        merge_rows = max(1, min(64, 8192 // candidates_pad))
+        # Picking is instruction-bound on one multiprocessor: spread long lists one row per program.
+        merge_rows = max(1, min(64, 1024 // candidates_pad))
         max_rows = plan.num_tiles * plan.config["block_r"]
         _merge_kernel[(triton.cdiv(max_rows, merge_rows), plan.batch)](
             partial_vals, partial_ids, cu_seqlens_q, key_lengths, out, out.stride(0), out.stride(1),
