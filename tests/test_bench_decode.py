@@ -25,7 +25,7 @@ TINY = ["--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--index-dim", "1
 
 ROW_KEYS = {"op", "seq_len", "batch", "q_tokens", "index_dtype", "msa_ms", "dense_ms", "speedup",
             "dense_backend", "dense_status", "dense_candidates_ms", "dense_failures", "msa_gbps",
-            "dense_gbps", "msa_bytes", "dense_bytes", "msa_copy_fraction", "tokens_per_s",
+            "dense_gbps", "msa_bytes", "dense_bytes", "msa_bandwidth_fraction", "tokens_per_s",
             "ms_per_query_token", "tokens_per_s_vs_1q", "msa_method", "msa_path", "runs",
             "input_sets", "check_max_abs_diff"}
 
@@ -39,7 +39,7 @@ def settings(**overrides) -> decode.DecodeSettings:
     values = dict(op="decode-cpu", device=torch.device("cpu"), config=TINY_CONFIG, lengths=(64,),
                   batches=(2,), q_tokens=(1,), index_dtypes=("bf16", "fp8"), dtype=torch.float32,
                   backend="reference", graphs=False, warmup=1, repeats=1, time_budget_s=1.0,
-                  dense=True, dense_max_len=None, copy_bytes=1 << 20, seed=0)
+                  dense=True, dense_max_len=None, bandwidth_bytes=1 << 20, seed=0)
     values.update(overrides)
     return decode.DecodeSettings(**values)
 
@@ -150,7 +150,7 @@ def test_measure_eager_calls_after():
                               after=lambda call: (call(1), after.append(seen[-1])))
     assert measured.mode == "eager" and measured.graph_failure is None
     assert measured.timing.runs >= 1 and after == ["b"]
-    assert decode.copy_bandwidth_gbps(settings()) > 0
+    assert decode.bandwidth_ceiling_gbps(settings()) > 0
 
 
 class FakeGraph:
@@ -187,7 +187,7 @@ def test_dense_out_of_memory_is_recorded(monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.50 GiB")
 
     monkeypatch.setattr(decode, "measure_dense_decode", out_of_memory)
-    rows = list(decode.measure_point(settings(), 64, 1, lambda stage: None, copy_gbps=1.0))
+    rows = list(decode.measure_point(settings(), 64, 1, lambda stage: None, bandwidth_gbps=1.0))
     assert [row["index_dtype"] for row in rows] == ["bf16", "fp8"]
     for row in rows:
         assert row["dense_status"] == "failed" and row["speedup"] is None
@@ -200,7 +200,7 @@ def test_row_without_dense():
     msa = decode.MSAResult(decode.Measured(decode.Timing(2.0, 5), "eager"), "functional",
                            "reference/reference", None)
     row = decode.make_row(s, seq_len=1024, batch=4, q_tokens=2, index_dtype="fp8", msa=msa,
-                          dense=None, dense_status="off", copy_gbps=10.0, input_sets=1)
+                          dense=None, dense_status="off", bandwidth_gbps=10.0, input_sets=1)
     assert ROW_KEYS <= row.keys()
     assert row["speedup"] is None and row["dense_gbps"] is None and row["runs"]["dense"] == 0
     assert row["tokens_per_s"] == pytest.approx(8 / 2e-3)
@@ -209,7 +209,7 @@ def test_row_without_dense():
                                       index_dtype="fp8", kv_bytes=4)
     assert row["msa_bytes"] == expected_bytes
     assert row["msa_gbps"] == pytest.approx(expected_bytes / 2e6)
-    assert row["msa_copy_fraction"] == pytest.approx(row["msa_gbps"] / 10.0)
+    assert row["msa_bandwidth_fraction"] == pytest.approx(row["msa_gbps"] / 10.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_row_without_dense():
 def test_decode_cells_and_plot(tmp_path):
     rows = [dict(seq_len=n, batch=1, q_tokens=1, index_dtype=d, msa_ms=ms, dense_ms=0.5,
                  speedup=0.5 / ms, dense_status="measured", dense_backend="flash",
-                 msa_gbps=1234.5, dense_gbps=0.25, msa_copy_fraction=0.9, dense_copy_fraction=None,
+                 msa_gbps=1234.5, dense_gbps=0.25, msa_bandwidth_fraction=0.9, dense_bandwidth_fraction=None,
                  ms_per_query_token=ms, tokens_per_s=1 / ms * 1e3, tokens_per_s_vs_1q=None,
                  msa_method="cuda-graph")
             for n, ms in ((8192, 0.0213), (1 << 20, 123.4)) for d in ("bf16", "fp8")]
@@ -268,7 +268,7 @@ def test_decode_suites():
     assert not s.graphs and s.lengths == (1024,) and s.dtype == torch.bfloat16
     args = parser.parse_args(["bench", "decode", "--batch", "3"])
     s = cli._decode_settings(args, decode_suite, parser)
-    assert s.batches == (3,) and s.graphs and s.copy_bytes == 2048 << 20
+    assert s.batches == (3,) and s.graphs and s.bandwidth_bytes == 2048 << 20
     assert s.to_dict()["index_dtypes"] == ["bf16", "fp8"]
     json.dumps(s.to_dict())
 
@@ -301,7 +301,7 @@ def test_decode_cpu_end_to_end(tmp_path, capsys, no_cuda):
     assert path.name.startswith("decode-cpu_cpu_")
     assert {"gpu", "date", "torch", "triton", "command", "suite", "settings", "ceilings",
             "rows"} <= document.keys()
-    assert document["suite"] == "decode-cpu" and document["ceilings"]["copy_gbps"] > 0
+    assert document["suite"] == "decode-cpu" and document["ceilings"]["bandwidth_gbps"] > 0
     rows = document["rows"]
     assert [(r["seq_len"], r["index_dtype"]) for r in rows] == [
         (64, "bf16"), (64, "fp8"), (100, "bf16"), (100, "fp8")]
@@ -316,7 +316,7 @@ def test_decode_cpu_end_to_end(tmp_path, capsys, no_cuda):
             index_dtype=row["index_dtype"], kv_bytes=4)
         assert row["msa_gbps"] > 0 and row["tokens_per_s_vs_1q"] == 1.0
     out = output.out.splitlines()
-    assert out[0].startswith("MSA decode-cpu on CPU") and "copy bandwidth" in out[1]
+    assert out[0].startswith("MSA decode-cpu on CPU") and "bandwidth ceiling" in out[1]
     assert out[2].split()[:4] == ["length", "index", "MSA", "ms"]
     assert out[4].split()[:2] == ["64", "bf16"] and out[7].split()[:2] == ["100", "fp8"]
     assert f"results: {path}" in output.out
@@ -371,12 +371,12 @@ def test_decode_suite_on_gpu_with_graphs(tmp_path, capsys):
     document, output, _ = _run(tmp_path, capsys, "decode", "--lengths", "4k,8k",
                                "--q-tokens", "1,4", "--warmup", "2", "--repeats", "20",
                                "--time-budget", "0.2", "--no-plot")
-    assert document["gpu"] and document["ceilings"]["copy_gbps"] > 100
+    assert document["gpu"] and document["ceilings"]["bandwidth_gbps"] > 100
     for row in document["rows"]:
         assert row["msa_method"] == "cuda-graph", row["msa_graph_failure"]
         assert row["dense_status"] == "measured", row["dense_failures"]
         assert row["check_max_abs_diff"] < 5e-2
-        assert 0 < row["msa_copy_fraction"] and row["input_sets"] >= 1
+        assert 0 < row["msa_bandwidth_fraction"] and row["input_sets"] >= 1
     assert "cuda-graph" in output.out
 
 

@@ -114,8 +114,8 @@ DECODE_CELLS: dict[str, Callable[[dict], str]] = {
     "dense ms": _decode_dense_ms,
     "MSA GB/s": _significant("msa_gbps"),
     "dense GB/s": _significant("dense_gbps"),
-    "MSA % copy": _number("msa_copy_fraction", ".0f", 100, "%"),
-    "dense % copy": _number("dense_copy_fraction", ".0f", 100, "%"),
+    "MSA % bw": _number("msa_bandwidth_fraction", ".0f", 100, "%"),
+    "dense % bw": _number("dense_bandwidth_fraction", ".0f", 100, "%"),
     "us/token": _number("ms_per_query_token", ".2f", 1e3),
     "tokens/s": _number("tokens_per_s", ",.0f"),
     "vs q=1": _number("tokens_per_s_vs_1q", ".2f", suffix="x"),
@@ -123,9 +123,9 @@ DECODE_CELLS: dict[str, Callable[[dict], str]] = {
 }
 
 DECODE_COLUMNS = ("length", "index", "MSA ms", "dense ms", "dense kernel", "speedup", "MSA GB/s",
-                  "MSA % copy", "dense GB/s", "dense % copy", "timing")
+                  "MSA % bw", "dense GB/s", "dense % bw", "timing")
 DECODE_MULTI_COLUMNS = ("length", "batch", "q", "index", "MSA ms", "us/token", "tokens/s",
-                        "vs q=1", "dense ms", "speedup", "MSA GB/s", "MSA % copy")
+                        "vs q=1", "dense ms", "speedup", "MSA GB/s", "MSA % bw")
 
 _NOTES = {
     "skipped": "dense skipped: longer than --dense-max-len (speedup null)",
