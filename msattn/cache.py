@@ -139,8 +139,8 @@ def token_slots(block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens:
     return pages, positions % page_size
 
 
-def _check_values(block_table, cu_seqlens_q, seq_lens, num_pages: int, page_size: int,
-                  total_q: int) -> None:
+def check_batch_layout(block_table, cu_seqlens_q, seq_lens, num_pages: int, page_size: int,
+                       total_q: int) -> None:
     """Host-side checks of the batch layout's values (synchronises with the device)."""
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
@@ -222,7 +222,7 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
         raise TypeError("cu_seqlens_q must be an int32 torch.Tensor of shape [B + 1], got NoneType")
     _check_batch_layout(block_table, cu_seqlens_q, seq_lens, k_cache.device)
     if check_values:
-        _check_values(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
+        check_batch_layout(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
     if total_q == 0:
         return
 

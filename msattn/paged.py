@@ -73,23 +73,10 @@ def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_sc
 def _check_lengths(total_q: int, block_table, cu_seqlens_q, seq_lens, page_size: int,
                    num_pages: int) -> int:
     """Check the lengths and the pages in use (reads them: a host sync); returns the longest query run."""
+    from msattn.cache import check_batch_layout
+
+    check_batch_layout(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
     cu = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
-    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] != total_q:
-        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at total_q = "
-                         f"{total_q}, got {cu}")
-    max_pages = block_table.shape[1]
-    for b, (len_q, len_k) in enumerate(zip((y - x for x, y in zip(cu, cu[1:])), lens)):
-        if len_q > len_k:
-            raise ValueError(f"request {b} has {len_q} query tokens but seq_lens[{b}] = {len_k}: "
-                             "seq_lens counts the new tokens too")
-        if len_k > max_pages * page_size:
-            raise ValueError(f"seq_lens[{b}] = {len_k} needs {-(-len_k // page_size)} pages but "
-                             f"block_table has {max_pages} per request")
-        pages = block_table[b, :-(-len_k // page_size)] if len_k else block_table[b, :0]
-        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= num_pages):
-            raise ValueError(f"block_table[{b}] holds page ids outside [0, {num_pages}) among the "
-                             f"{pages.numel()} pages request {b} uses")
     return max((y - x for x, y in zip(cu, cu[1:])), default=0)
 
 
