@@ -27,9 +27,10 @@ from typing import Iterable, Sequence
 
 import torch
 
+from msattn.interface import FLOAT_DTYPES, _check_same_device, _check_tensor
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)
 
 
@@ -37,28 +38,9 @@ def _dtype_text(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_tensor(name: str, tensor, ndim: int, shape_text: str, dtypes) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}")
-    if tensor.dim() != ndim:
-        raise ValueError(f"{name} must have shape {shape_text} ({ndim} dims), got {tuple(tensor.shape)}")
-    if tensor.dtype not in dtypes:
-        names = ", ".join(_dtype_text(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {_dtype_text(tensor.dtype)}")
-
-
 def _check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int], shape_text: str) -> None:
     if tuple(tensor.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {shape_text} = {tuple(expected)}, got {tuple(tensor.shape)}")
-
-
-def _check_same_device(**tensors) -> None:
-    items = [(name, t.device) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
-    first_name, first = items[0]
-    for name, device in items[1:]:
-        if device != first:
-            raise ValueError(f"{name} is on {device} but {first_name} is on {first}: all tensors must "
-                             "be on one device")
 
 
 # ----------------------------------------------------------------------------------------------

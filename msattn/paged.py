@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from msattn import backends, reference
+from msattn.cache import (INDEX_DTYPES, _check_batch_layout, check_batch_layout,
+                          dequantize_index_keys, gather_paged)
 from msattn.interface import (FLOAT_DTYPES, _check_same_device, _check_tensor, _softmax_scale,
                               check_block_size, check_selection_params)
 
-INDEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 # Query runs up to this length use the query-outer decode kernel; longer runs (chunked
 # prefill) use the KV-outer kernel, which loads each selected page once per chunk.
 DECODE_MAX_QUERY_LEN = 16
@@ -26,14 +27,6 @@ DECODE_MAX_QUERY_LEN = 16
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
-
-def _check_int32_vector(name: str, tensor, shape_text: str) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be an int32 torch.Tensor of shape {shape_text}, got "
-                        f"{type(tensor).__name__}")
-    if tensor.dtype != torch.int32:
-        raise TypeError(f"{name} must have dtype int32, got {str(tensor.dtype).replace('torch.', '')}")
-
 
 def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale) -> None:
     """Shapes and dtypes of the selection inputs (no host synchronisation)."""
@@ -54,27 +47,13 @@ def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_sc
     elif index_scale is not None:
         raise ValueError("index_scale is only used with a float8_e4m3fn index_cache; got index_scale "
                          f"with a {str(index_cache.dtype).replace('torch.', '')} index_cache")
-    _check_int32_vector("block_table", block_table, "[B, max_pages]")
-    if block_table.dim() != 2:
-        raise ValueError(f"block_table must have shape [B, max_pages], got {tuple(block_table.shape)}")
-    batch = block_table.shape[0]
-    _check_int32_vector("cu_seqlens_q", cu_seqlens_q, "[B + 1]")
-    if tuple(cu_seqlens_q.shape) != (batch + 1,):
-        raise ValueError(f"cu_seqlens_q must have shape [B + 1] = [{batch + 1}] (B from block_table), "
-                         f"got {tuple(cu_seqlens_q.shape)}")
-    _check_int32_vector("seq_lens", seq_lens, "[B]")
-    if tuple(seq_lens.shape) != (batch,):
-        raise ValueError(f"seq_lens must have shape [B] = [{batch}] (B from block_table), got "
-                         f"{tuple(seq_lens.shape)}")
-    _check_same_device(qi=qi, index_cache=index_cache, block_table=block_table,
-                       cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, index_scale=index_scale)
+    _check_batch_layout(block_table, cu_seqlens_q, seq_lens, index_cache.device)
+    _check_same_device(qi=qi, index_cache=index_cache, index_scale=index_scale)
 
 
 def _check_lengths(total_q: int, block_table, cu_seqlens_q, seq_lens, page_size: int,
                    num_pages: int) -> int:
     """Check the lengths and the pages in use (reads them: a host sync); returns the longest query run."""
-    from msattn.cache import check_batch_layout
-
     check_batch_layout(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
     cu = cu_seqlens_q.tolist()
     return max((y - x for x, y in zip(cu, cu[1:])), default=0)
@@ -122,8 +101,6 @@ def _prefix_sums(lengths: torch.Tensor) -> torch.Tensor:
 
 def _reference_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
                       local_blocks, index_scale):
-    from msattn.cache import dequantize_index_keys, gather_paged
-
     keys, cu_seqlens_k = gather_paged(index_cache, block_table, seq_lens)
     if index_scale is not None:
         keys = dequantize_index_keys(keys, gather_paged(index_scale, block_table, seq_lens)[0])
@@ -135,8 +112,6 @@ def _reference_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, t
 
 def _reference_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
                          softmax_scale, max_len_q):
-    from msattn.cache import gather_paged
-
     k, cu_seqlens_k = gather_paged(k_cache, block_table, seq_lens)
     v, _ = gather_paged(v_cache, block_table, seq_lens)
     backends.record_path("attention", "reference")
@@ -177,7 +152,7 @@ def _triton_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, s
 
 def _use_triton(backend, device: torch.device, page_size: int, dims: tuple[int, ...]) -> bool:
     impl = backends.resolve(backend, device)
-    return impl.name == "triton" and page_size >= 16 and min(dims) >= 16
+    return impl.name == "triton" and impl.kernels_support(page_size, *dims)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,7 +263,7 @@ class MSAPagedWrapper:
         from msattn.ops import paged_attention
         from msattn.ops.indexer import plan_selection
 
-        _check_int32_vector("cu_seqlens_q", cu_seqlens_q, "[B + 1]")
+        _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]", dtypes=(torch.int32,))
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         if index_dtype not in INDEX_DTYPES:

@@ -15,9 +15,14 @@ from msattn.ops.sparse_attention import sparse_attention as _triton_sparse_atten
 MIN_BLOCK_SIZE = 16
 
 
+def kernels_support(block_size: int, *dims: int) -> bool:
+    """Whether the kernels take this block size and these head dims (``tl.dot`` needs 16-wide tiles)."""
+    return block_size >= MIN_BLOCK_SIZE and min(dims) >= MIN_BLOCK_SIZE
+
+
 def select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, init_blocks,
                   local_blocks):
-    if block_size < MIN_BLOCK_SIZE or qi.shape[-1] < 16:
+    if not kernels_support(block_size, qi.shape[-1]):
         backends.record_path("select", "reference (block_size or Di below 16)")
         return reference.select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                                        topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
@@ -27,7 +32,7 @@ def select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, init_
 
 
 def sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, *, block_size, softmax_scale):
-    if block_size < MIN_BLOCK_SIZE or q.shape[-1] < 16:
+    if not kernels_support(block_size, q.shape[-1]):
         backends.record_path("attention", "reference (block_size or D below 16)")
         return reference.sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
                                           block_size=block_size, softmax_scale=softmax_scale)
@@ -44,5 +49,5 @@ def attention(q, k, v, qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, 
                             softmax_scale=softmax_scale)
 
 
-TRITON = SimpleNamespace(name="triton", select_blocks=select_blocks,
+TRITON = SimpleNamespace(name="triton", kernels_support=kernels_support, select_blocks=select_blocks,
                          sparse_attention=sparse_attention, attention=attention)
