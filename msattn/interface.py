@@ -13,10 +13,12 @@ The queries of a sequence are always the last ``len_q`` positions of its ``len_k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from msattn import backends
+from msattn.ops import dense
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -307,7 +309,9 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
     """Full MSA: select blocks with the index branch, then attend over them.
 
     Shapes as :func:`msa_select` and :func:`msa_sparse_attention`. Returns ``o`` (like q), or
-    ``(o, lse)`` when ``return_lse`` is true.
+    ``(o, lse)`` when ``return_lse`` is true. With ``backend="auto"`` on CUDA (fp16/bf16), when every
+    sequence has ``len_k <= topk * block_size`` (so MSA selects every causal block), dense causal
+    attention runs instead (:mod:`msattn.ops.dense`); ``backends.LAST_PATH`` says which path ran.
     """
     check_block_size(block_size)
     check_selection_params(topk, init_blocks, local_blocks)
@@ -324,7 +328,10 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
     _check_index_matches(q, qi, ki, layout, layout_index, k)
     scale = _softmax_scale(softmax_scale, q.shape[-1])
     impl = backends.resolve(backend, q.device)
-    o, lse = impl.attention(q, k, v, qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
-                            init_blocks=init_blocks, local_blocks=local_blocks, softmax_scale=scale)
+    sparse = partial(impl.attention, q, k, v, qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
+                     init_blocks=init_blocks, local_blocks=local_blocks, softmax_scale=scale)
+    o, lse = dense.attention_or(sparse, backend, q, k, v, cu_q, cu_k, block_size=block_size, topk=topk,
+                                softmax_scale=scale,
+                                max_lens=None if layout.batch is None else (layout.len_q, layout.len_k))
     o, lse = _attention_out(o, lse, layout)
     return (o, lse) if return_lse else o

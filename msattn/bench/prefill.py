@@ -106,12 +106,12 @@ def _msa(settings: PrefillSettings, x: PrefillInputs) -> torch.Tensor:
 def executed_path(settings: PrefillSettings) -> str:
     """Which implementation ran the MSA calls: the single hook for msattn's own report.
 
-    When msattn can say which path a call took (e.g. a dense fallback), read it here. Until then
-    this is the name of the backend that ``settings.backend`` resolves to on the device; it raises
-    when that backend cannot run there.
+    The path the last ``msa_attention`` call recorded (``backends.LAST_PATH["attention"]``, e.g.
+    the dense fallback); before any call, the name of the backend that ``settings.backend``
+    resolves to on the device. It raises when that backend cannot run there.
     """
     impl = backends.resolve(settings.backend, settings.device)
-    return getattr(impl, "name", settings.backend)
+    return backends.LAST_PATH.get("attention", getattr(impl, "name", settings.backend))
 
 
 def _peak_memory_gib(settings: PrefillSettings, x: PrefillInputs) -> tuple[float | None, float | None]:
