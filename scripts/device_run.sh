@@ -2,6 +2,7 @@
 # Everything the GPU machine runs, in one script (the device tool's lease is short):
 #   scripts/device_run.sh test    GPU tests + compute-sanitizer memcheck of every kernel
 #   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi)
+#   scripts/device_run.sh tune WHAT [options]     kernel profile / launch-config sweep (msattn.bench.tune)
 # Logs and results go to $OUT (or ./device_out when OUT is unset).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +24,8 @@ case "$mode" in
     suite=${1:-prefill}
     shift || true
     python3 -m msattn.bench.cli bench "$suite" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench-$suite.log"
+    ;;
+  tune)
+    python3 -m msattn.bench.tune "$@" --out "$OUT" 2>&1 | tee -a "$OUT/tune.log"
     ;;
 esac

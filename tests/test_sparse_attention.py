@@ -61,6 +61,27 @@ def test_sparse_attention_matches_reference(case):
     _check(o, lse, expected_o, expected_lse)
 
 
+@pytest.mark.parametrize("budget_rows", [1, 7])
+def test_partials_in_unwritten_output_rows(monkeypatch, budget_rows):
+    """With a small partial buffer, early chunks keep their partials in the output rows after
+    them (not written yet), the last rows use the buffer; the result is unchanged."""
+    from msattn.ops import sparse_attention as module
+
+    lens = [150, 90]
+    q, k, v, indices, cu_q, cu_k = _inputs(lens, lens, 4, 2, 16, 16, 4, torch.float32, seed=5)
+    per_row = 4 * 4 * (16 * 4 + 4)
+    monkeypatch.setattr(module, "PARTIAL_BUDGET_BYTES", budget_rows * per_row)
+    workspace = module._Workspace(_poisoned(q)[0], 4, None)
+    chunks = [(start, end, partial_o.data_ptr()) for start, end, partial_o, _ in workspace.chunks(q.shape[0])]
+    assert chunks[0][1] - chunks[0][0] > budget_rows and chunks[-1][1] == q.shape[0]
+    assert any(ptr == workspace.buffer.data_ptr() for _, _, ptr in chunks)
+    expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16,
+                                          softmax_scale=0.25)
+    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25,
+                              out=_poisoned(q))
+    _check(o, lse, *expected)
+
+
 def test_ignores_padding_and_blocks_after_the_query():
     """User indices: -1 entries, blocks past the query and rows with nothing visible."""
     q, k, v, _, cu_q, cu_k = _inputs([40], [40], 2, 1, 16, 16, 2, torch.float32)

@@ -25,11 +25,10 @@ LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 # Memory for the partial outputs of one chunk of query rows.
 PARTIAL_BUDGET_BYTES = 1 << 30
-# Row tiles of one (group, key block) bucket per program: amortises the program's set-up and
-# lets the pipeliner overlap the next tile's loads with this tile's math.
-TILES_PER_PROGRAM = 8
 # Launch configuration on CUDA for 16-bit inputs (float32 needs smaller tiles to fit shared memory).
-CUDA_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 1}
+# ``tiles_per_program`` row tiles of one (group, key block) bucket go to one program: amortises
+# the program's K/V load and lets the pipeliner overlap the next tile's loads with this tile's math.
+CUDA_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 1, "tiles_per_program": 8}
 
 
 @dataclass
@@ -265,17 +264,63 @@ def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_pt
     tl.store(lse_ptr + token.to(tl.int64) * num_heads + heads, row_lse, mask=head_mask)
 
 
-def _chunk_rows(num_heads: int, topk: int, head_dim: int, element_size: int) -> int:
-    """Query rows per chunk so that the partial outputs fit in PARTIAL_BUDGET_BYTES."""
-    per_row = num_heads * topk * (head_dim * element_size + 4)
-    return max(1, PARTIAL_BUDGET_BYTES // per_row)
+def _launch_config(q: torch.Tensor) -> dict:
+    """The tuned launch configuration for q's device and dtype."""
+    if not q.is_cuda:
+        return {**CUDA_CONFIG, "block_m": 16}
+    return CUDA_CONFIG
+
+
+class _Workspace:
+    """Where the partials of each chunk of query rows go.
+
+    A chunk's partials take ``per_row`` bytes a row, 16x the row's output: at 1M tokens a 1 GiB
+    buffer holds only ~4K rows, and every chunk reloads the K/V blocks it selects. The output
+    rows after a chunk are not written yet, so while they can hold its partials they are the
+    workspace: chunks then cover about 1/17 of the rows left (60K rows first at 1M), which cuts
+    the chunks, and the K/V reloads, about fourfold. The last rows use a buffer of at most
+    ``PARTIAL_BUDGET_BYTES`` (or ``chunk_rows`` rows when given: fixed chunks, no output reuse).
+    """
+
+    def __init__(self, o: torch.Tensor, topk: int, chunk_rows: int | None):
+        total_q, num_heads, head_dim = o.shape
+        self.o_bytes = o.view(-1).view(torch.uint8) if o.is_contiguous() and o.data_ptr() % 16 == 0 else None
+        self.partial_o_row = num_heads * topk * head_dim * o.element_size()
+        self.per_row = self.partial_o_row + num_heads * topk * 4  # partial outputs + their LSEs
+        self.out_row = num_heads * head_dim * o.element_size()
+        self.reuse_output = chunk_rows is None and self.o_bytes is not None
+        self.buffer_rows = min(total_q, chunk_rows or max(1, PARTIAL_BUDGET_BYTES // self.per_row))
+        self.buffer = None
+        self.dtype, self.device = o.dtype, o.device
+
+    def chunks(self, total_q: int):
+        """Yield ``(row_start, row_end, partial_o, partial_lse)`` covering ``[0, total_q)``."""
+        row_start = 0
+        while row_start < total_q:
+            remaining = total_q - row_start
+            # rows * per_row bytes fit in the (remaining - rows) output rows after the chunk.
+            tail_rows = remaining * self.out_row // (self.per_row + self.out_row) if self.reuse_output else 0
+            if tail_rows > self.buffer_rows:
+                rows = tail_rows
+                start = (row_start + rows) * self.out_row  # a multiple of 16 bytes
+                space = self.o_bytes[start:start + rows * self.per_row]
+            else:
+                rows = min(self.buffer_rows, remaining)
+                if self.buffer is None:
+                    self.buffer = torch.empty(self.buffer_rows * self.per_row, dtype=torch.uint8,
+                                              device=self.device)
+                space = self.buffer
+            partial_o = space[:rows * self.partial_o_row].view(self.dtype)
+            partial_lse = space[rows * self.partial_o_row:rows * self.per_row].view(torch.float32)
+            yield row_start, row_start + rows, partial_o, partial_lse
+            row_start += rows
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, block_size: int,
                      softmax_scale: float, chunk_rows: int | None = None,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_table: torch.Tensor | None = None
+                     block_table: torch.Tensor | None = None, config: dict | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`msattn.reference.sparse_attention` (same arguments and result).
 
@@ -285,9 +330,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         indices: ``[G, total_q, topk]`` int32.
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (for paged K/V, the prefix sums of
             ``seq_lens``).
-        chunk_rows: query rows per chunk (default: the partials of a chunk take at most 1 GiB).
+        chunk_rows: query rows per chunk, with a separate partial buffer (default: chunks sized
+            to the unwritten output rows, then to a buffer of at most 1 GiB; see ``_Workspace``).
         out: optional ``(o, lse)`` buffers to write into (o contiguous).
         block_table: int32 ``[B, max_pages]``: page of each key block, for paged K/V.
+        config: launch configuration (keys of :data:`CUDA_CONFIG`) instead of the tuned one.
     Returns:
         o ``[total_q, H, D]`` in q's dtype, lse ``[total_q, H]`` float32.
     """
@@ -308,27 +355,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     else:  # a block is the page block_key_start
         k_strides = (k.stride(0), k.stride(1), k.stride(2))
         v_strides = (v.stride(0), v.stride(1), v.stride(2))
-    if not q.is_cuda:
-        config = {"block_m": 16, "num_warps": 4, "num_stages": 1}
-    elif q.dtype == torch.float32:
-        config = {"block_m": 64, "num_warps": 4, "num_stages": 1}
-    else:
-        config = CUDA_CONFIG
+    if config is None:
+        config = _launch_config(q)
     # A program holds a whole K/V block: fewer query rows per tile for large blocks.
     block_m = max(16, min(config["block_m"], config["block_m"] * 128 // block_size))
     block_d = triton.next_power_of_2(head_dim)
-    chunk_rows = chunk_rows or _chunk_rows(num_heads, topk, head_dim, q.element_size())
-    partial_o = torch.empty(min(chunk_rows, total_q) * num_heads * topk * head_dim, dtype=q.dtype,
-                            device=q.device)
-    partial_lse = torch.empty(min(chunk_rows, total_q) * num_heads * topk, dtype=torch.float32,
-                              device=q.device)
-    for row_start in range(0, total_q, chunk_rows):
-        row_end = min(total_q, row_start + chunk_rows)
+    workspace = _Workspace(o, topk, chunk_rows)
+    for row_start, row_end, partial_o, partial_lse in workspace.chunks(total_q):
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                               total_k=k.shape[0], row_start=row_start, row_end=row_end,
                               group_size=group_size, block_m=block_m,
-                              tiles_per_program=TILES_PER_PROGRAM, block_table=block_table)
+                              tiles_per_program=config["tiles_per_program"], block_table=block_table)
         num_buckets = num_groups * csr.num_blocks
         _block_attention_kernel[(csr.max_programs,)](
             q, k, v, partial_o, partial_lse, csr.entries, csr.bucket_start, csr.program_start,
@@ -336,7 +374,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             q.stride(0), q.stride(1), *k_strides, *v_strides,
             row_start, rows, num_heads, num_buckets, csr.num_blocks, softmax_scale * LOG2E,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-            BLOCK_SIZE=block_size, TILES_PER_PROGRAM=TILES_PER_PROGRAM,
+            BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config["tiles_per_program"],
             **dot_options(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"])
         combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
                          row_start=row_start, rows=rows, block_size=block_size)

@@ -1,0 +1,165 @@
+"""Kernel profile and launch-configuration sweeps of the prefill kernels (GPU only).
+
+    python3 -m msattn.bench.tune profile --lengths 128k,1m        # CUDA time of every kernel
+    python3 -m msattn.bench.tune attention --length 128k          # sparse-attention configs
+    python3 -m msattn.bench.tune indexer --length 256k            # indexer configs
+
+M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs. Every swept
+configuration is checked against the default one on the same inputs (selections equal, outputs
+within bf16 rounding) before it is timed. Results print as lines and go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from msattn.bench import metrics
+from msattn.bench.cli import parse_length, parse_lengths
+from msattn.bench.prefill import PrefillSettings, make_inputs
+from msattn.bench.report import environment, output_stem, write_json
+from msattn.bench.timing import release_memory, time_ms
+from msattn.config import MSAConfig
+from msattn.ops import indexer, sparse_attention
+
+CONFIG = MSAConfig()
+
+
+def _settings(length: int) -> PrefillSettings:
+    return PrefillSettings(op="tune", device=torch.device("cuda"), config=CONFIG, lengths=(length,),
+                           batch=1, dtype=torch.bfloat16, backend="triton", warmup=2, repeats=10,
+                           time_budget_s=3.0, dense=False, dense_max_len=None)
+
+
+def _select(x, config=None):
+    max_blocks = triton.cdiv(x.ki.shape[0], CONFIG.block_size)
+    plan = indexer.plan_selection(x.qi.shape[0], 1, CONFIG.num_kv_heads, x.qi.shape[0], max_blocks,
+                                  topk=CONFIG.topk, device=x.qi.device, config=config)
+    return indexer.run_selection(plan, x.qi, x.ki, x.cu_seqlens, x.cu_seqlens,
+                                 block_size=CONFIG.block_size, init_blocks=CONFIG.init_blocks,
+                                 local_blocks=CONFIG.local_blocks)
+
+
+def _attend(x, config=None, chunk_rows=None):
+    return sparse_attention.sparse_attention(
+        x.q, x.k, x.v, x.indices, x.cu_seqlens, x.cu_seqlens, block_size=CONFIG.block_size,
+        softmax_scale=CONFIG.head_dim ** -0.5, config=config, chunk_rows=chunk_rows)
+
+
+def _inputs(length: int):
+    x = make_inputs(_settings(length), length)
+    x.indices = _select(x)
+    return x
+
+
+def _time(fn, x) -> float:
+    settings = _settings(0)
+    fn(x)
+    return time_ms(fn, [x], device=x.q.device, **settings.timing()).ms
+
+
+def profile(lengths, out: list) -> None:
+    """CUDA time per kernel of one msa_select and one sparse-attention call at each length."""
+    for length in lengths:
+        x = _inputs(length)
+        _attend(x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _select(x)
+            _attend(x)
+            torch.cuda.synchronize()
+        kernels = {}
+        for event in prof.key_averages():
+            cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+            if cuda_us > 0:
+                kernels[event.key[:90]] = round(cuda_us / 1e3, 3)
+        kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:25])
+        print(f"profile {length}: total {sum(kernels.values()):.1f} ms", flush=True)
+        for name, ms in kernels.items():
+            print(f"  {ms:10.3f} ms  {name}", flush=True)
+        out.append({"kind": "profile", "seq_len": length, "kernels_ms": kernels})
+        del x
+        release_memory(torch.device("cuda"))
+
+
+def sweep_attention(length: int, configs: list[dict], chunk_rows_list, out: list) -> None:
+    x = _inputs(length)
+    flops = metrics.sparse_attention_flops(CONFIG, length)
+    expected, _ = _attend(x)
+    for config, chunk_rows in itertools.product(configs, chunk_rows_list):
+        row = {"kind": "attention", "seq_len": length, "config": config, "chunk_rows": chunk_rows}
+        try:
+            got, _ = _attend(x, config, chunk_rows)
+            row["max_abs_diff"] = (got.float() - expected.float()).abs().max().item()
+            row["ms"] = _time(lambda y: _attend(y, config, chunk_rows), x)
+            row["tflops"] = metrics.tflops(flops, row["ms"])
+        except Exception as error:  # a config that does not compile or fit is reported, not fatal
+            row["error"] = str(error).splitlines()[0][:200]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        release_memory(torch.device("cuda"))
+
+
+def sweep_indexer(length: int, configs: list[dict], out: list) -> None:
+    x = _inputs(length)
+    flops = metrics.indexer_flops(CONFIG, length)
+    expected = x.indices.sort(-1).values
+    for config in configs:
+        row = {"kind": "indexer", "seq_len": length, "config": config}
+        try:
+            got = _select(x, config).sort(-1).values
+            row["rows_differing"] = int((got != expected).any(-1).sum())
+            row["ms"] = _time(lambda y: _select(y, config), x)
+            row["tflops"] = metrics.tflops(flops, row["ms"])
+        except Exception as error:
+            row["error"] = str(error).splitlines()[0][:200]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+
+
+ATTENTION_CONFIGS = [
+    {"block_m": m, "num_warps": w, "num_stages": s, "tiles_per_program": t}
+    for m, w in ((64, 4), (128, 8), (64, 8)) for s in (1, 2, 3) for t in (8, 16)]
+INDEXER_CONFIGS = [
+    {"block_r": r, "num_warps": w, "num_stages": s}
+    for r, w in ((256, 16), (256, 8), (128, 8), (512, 16)) for s in (2, 3, 4)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m msattn.bench.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("profile", "attention", "indexer"))
+    parser.add_argument("--lengths", type=parse_lengths, default=(128 << 10,))
+    parser.add_argument("--length", type=parse_length, default=128 << 10)
+    parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
+    parser.add_argument("--default-config", action="store_true",
+                        help="attention: sweep only --chunk-rows with the tuned launch config")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("msattn.bench.tune needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows: list = []
+    if args.what == "profile":
+        profile(args.lengths, rows)
+    elif args.what == "attention":
+        chunks = [int(c) or None for c in args.chunk_rows.split(",")]
+        configs = [sparse_attention.CUDA_CONFIG] if args.default_config else ATTENTION_CONFIGS
+        sweep_attention(args.length, configs, chunks, rows)
+    else:
+        sweep_indexer(args.length, INDEXER_CONFIGS, rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(torch.device("cuda"))
+    write_json(args.out / f"{output_stem('tune-' + args.what, env)}.json",
+               {**env, "command": sys.argv, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
