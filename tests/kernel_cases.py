@@ -33,11 +33,14 @@ def index_inputs(lens_q, lens_k, groups, index_dim, dtype, *, integer=False, see
     return qi, ki, cu_q, cu_k
 
 
-def assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, *, block_size, rel_tol=0.0):
+def assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, *, block_size, rel_tol=0.0,
+                             key_error=None):
     """Selections equal as sets per row, with the output format of the reference.
 
     With ``rel_tol > 0`` a row may differ only where the swapped blocks' float32 scores are within
-    ``rel_tol`` of each other (rounding-order near-ties of random data).
+    ``rel_tol`` of each other (rounding-order near-ties of random data). ``key_error [total_k, Di]``
+    (a bound on ``|ki - ki'|`` when ``out`` was selected on other keys ``ki'``, e.g. quantised ones)
+    widens that by twice the swapped blocks' largest score error it allows.
     """
     assert out.shape == expected.shape and out.dtype == torch.int32
     # Same number of valid entries and -1 padding after them.
@@ -49,18 +52,23 @@ def assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, *, block_size, r
     differs = (out.sort(-1).values != expected.sort(-1).values).any(-1)
     if not differs.any():
         return
-    assert rel_tol > 0, f"{int(differs.sum())} rows select other blocks, e.g. {differs.nonzero()[:3].tolist()}"
+    assert rel_tol > 0 or key_error is not None, \
+        f"{int(differs.sum())} rows select other blocks, e.g. {differs.nonzero()[:3].tolist()}"
     seq_of_row = torch.searchsorted(cu_q[1:], torch.arange(qi.shape[0], device=cu_q.device), right=True)
     for group, row in differs.nonzero().tolist():
         b = int(seq_of_row[row])
         q_start, k_start, k_end = int(cu_q[b]), int(cu_k[b]), int(cu_k[b + 1])
         position = (k_end - k_start) - (int(cu_q[b + 1]) - q_start) + (row - q_start)
-        scores = reference.block_scores(qi[row:row + 1, group:group + 1], ki[k_start:k_end],
-                                        torch.tensor([position], device=qi.device), block_size)[0, 0]
+        query, where = qi[row:row + 1, group:group + 1], torch.tensor([position], device=qi.device)
+        scores = reference.block_scores(query, ki[k_start:k_end], where, block_size)[0, 0]
         mine, theirs = set(out[group, row].tolist()), set(expected[group, row].tolist())
         swapped = torch.tensor(sorted((mine ^ theirs) - {-1}), device=scores.device)
         spread = scores[swapped].max() - scores[swapped].min()
-        assert spread <= rel_tol * scores[swapped].abs().max(), (group, row, mine, theirs)
+        allowed = rel_tol * scores[swapped].abs().max()
+        if key_error is not None:  # |u - u'| <= max over the block of |qi| . key_error * Di**-0.5
+            errors = reference.block_scores(query.abs(), key_error[k_start:k_end], where, block_size)
+            allowed = allowed + 2 * errors[0, 0, swapped].max()
+        assert spread <= allowed, (group, row, mine, theirs)
 
 
 def paginate(contiguous: torch.Tensor, cu_seqlens_k: torch.Tensor, page_size: int, *,

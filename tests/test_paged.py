@@ -4,11 +4,14 @@ Caches are built from contiguous sequences in a random physical page order, with
 poisoned (NaN) and block tables padded with -1, so a read of a wrong page or slot shows.
 """
 
+import math
+
 import pytest
 import torch
 
 import msattn
 from msattn import reference
+from msattn.cache import dequantize_index_keys, gather_paged, quantize_index_keys, write_paged_cache
 from msattn.ops.indexer import select_blocks_paged
 from msattn.ops.paged_attention import plan_paged_attention, run_paged_attention
 from tests.kernel_cases import (DEVICE, assert_selection_matches, cu_seqlens, paginate,
@@ -186,6 +189,132 @@ def test_decode_token_by_token_equals_prefill_rows():
             c["v_cache"], c["index_cache"], c["block_table"], cu_seqlens([1]), seq_lens,
             backend="triton", **kwargs)
         torch.testing.assert_close(o, prefill_o[position:position + 1], rtol=1e-5, atol=1e-5)
+
+
+def _serve_with_stale_index(c, lens_q, lens_k, page_size, stale_write):
+    """Write the batch of ``c`` into a two-layer :class:`msattn.MSAPagedCache` as a server does, in
+    three varlen writes (each request's first half of its history, e.g. a prefix-cache hit; the
+    rest of its history, a prefill chunk; its new tokens), into pages that an earlier request wrote
+    and freed. Layer 0 gets every write. Layer 1 gets the same K/V, but the index keys of write
+    ``stale_write`` go to a scratch buffer, so those slots keep the earlier request's index keys:
+    an index cache that was not carried along with its K/V pages. Returns ``(cache, block_table)``."""
+    (_, groups, head_dim), index_dim = c["k"].shape, c["ki"].shape[1]
+    cache = msattn.MSAPagedCache(sum(-(-n // page_size) for n in lens_k) + 2, page_size, groups,
+                                 head_dim, index_dim, num_layers=2, dtype=c["k"].dtype,
+                                 index_dtype=c["ki"].dtype, device=DEVICE)
+    total = cache.num_pages * page_size
+    earlier = cache.allocate(total)
+    generator = torch.Generator().manual_seed(1)
+    old = [random_tensor(shape, c["k"].dtype, generator=generator)
+           for shape in ((total, groups, head_dim), (total, groups, head_dim), (total, index_dim))]
+    lengths = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    for layer in range(2):
+        cache.append(layer, *old, cache.block_table([earlier]), cu_seqlens([total]), lengths([total]))
+    cache.free(earlier)
+    table = cache.block_table([cache.allocate(n) for n in lens_k])  # the earlier request's pages
+    bounds = [(0, (n - len_q) // 2, n - len_q, n) for len_q, n in zip(lens_q, lens_k)]
+    for write in range(3):
+        rows = torch.cat([torch.arange(start + ends[write], start + ends[write + 1])
+                          for start, ends in zip(c["cu_k"].tolist(), bounds)]).to(DEVICE)
+        new_tokens = (c["k"][rows], c["v"][rows], c["ki"][rows])
+        layout = (table, cu_seqlens([ends[write + 1] - ends[write] for ends in bounds]),
+                  lengths([ends[write + 1] for ends in bounds]))
+        cache.append(0, *new_tokens, *layout, check_values=True)
+        index_cache = cache.index_cache[1]
+        write_paged_cache(*new_tokens, cache.k_cache[1], cache.v_cache[1],
+                          torch.empty_like(index_cache) if write == stale_write else index_cache,
+                          *layout, check_values=True)
+    return cache, table
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("lens_k, stale_write", [([300, 200, 170], 0), ([300, 200, 170], 1),
+                                                 ([64, 40, 20], 0)],
+                         ids=["long-prefix", "long-chunk", "short-prefix"])
+def test_stale_index_cache_is_caught_past_topk_pages(lens_k, stale_write, backend):
+    """Layer 0 of the cache is written in full and equals the contiguous reference. Layer 1 missed
+    the index keys of one write (earlier keys left in those slots): it selects exactly what the keys
+    it holds select, and that is not the true selection, so its output fails the accuracy check,
+    once a request has more than topk pages. At <= topk * page_size tokens every block is selected
+    whatever the index keys say, so the same stale cache gives the exact output: short contexts
+    hide a stale index cache."""
+    lens_q, page_size, kwargs = [1, 5, 1], 16, dict(topk=4, init_blocks=0, local_blocks=1)
+    c = _case(lens_q, lens_k, 4, 2, 16, 16, page_size, torch.float32, seed=21)
+    cache, table = _serve_with_stale_index(c, lens_q, lens_k, page_size, stale_write)
+    select = lambda ki: reference.select_blocks(c["qi"], ki, c["cu_q"], c["cu_k"],  # noqa: E731
+                                                block_size=page_size, **kwargs)
+    check = dict(cu_q=c["cu_q"], cu_k=c["cu_k"], block_size=page_size)
+    exact = select(c["ki"])
+    expected = reference.sparse_attention(c["q"], c["k"], c["v"], exact, c["cu_q"], c["cu_k"],
+                                          block_size=page_size, softmax_scale=16 ** -0.5)
+    long_context = min(lens_k) > kwargs["topk"] * page_size
+    layout = dict(block_table=table, cu_seqlens_q=c["cu_q"], seq_lens=c["seq_lens"],
+                  backend=backend, **kwargs)
+    for layer in (0, 1):
+        held, _ = gather_paged(cache.index_cache[layer], table, c["seq_lens"])  # keys in the cache
+        assert torch.equal(held, c["ki"]) == (layer == 0)
+        indices = msattn.msa_paged_select(c["qi"], cache.index_cache[layer], **layout)
+        assert_selection_matches(indices, select(held), c["qi"], held, **check)
+        o, lse = msattn.msa_paged_attention(c["q"], c["qi"], **cache.layer(layer), return_lse=True,
+                                            **layout)
+        if layer == 0 or not long_context:
+            assert_selection_matches(indices, exact, c["qi"], c["ki"], **check)
+            _check(o, lse, *expected)
+        else:
+            differs = (indices.sort(-1).values != exact.sort(-1).values).any(-1)
+            assert differs.float().mean() > 0.5, differs
+            with pytest.raises(AssertionError):
+                _check(o, lse, *expected)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_fp8_index_keys_on_random_data(backend):
+    """Standard-normal bf16 index keys quantised to e4m3 with per-token scales, decode (1 token)
+    and multi-token (3, 8) requests past topk * page_size tokens.
+
+    Selection: the fp8 cache selects what its dequantised keys select (float near-ties aside).
+    Against the original bf16 keys it may differ only where e4m3 rounding (<= 2^-4 of each key
+    value, 2^-10 of its scale below e4m3's normal range) can swap two blocks. On i.i.d. random keys
+    such near-ties are common: seeds 0-9 keep 85-94% of the (token, group) rows' block sets and
+    96-99% of the selected blocks, so ">= 95% agreement" is asserted per selected block, rows
+    >= 80%. (Only rounding fp32 random keys to bf16 already changes 3-5% of rows at M3's shape.)
+
+    Attention: rows whose blocks agree stay within bf16 tolerance of the exact-selection output. A
+    row that selected another block attends over other (independent random) keys and can differ by
+    about its own size, so over all rows the relative error is bounded by the square root of the
+    fraction of differing rows, and the whole output is exact for the fp8 path's own selection.
+    """
+    lens_q, lens_k, page_size = [1, 8, 1, 3], [400, 300, 250, 170], 16
+    heads, groups, kwargs = 8, 4, dict(topk=4, init_blocks=0, local_blocks=1)
+    c = _case(lens_q, lens_k, heads, groups, 16, 32, page_size, torch.bfloat16, seed=4)
+    # Per token, so these are the pages of the quantised ki; unused slots stay NaN (scale 1).
+    keys_fp8, key_scale = quantize_index_keys(c["index_cache"])
+    contiguous_fp8, contiguous_scale = quantize_index_keys(c["ki"])
+    dequantised = dequantize_index_keys(contiguous_fp8, contiguous_scale)
+    layout = dict(block_table=c["block_table"], cu_seqlens_q=c["cu_q"], seq_lens=c["seq_lens"],
+                  index_scale=key_scale, backend=backend, **kwargs)
+    indices = msattn.msa_paged_select(c["qi"], keys_fp8, **layout)
+    select = lambda ki: reference.select_blocks(c["qi"], ki, c["cu_q"], c["cu_k"],  # noqa: E731
+                                                block_size=page_size, **kwargs)
+    check = dict(cu_q=c["cu_q"], cu_k=c["cu_k"], block_size=page_size, rel_tol=1e-5)
+    assert_selection_matches(indices, select(dequantised), c["qi"], dequantised, **check)
+    exact = select(c["ki"])
+    key_error = 2 ** -4 * (c["ki"].float().abs() + 2 ** -6 * contiguous_scale[:, None])
+    assert_selection_matches(indices, exact, c["qi"], c["ki"], key_error=key_error, **check)
+    same_rows = (indices.sort(-1).values == exact.sort(-1).values).all(-1)  # [G, total_q]
+    shared = ((indices[..., :, None] == exact[..., None, :]).any(-1) & (indices >= 0)).sum()
+    assert same_rows.float().mean() >= 0.8 and shared / (exact >= 0).sum() >= 0.95, \
+        (same_rows.float().mean(), shared / (exact >= 0).sum())
+
+    o = msattn.msa_paged_attention(c["q"], c["qi"], c["k_cache"], c["v_cache"], keys_fp8, **layout)
+    attend = lambda selection: reference.sparse_attention(  # noqa: E731
+        c["q"], c["k"], c["v"], selection, c["cu_q"], c["cu_k"], block_size=page_size,
+        softmax_scale=16 ** -0.5)[0].float()
+    error = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+    exact_o, agreeing = attend(exact), same_rows.t().repeat_interleave(heads // groups, dim=1)
+    assert error(o, attend(indices)) < 2e-2
+    assert error(o[agreeing], exact_o[agreeing]) < 2e-2
+    assert error(o, exact_o) < 2e-2 + math.sqrt(1 - same_rows.float().mean()), error(o, exact_o)
 
 
 def _bad_call(**overrides):
