@@ -80,6 +80,21 @@ def test_paged_select_matches_contiguous(case):
                              block_size=page_size)
 
 
+@pytest.mark.parametrize("query_scale", [99840.0, 2.0 ** -26])
+def test_fp8_keys_with_bf16_queries_of_any_magnitude(query_scale):
+    """bf16 index queries beyond fp16's range (or deep in its subnormals) select as the reference:
+    the fp8 path scales each query row by a power of two before converting it to fp16."""
+    c = _case([1, 3], [700, 129], 8, 4, 16, 16, 32, torch.bfloat16, fp8=True, seed=9)
+    qi = (c["qi"].float() * query_scale).to(torch.bfloat16)  # exact: small integers x (2^k or 99840)
+    kwargs = dict(topk=4, init_blocks=0, local_blocks=1)
+    expected = reference.select_blocks(qi.float(), c["ki"], c["cu_q"], c["cu_k"], block_size=32,
+                                       **kwargs)
+    out = torch.full_like(expected, 12345)
+    select_blocks_paged(qi, c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
+                        index_scale=c["index_scale"], num_splits=3, out=out, **kwargs)
+    assert_selection_matches(out, expected, qi, c["ki"], c["cu_q"], c["cu_k"], block_size=32)
+
+
 # lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, split
 ATTENTION_CASES = [
     ([1, 1, 1], [300, 17, 64], 8, 2, 32, 16, 4, torch.float32, True),  # decode, slots split

@@ -25,7 +25,8 @@ import triton.language as tl
 from msattn.ops.utils import device_sm_count, dot_options, mma
 
 # Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H200.
-CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 3}
+# ``pairs``: scan two key blocks per step where the keys are contiguous (prefill).
+CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 3, "pairs": False}
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)
@@ -135,10 +136,56 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
             block_max = tl.maximum(block_max, tl.max(scores, axis=1))
         # max commutes with the (monotone) scaling, so scale the B maxima instead of B x N scores.
         block_max = block_max * scale
-        forced = (block <= own_block) & ((block < INIT_BLOCKS) | (block > own_block - LOCAL_BLOCKS))
-        block_max = tl.where(forced, float("inf"), block_max)
+        block_max = tl.where(_forced(block, own_block, INIT_BLOCKS, LOCAL_BLOCKS), float("inf"), block_max)
         if tl.max((block_max > threshold).to(tl.int32), axis=0) > 0:
             vals, ids = _topk_insert(vals, ids, block_max, tl.full([BLOCK_R], block, tl.int32))
+            threshold = tl.min(vals, axis=1)
+    return vals, ids, threshold
+
+
+@triton.jit
+def _forced(block, own_block, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr):
+    """Whether ``block`` is forced for each row (init blocks, or the local blocks ending at its own)."""
+    return (block <= own_block) & ((block < INIT_BLOCKS) | (block > own_block - LOCAL_BLOCKS))
+
+
+@triton.jit
+def _unmasked_block_max(q, ki_ptr, block_base, stride_ki_token, dim, dim_mask,
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Unscaled max score of each row over one key block that every row sees entirely."""
+    block_max = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
+        offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
+                    mask=dim_mask[None, :], other=0.0)
+        block_max = tl.maximum(block_max, tl.max(mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION,
+                                                     DOT_UPCAST), axis=1))
+    return block_max
+
+
+@triton.jit
+def _scan_block_pairs(q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, own_block, block_from,
+                      block_to, vals, ids, threshold, scale, BLOCK_R: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, INIT_BLOCKS: tl.constexpr,
+                      LOCAL_BLOCKS: tl.constexpr, CHECK_ANY: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Unmasked contiguous keys, two blocks per step (``block_to - block_from`` even): one test
+    against the lists per pair, or none (``CHECK_ANY`` off: always insert, no tile-wide reduction)."""
+    for block in range(block_from, block_to, 2):
+        base = (k_start + block * BLOCK_SIZE).to(tl.int64) * stride_ki_token
+        first_max = _unmasked_block_max(q, ki_ptr, base, stride_ki_token, dim, dim_mask, BLOCK_SIZE,
+                                        BLOCK_N, DOT_PRECISION, DOT_UPCAST) * scale
+        second_max = _unmasked_block_max(q, ki_ptr, base + BLOCK_SIZE * stride_ki_token,
+                                         stride_ki_token, dim, dim_mask, BLOCK_SIZE, BLOCK_N,
+                                         DOT_PRECISION, DOT_UPCAST) * scale
+        first_max = tl.where(_forced(block, own_block, INIT_BLOCKS, LOCAL_BLOCKS), float("inf"), first_max)
+        second_max = tl.where(_forced(block + 1, own_block, INIT_BLOCKS, LOCAL_BLOCKS), float("inf"),
+                              second_max)
+        passes = tl.max(((first_max > threshold) | (second_max > threshold)).to(tl.int32), axis=0)
+        if (passes > 0) | (not CHECK_ANY):
+            vals, ids = _topk_insert(vals, ids, first_max, tl.full([BLOCK_R], block, tl.int32))
+            vals, ids = _topk_insert(vals, ids, second_max, tl.full([BLOCK_R], block + 1, tl.int32))
             threshold = tl.min(vals, axis=1)
     return vals, ids, threshold
 
@@ -157,7 +204,9 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT_BLOCKS: tl.constexpr,
                     LOCAL_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr,
-                    KEY_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                    KEY_SCALE: tl.constexpr, PAIRS: tl.constexpr, CHECK_ANY: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr,
+                    DOT_UPCAST: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     batch = tl.program_id(1)
     split = tl.program_id(2)
@@ -172,9 +221,14 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         if KEY_SCALE:
             # fp8 keys convert to fp16 in one exact step (to bf16 in three), so bf16 queries go
-            # to fp16: exact in fp16's normal range (|x| >= 2^-14; tinier parts lose bits).
+            # to fp16. A power of two per row first brings the row's largest value to about 2^13:
+            # finite in fp16 whatever the magnitude, and exact for every value within 2^27 of the
+            # largest. The ranking within a row is unchanged (every score scales alike).
             if q.dtype == tl.bfloat16:
-                q = q.to(tl.float16)
+                q32 = q.to(tl.float32)
+                row_abs_max = tl.max(tl.abs(q32), axis=1)
+                shift = tl.where(row_abs_max > 0, 13.0 - tl.floor(tl.log2(row_abs_max)), 0.0)
+                q = (q32 * tl.exp2(shift)[:, None]).to(tl.float16)
         position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
         own_block = position // BLOCK_SIZE
         first_position = len_k - len_q + tile * BLOCK_R // NUM_GROUPS
@@ -185,9 +239,16 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
         page_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_block_table
         vals, ids = _empty_lists(BLOCK_R, TOPK, TOPK_PAD)
         threshold = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        single_from = block_lo
+        if PAIRS:  # contiguous keys only
+            single_from = block_lo + (unmasked_end - block_lo) // 2 * 2
+            vals, ids, threshold = _scan_block_pairs(
+                q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, own_block, block_lo,
+                single_from, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
+                LOCAL_BLOCKS, CHECK_ANY, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
-            stride_scale_page, k_start, dim, dim_mask, position, own_block, block_lo,
+            stride_scale_page, k_start, dim, dim_mask, position, own_block, single_from,
             unmasked_end, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
             LOCAL_BLOCKS, False, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
@@ -270,7 +331,8 @@ def _num_splits(num_tiles: int, max_blocks: int, topk_pad: int, device: torch.de
 def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
     """Rows per program and warps: 256-row tiles for prefill, small tiles for decode rows."""
     if not is_cuda:
-        return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1}
+        return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1,
+                "pairs": True}
     if rows_per_sequence > 128:
         return CUDA_CONFIG
     return {"block_r": max(16, triton.next_power_of_2(rows_per_sequence)), "num_warps": 4,
@@ -424,7 +486,9 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
         index_dim ** -0.5, plan.blocks_per_split, total_rows,
         INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim), BLOCK_R=plan.config["block_r"],
         BLOCK_N=min(block_size, 128), INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
-        SPLIT=split, KEY_SCALE=index_scale is not None, **dot_options(qi.dtype),
+        SPLIT=split, KEY_SCALE=index_scale is not None,
+        PAIRS=plan.config.get("pairs", False) and not paged and index_scale is None,
+        CHECK_ANY=plan.config.get("check_any", True), **dot_options(qi.dtype),
         num_warps=plan.config["num_warps"], num_stages=plan.config["num_stages"], **common)
     if split:
         num_candidates = plan.num_splits * plan.topk_pad

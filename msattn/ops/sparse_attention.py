@@ -28,7 +28,8 @@ PARTIAL_BUDGET_BYTES = 1 << 30
 # Launch configuration on CUDA for 16-bit inputs (float32 needs smaller tiles to fit shared memory).
 # ``tiles_per_program`` row tiles of one (group, key block) bucket go to one program: amortises
 # the program's K/V load and lets the pipeliner overlap the next tile's loads with this tile's math.
-CUDA_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 1, "tiles_per_program": 8}
+CUDA_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 1, "tiles_per_program": 16,
+               "combine_warps": 4}
 
 
 @dataclass
@@ -377,13 +378,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config["tiles_per_program"],
             **dot_options(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"])
         combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
-                         row_start=row_start, rows=rows, block_size=block_size)
+                         row_start=row_start, rows=rows, block_size=block_size,
+                         num_warps=config["combine_warps"])
     return o, lse
 
 
 def combine_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, indices: torch.Tensor,
                      row_position: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, *,
-                     row_start: int, rows: int, block_size: int) -> None:
+                     row_start: int, rows: int, block_size: int, num_warps: int = 4) -> None:
     """Merge the per-slot partials ``partial_o [rows, H, topk, D]``, ``partial_lse [rows, H, topk]``
     of query rows ``[row_start, row_start + rows)`` into ``o [total_q, H, D]`` and ``lse [total_q, H]``.
 
@@ -398,4 +400,4 @@ def combine_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, indices
         indices.stride(0), indices.stride(1), o.stride(0), o.stride(1), row_start, num_heads,
         GROUP_SIZE=group_size, BLOCK_H=triton.next_power_of_2(group_size), TOPK=topk,
         TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=4)
+        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=num_warps)
