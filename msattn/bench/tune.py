@@ -129,8 +129,8 @@ ATTENTION_CONFIGS = [
     {"block_m": m, "num_warps": 4, "num_stages": s, "tiles_per_program": 16, "combine_warps": c}
     for m, s, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
 INDEXER_CONFIGS = [
-    {"block_r": r, "num_warps": 16, "num_stages": 3, "pairs": p, "check_any": c}
-    for r in (256, 512) for p, c in ((False, True), (True, True), (True, False))]
+    {"block_r": r, "num_warps": w, "num_stages": s, "pairs": p, "check_any": c}
+    for r, w, s in ((256, 16, 2), (128, 8, 3)) for p, c in ((False, True), (True, True), (True, False))]
 
 
 def main(argv=None) -> int:

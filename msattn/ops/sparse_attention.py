@@ -29,7 +29,7 @@ PARTIAL_BUDGET_BYTES = 1 << 30
 # ``tiles_per_program`` row tiles of one (group, key block) bucket go to one program: amortises
 # the program's K/V load and lets the pipeliner overlap the next tile's loads with this tile's math.
 CUDA_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 1, "tiles_per_program": 16,
-               "combine_warps": 4}
+               "combine_warps": 8}
 
 
 @dataclass
