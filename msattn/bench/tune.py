@@ -128,9 +128,8 @@ def sweep_indexer(length: int, configs: list[dict], out: list) -> None:
 ATTENTION_CONFIGS = [
     {"block_m": m, "num_warps": 4, "num_stages": s, "tiles_per_program": 16, "combine_warps": c}
     for m, s, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
-INDEXER_CONFIGS = [
-    {"block_r": r, "num_warps": w, "num_stages": s, "pairs": p, "check_any": c}
-    for r, w, s in ((256, 16, 2), (128, 8, 3)) for p, c in ((False, True), (True, True), (True, False))]
+INDEXER_CONFIGS = [{"block_r": r, "num_warps": w, "num_stages": s}
+                   for r, w, s in ((256, 16, 2), (256, 16, 3), (512, 16, 2), (128, 8, 3))]
 
 
 def main(argv=None) -> int:
