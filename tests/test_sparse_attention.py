@@ -72,7 +72,7 @@ def test_partials_in_unwritten_output_rows(monkeypatch, budget_rows):
     per_row = 4 * 4 * (16 * 4 + 4)
     monkeypatch.setattr(module, "PARTIAL_BUDGET_BYTES", budget_rows * per_row)
     workspace = module._Workspace(_poisoned(q)[0], 4, None)
-    chunks = [(start, end, partial_o.data_ptr()) for start, end, partial_o, _ in workspace.chunks(q.shape[0])]
+    chunks = [(start, end, partial_o.data_ptr()) for start, end, partial_o, _ in workspace.chunks()]
     assert chunks[0][1] - chunks[0][0] > budget_rows and chunks[-1][1] == q.shape[0]
     assert any(ptr == workspace.buffer.data_ptr() for _, _, ptr in chunks)
     expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16,

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 from msattn.bench import metrics
 from msattn.bench.cli import parse_length, parse_lengths
@@ -38,12 +37,8 @@ def _settings(length: int) -> PrefillSettings:
 
 
 def _select(x, config=None):
-    max_blocks = triton.cdiv(x.ki.shape[0], CONFIG.block_size)
-    plan = indexer.plan_selection(x.qi.shape[0], 1, CONFIG.num_kv_heads, x.qi.shape[0], max_blocks,
-                                  topk=CONFIG.topk, device=x.qi.device, config=config)
-    return indexer.run_selection(plan, x.qi, x.ki, x.cu_seqlens, x.cu_seqlens,
-                                 block_size=CONFIG.block_size, init_blocks=CONFIG.init_blocks,
-                                 local_blocks=CONFIG.local_blocks)
+    return indexer.select_blocks(x.qi, x.ki, x.cu_seqlens, x.cu_seqlens, **CONFIG.selection_kwargs(),
+                                 config=config)
 
 
 def _attend(x, config=None, chunk_rows=None):

@@ -24,7 +24,8 @@ import triton.language as tl
 
 from msattn.ops.utils import device_sm_count, dot_options, mma
 
-# Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H200.
+# Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H100
+# (benchmarks/results/tuning/).
 CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2}
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
@@ -337,7 +338,7 @@ def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int, init_blocks: int,
                   local_blocks: int, num_splits: int | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Triton version of :func:`msattn.reference.select_blocks` (same arguments and result).
 
     Args:
@@ -345,6 +346,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``.
         num_splits: key-range splits (default: chosen from the grid size).
         out: optional int32 ``[G, total_q, topk]`` buffer to write into.
+        config: launch configuration (keys of :data:`CUDA_CONFIG`) instead of the tuned one.
     Returns:
         int32 ``[G, total_q, topk]``.
     """
@@ -358,7 +360,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
     max_len_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
     plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_len_q,
                           triton.cdiv(max_len_k, block_size), topk=topk, device=qi.device,
-                          num_splits=num_splits)
+                          num_splits=num_splits, config=config)
     return run_selection(plan, qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                          init_blocks=init_blocks, local_blocks=local_blocks, out=out)
 

@@ -284,21 +284,21 @@ class _Workspace:
     """
 
     def __init__(self, o: torch.Tensor, topk: int, chunk_rows: int | None):
-        total_q, num_heads, head_dim = o.shape
+        self.total_q, num_heads, head_dim = o.shape
         self.o_bytes = o.view(-1).view(torch.uint8) if o.is_contiguous() and o.data_ptr() % 16 == 0 else None
         self.partial_o_row = num_heads * topk * head_dim * o.element_size()
         self.per_row = self.partial_o_row + num_heads * topk * 4  # partial outputs + their LSEs
         self.out_row = num_heads * head_dim * o.element_size()
         self.reuse_output = chunk_rows is None and self.o_bytes is not None
-        self.buffer_rows = min(total_q, chunk_rows or max(1, PARTIAL_BUDGET_BYTES // self.per_row))
+        self.buffer_rows = min(self.total_q, chunk_rows or max(1, PARTIAL_BUDGET_BYTES // self.per_row))
         self.buffer = None
         self.dtype, self.device = o.dtype, o.device
 
-    def chunks(self, total_q: int):
-        """Yield ``(row_start, row_end, partial_o, partial_lse)`` covering ``[0, total_q)``."""
+    def chunks(self):
+        """Yield ``(row_start, row_end, partial_o, partial_lse)`` covering the output's rows."""
         row_start = 0
-        while row_start < total_q:
-            remaining = total_q - row_start
+        while row_start < self.total_q:
+            remaining = self.total_q - row_start
             # rows * per_row bytes fit in the (remaining - rows) output rows after the chunk.
             tail_rows = remaining * self.out_row // (self.per_row + self.out_row) if self.reuse_output else 0
             if tail_rows > self.buffer_rows:
@@ -362,7 +362,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     block_m = max(16, min(config["block_m"], config["block_m"] * 128 // block_size))
     block_d = triton.next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
-    for row_start, row_end, partial_o, partial_lse in workspace.chunks(total_q):
+    for row_start, row_end, partial_o, partial_lse in workspace.chunks():
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                               total_k=k.shape[0], row_start=row_start, row_end=row_end,
