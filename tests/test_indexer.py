@@ -5,7 +5,7 @@ import torch
 
 import msattn
 from msattn import reference
-from msattn.ops.indexer import select_blocks
+from msattn.ops.indexer import plan_selection, run_selection, select_blocks
 from tests.kernel_cases import DEVICE, assert_selection_matches, cu_seqlens, index_inputs
 
 # lens_q, lens_k, groups, index_dim, block_size, topk, init_blocks, local_blocks, dtype, integer, splits
@@ -42,6 +42,26 @@ def test_split_count_does_not_change_selection(splits):
     one = select_blocks(qi, ki, cu_q, cu_k, num_splits=1, **kwargs)
     many = select_blocks(qi, ki, cu_q, cu_k, num_splits=splits, **kwargs)
     assert torch.equal(one.sort(-1).values, many.sort(-1).values)
+
+
+@pytest.mark.parametrize("splits", [40, 67])
+@pytest.mark.parametrize("key_major", [False, True])
+def test_two_level_split_merge(splits, key_major):
+    """More splits than one merge level takes: groups of FAN_IN splits merge, then the group
+    lists (67 splits: 5 groups, the last of 3 splits); tiles of 32 rows merge 16 rows a step."""
+    qi, ki, cu_q, cu_k = index_inputs([40, 3], [3200, 2000], 2, 16, torch.float32, integer=True,
+                                      seed=splits)
+    kwargs = dict(block_size=16, topk=6, init_blocks=1, local_blocks=1)
+    expected = reference.select_blocks(qi, ki, cu_q, cu_k, **kwargs)
+    plan = plan_selection(qi.shape[0], 2, 2, 40, 200, topk=6, device=qi.device, num_splits=splits,
+                          config={"block_r": 32, "key_major": key_major})
+    assert plan.num_splits == splits and plan.level_keys is not None
+    for _ in range(2):  # the second launch of the plan finds its counters reset
+        out = torch.full_like(expected, 12345)
+        run_selection(plan, qi, ki, cu_q, cu_k, block_size=16, init_blocks=1, local_blocks=1,
+                      out=out)
+        assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, block_size=16)
+    assert not plan.counters.any()
 
 
 def test_public_api_batched_triton_backend():

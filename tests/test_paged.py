@@ -62,11 +62,14 @@ SELECT_CASES = [
     ([1, 3], [700, 129], 4, 16, 32, 4, 0, 1, torch.bfloat16, True, 5),  # fp8 index keys, split
     ([50, 1], [400, 30], 3, 16, 16, 6, 1, 1, torch.float16, False, None),  # chunked prefill
     ([2], [2], 1, 16, 64, 2, 0, 1, torch.float32, True, None),  # shorter than a page
+    ([1, 2], [3000, 1500], 4, 16, 16, 8, 0, 1, torch.bfloat16, False, 70),  # two-level merge
+    ([3], [2500], 2, 16, 16, 5, 1, 1, torch.bfloat16, True, 40),  # fp8, two-level merge
 ]
 
 
+@pytest.mark.parametrize("key_major", [False, True], ids=["query-major", "key-major"])
 @pytest.mark.parametrize("case", SELECT_CASES, ids=[f"case{i}" for i in range(len(SELECT_CASES))])
-def test_paged_select_matches_contiguous(case):
+def test_paged_select_matches_contiguous(case, key_major):
     lens_q, lens_k, groups, index_dim, page_size, topk, init_blocks, local_blocks, dtype, fp8, splits = case
     c = _case(lens_q, lens_k, 2 * groups, groups, 16, index_dim, page_size, dtype, fp8=fp8,
               seed=len(lens_q) + topk)
@@ -75,7 +78,8 @@ def test_paged_select_matches_contiguous(case):
                                        c["cu_k"], block_size=page_size, **kwargs)
     out = torch.full_like(expected, 12345)  # poison: every element must be written
     select_blocks_paged(c["qi"], c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
-                        index_scale=c["index_scale"], num_splits=splits, out=out, **kwargs)
+                        index_scale=c["index_scale"], num_splits=splits, out=out,
+                        config={"key_major": key_major}, **kwargs)
     assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
                              block_size=page_size)
 

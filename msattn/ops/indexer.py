@@ -7,7 +7,10 @@ every index-key load, and streams the index keys block by block:
 running top-k list of a row when it beats the row's worst entry (value, then lower id wins).
 
 With few query tiles and a long key range (chunked prefill, decode) the key blocks are split
-across programs; each writes its partial top-k list and a merge kernel combines them exactly.
+across programs. Each writes its partial top-k list as int64 ranking keys and counts itself in
+with an atomic; the last program of a group of ``FAN_IN`` splits merges that group's lists, and
+the last of those group merges writes the exact selection (a two-level tree in the same launch:
+no merge kernel, and the merges overlap the other programs' streaming).
 
 Index keys come either contiguous (``ki [total_k, Di]`` with ``cu_seqlens_k``) or paged
 (``index_cache [num_pages, page_size, Di]`` with ``block_table`` and ``seq_lens``, one page per
@@ -26,7 +29,8 @@ from msattn.ops.utils import device_sm_count, dot_options, mma
 
 # Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H100
 # (benchmarks/results/tuning/).
-CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2}
+CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2, "key_major": False,
+               "splits_per_sm": 2}
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)
@@ -101,13 +105,14 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
                  block_from, block_to, vals, ids, threshold, scale,
                  BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MASKED: tl.constexpr,
-                 PAGED: tl.constexpr, KEY_SCALE: tl.constexpr,
+                 PAGED: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MAJOR: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Stream key blocks ``[block_from, block_to)`` into the running top-k lists.
 
     ``MASKED`` applies the causal mask (blocks that reach past the tile's first query). ``PAGED``
     reads block ``b`` from page ``page_row_ptr[b]``; ``KEY_SCALE`` multiplies each key's scores
-    by its float32 scale (fp8 keys).
+    by its float32 scale (fp8 keys). ``KEY_MAJOR`` computes the scores transposed,
+    ``k [BLOCK_N, Di] @ q^T`` (keys as the tile's rows: for a few query rows, as in decode).
     """
     for block in range(block_from, block_to):
         if PAGED:
@@ -126,14 +131,23 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
             else:
                 key_mask = keys >= 0
                 k = tl.load(key_ptrs, mask=dim_mask[None, :], other=0.0)
-            scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
             if KEY_SCALE:
                 key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs, mask=key_mask,
                                     other=0.0)
-                scores = scores * key_scale[None, :]
-            if MASKED:
-                scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
-            block_max = tl.maximum(block_max, tl.max(scores, axis=1))
+            if KEY_MAJOR:
+                scores = mma(k.to(q.dtype), tl.trans(q), DOT_PRECISION, DOT_UPCAST)
+                if KEY_SCALE:
+                    scores = scores * key_scale[:, None]
+                if MASKED:
+                    scores = tl.where(keys[:, None] <= position[None, :], scores, float("-inf"))
+                block_max = tl.maximum(block_max, tl.max(scores, axis=0))
+            else:
+                scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
+                if KEY_SCALE:
+                    scores = scores * key_scale[None, :]
+                if MASKED:
+                    scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
+                block_max = tl.maximum(block_max, tl.max(scores, axis=1))
         # max commutes with the (monotone) scaling, so scale the B maxima instead of B x N scores.
         block_max = block_max * scale
         block_max = tl.where(_forced(block, own_block, INIT_BLOCKS, LOCAL_BLOCKS), float("inf"), block_max)
@@ -191,10 +205,11 @@ def _scan_block_pairs(q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, own_bl
 # One program: BLOCK_R flattened (token, group) rows of one sequence x one split of its key blocks.
 # Grid: (query tiles of the longest sequence, B, splits). qi [total_q, G, Di]; keys ki [total_k, Di]
 # or paged index_cache [num_pages, page_size, Di] (+ key_scale [num_pages, page_size] for fp8);
-# writes indices [G, total_q, TOPK] (one split) or the partial lists of each split.
+# writes indices [G, total_q, TOPK]: directly (one split), or split programs write partial lists
+# (int64 keys [splits, total_q * G, TOPK_PAD]) and the last arrivers merge them (_merge_splits).
 @triton.jit
 def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q_ptr,
-                    key_lengths_ptr, out_ptr, partial_vals_ptr, partial_ids_ptr,
+                    key_lengths_ptr, out_ptr, partial_keys_ptr, level_keys_ptr, counters_ptr,
                     stride_qi_token, stride_qi_group, stride_ki_token, stride_ki_page,
                     stride_scale_page, stride_block_table, stride_out_group, stride_out_token,
                     scale, blocks_per_split, total_rows,
@@ -202,7 +217,10 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT_BLOCKS: tl.constexpr,
                     LOCAL_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr,
-                    KEY_SCALE: tl.constexpr, PAIRS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    KEY_SCALE: tl.constexpr, PAIRS: tl.constexpr, KEY_MAJOR: tl.constexpr,
+                    FAN_IN: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                    CANDIDATES_PAD: tl.constexpr, LEVEL_MERGE_ROWS: tl.constexpr,
+                    LEVEL_CANDIDATES_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     DOT_UPCAST: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     batch = tl.program_id(1)
@@ -247,92 +265,171 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
             stride_scale_page, k_start, dim, dim_mask, position, own_block, single_from,
             unmasked_end, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
-            LOCAL_BLOCKS, False, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
+            LOCAL_BLOCKS, False, PAGED, KEY_SCALE, KEY_MAJOR, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
             stride_scale_page, k_start, dim, dim_mask, position, own_block, unmasked_end,
             block_hi, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
-            LOCAL_BLOCKS, True, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
+            LOCAL_BLOCKS, True, PAGED, KEY_SCALE, KEY_MAJOR, DOT_PRECISION, DOT_UPCAST)
         if SPLIT:
-            flat = (split * total_rows + global_token.to(tl.int64) * NUM_GROUPS + group) * TOPK_PAD
-            offsets = flat[:, None] + tl.arange(0, TOPK_PAD)[None, :]
-            tl.store(partial_vals_ptr + offsets, vals, mask=row_mask[:, None])
-            tl.store(partial_ids_ptr + offsets, ids, mask=row_mask[:, None])
+            _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals, ids,
+                          stride_out_group, stride_out_token, q_start, len_q, len_k, tile, batch,
+                          split, total_rows, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
+                          FAN_IN, NUM_SPLITS, MERGE_ROWS, CANDIDATES_PAD, LEVEL_MERGE_ROWS,
+                          LEVEL_CANDIDATES_PAD)
         else:
             _store_selection(out_ptr, stride_out_group, stride_out_token, global_token, group,
                              row_mask, own_block, ids, TOPK_PAD)
 
 
 @triton.jit
-def _ranking_keys(vals, ids):
+def _empty_key():
+    """The ranking key of an empty slot: below the key of every real candidate."""
+    return tl.full([1, 1], -2139095041, tl.int32).to(tl.int64) << 32  # ordered(-inf), low word 0
+
+
+@triton.jit
+def _list_keys(vals, ids):
     """int64 keys that order candidates as the selection does: greater value first, then lower
-    id. High word: the float32 value's bits mapped to a monotone int32; low word: ``2^31-1 - id``."""
+    id. High word: the float32 value's bits mapped to a monotone int32; low word: ``2^31-1 - id``
+    (positive for every real id). Empty and pad slots (negative or pad ids) get the empty key."""
     bits = vals.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (2147483647 - ids).to(tl.int64)
+    real = (ids >= 0) & (ids < _PAD_ID)
+    keys = (ordered.to(tl.int64) << 32) | (2147483647 - tl.where(real, ids, 0)).to(tl.int64)
+    return tl.where(real, keys, _empty_key())
 
 
-# One program: BLOCK_R flattened (token, group) rows of one sequence. Loads the partial top-k
-# lists of all splits (NUM_CANDIDATES = splits x TOPK_PAD per row, padded to CANDIDATES_PAD) as
-# ranking keys and takes the largest key TOPK times, then writes the selection.
-# Grid: (merge tiles of the longest sequence, B).
 @triton.jit
-def _merge_kernel(partial_vals_ptr, partial_ids_ptr, cu_seqlens_q_ptr, key_lengths_ptr, out_ptr,
-                  stride_out_group, stride_out_token, total_rows, num_candidates,
-                  NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, CANDIDATES_PAD: tl.constexpr,
-                  PAGED: tl.constexpr):
-    tile = tl.program_id(0)
-    batch = tl.program_id(1)
-    q_start, len_q, k_start, len_k, row_mask, token, group, position = _tile_rows(
-        cu_seqlens_q_ptr, key_lengths_ptr, batch, tile, NUM_GROUPS, BLOCK_R, PAGED)
-    if tile * BLOCK_R < len_q * NUM_GROUPS:
-        global_token = q_start + token
-        row = global_token.to(tl.int64) * NUM_GROUPS + group
-        candidate = tl.arange(0, CANDIDATES_PAD)
-        split = candidate // TOPK_PAD
-        slot = candidate % TOPK_PAD
-        offsets = (split * total_rows + row[:, None]) * TOPK_PAD + slot
-        valid = row_mask[:, None] & (candidate < num_candidates) & (slot < TOPK)
-        vals = tl.load(partial_vals_ptr + offsets, mask=valid, other=float("-inf"))
-        ids = tl.load(partial_ids_ptr + offsets, mask=valid, other=2147483647)
-        keys = _ranking_keys(vals, ids)
-        taken = _ranking_keys(tl.full([1, 1], float("-inf"), tl.float32),
-                              tl.full([1, 1], 2147483647, tl.int32))  # below every candidate
+def _take_best(keys, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """The ``TOPK`` largest keys of each row of ``keys [R, C]`` (real keys are distinct) as
+    ``[R, TOPK_PAD]``, empty keys after a row runs out and in the pad slots."""
+    empty = _empty_key()
+    slots = tl.arange(0, TOPK_PAD)[None, :]
+    best_keys = tl.zeros([keys.shape[0], TOPK_PAD], tl.int64) + empty
+    for rank in range(TOPK):
+        best = tl.max(keys, axis=1)
+        keys = tl.where(keys == best[:, None], empty, keys)
+        best_keys = tl.where(slots == rank, best[:, None], best_keys)
+    return best_keys
+
+
+@triton.jit
+def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, stride_out_group,
+                 stride_out_token, q_start, len_q, len_k, tile, total_rows, FINAL: tl.constexpr,
+                 NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                 CANDIDATES_PAD: tl.constexpr):
+    """Merge lists ``[first_list, first_list + num_lists)`` of ``src [lists, total_rows, TOPK_PAD]``
+    for the rows of one tile, ``MERGE_ROWS`` rows at a time: into list ``dst_list`` of ``dst``,
+    or (``FINAL``) into the selection ``out``."""
+    candidate = tl.arange(0, CANDIDATES_PAD)
+    source = candidate // TOPK_PAD
+    slot = candidate % TOPK_PAD
+    candidate_mask = (source < num_lists) & (slot < TOPK)
+    for row_from in range(0, tl.minimum(BLOCK_R, len_q * NUM_GROUPS - tile * BLOCK_R), MERGE_ROWS):
+        local_rows = tile * BLOCK_R + row_from + tl.arange(0, MERGE_ROWS)
+        row_mask = local_rows < len_q * NUM_GROUPS
+        flat_rows = (q_start * NUM_GROUPS + local_rows).to(tl.int64)
+        offsets = (((first_list + source).to(tl.int64) * total_rows)[None, :] + flat_rows[:, None]) \
+            * TOPK_PAD + slot[None, :]
+        # .cg: read at L2, where the other programs' stores landed.
+        load_mask = row_mask[:, None] & candidate_mask[None, :]
+        keys = tl.load(src_ptr + offsets, mask=load_mask, other=0, cache_modifier=".cg")
+        best = _take_best(tl.where(load_mask, keys, _empty_key()), TOPK, TOPK_PAD)
         slots = tl.arange(0, TOPK_PAD)[None, :]
-        chosen = tl.where(slots < TOPK, -1 - slots, _PAD_ID) + tl.zeros([BLOCK_R, TOPK_PAD], tl.int32)
-        for rank in range(TOPK):
-            best = tl.max(keys, axis=1)
-            keys = tl.where(keys == best[:, None], taken, keys)
-            best_id = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
-            # Empty slots (negative ids) and exhausted rows stay invalid: -1 - rank.
-            best_id = tl.where((best_id >= 0) & (best_id < _PAD_ID), best_id, -1 - rank)
-            chosen = tl.where(slots == rank, best_id[:, None], chosen)
-        _store_selection(out_ptr, stride_out_group, stride_out_token, global_token, group,
-                         row_mask, position // BLOCK_SIZE, chosen, TOPK_PAD)
+        if FINAL:
+            low = (best & 0xFFFFFFFF).to(tl.int32)
+            ids = tl.where(low > 0, 2147483647 - low, tl.where(slots < TOPK, -1 - slots, _PAD_ID))
+            token = local_rows // NUM_GROUPS
+            position = len_k - len_q + token
+            _store_selection(out_ptr, stride_out_group, stride_out_token, q_start + token,
+                             local_rows % NUM_GROUPS, row_mask, position // BLOCK_SIZE, ids, TOPK_PAD)
+        else:
+            dst = (dst_list.to(tl.int64) * total_rows + flat_rows)[:, None] * TOPK_PAD + slots
+            tl.store(dst_ptr + dst, best, mask=row_mask[:, None])
 
 
-# Largest candidate list the merge kernel holds per row (splits x padded topk).
-MAX_MERGE_CANDIDATES = 4096
+@triton.jit
+def _arrive(counter_ptr, expected):
+    """Count this program in at ``counter_ptr``; True for the last of ``expected`` programs, which
+    then resets the counter for the next launch. The barrier and the release make this program's
+    earlier stores visible to whichever program arrives last (it acquires)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == expected - 1
+    if last:
+        tl.store(counter_ptr, 0)
+    return last
 
 
-def _num_splits(num_tiles: int, max_blocks: int, topk_pad: int, device: torch.device) -> int:
+@triton.jit
+def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals, ids,
+                  stride_out_group, stride_out_token, q_start, len_q, len_k, tile, batch, split,
+                  total_rows, NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                  FAN_IN: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                  CANDIDATES_PAD: tl.constexpr, LEVEL_MERGE_ROWS: tl.constexpr,
+                  LEVEL_CANDIDATES_PAD: tl.constexpr):
+    """Store this split's lists, then merge as the last arriver of its group of ``FAN_IN`` splits
+    (and, with several groups, as the last group merge, from the group lists in ``level_keys``).
+
+    Counters: ``NUM_SPLIT_GROUPS + 1`` int32 per (tile, sequence), zero between launches."""
+    NUM_SPLIT_GROUPS: tl.constexpr = (NUM_SPLITS + FAN_IN - 1) // FAN_IN
+    local_rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    flat_rows = (q_start * NUM_GROUPS + local_rows).to(tl.int64)
+    offsets = (split * total_rows + flat_rows)[:, None] * TOPK_PAD + tl.arange(0, TOPK_PAD)[None, :]
+    tl.store(partial_keys_ptr + offsets, _list_keys(vals, ids),
+             mask=(local_rows < len_q * NUM_GROUPS)[:, None])
+    counter = counters_ptr + (tile * tl.num_programs(1) + batch) * (NUM_SPLIT_GROUPS + 1)
+    split_group = split // FAN_IN
+    members = tl.minimum(FAN_IN, NUM_SPLITS - split_group * FAN_IN)
+    if _arrive(counter + split_group, members):
+        if NUM_SPLIT_GROUPS == 1:
+            _merge_lists(partial_keys_ptr, 0, NUM_SPLITS, level_keys_ptr, 0, out_ptr,
+                         stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
+                         total_rows, True, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
+                         MERGE_ROWS, CANDIDATES_PAD)
+        else:
+            _merge_lists(partial_keys_ptr, split_group * FAN_IN, members, level_keys_ptr,
+                         split_group, out_ptr, stride_out_group, stride_out_token, q_start, len_q,
+                         len_k, tile, total_rows, False, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK,
+                         TOPK_PAD, MERGE_ROWS, CANDIDATES_PAD)
+            if _arrive(counter + NUM_SPLIT_GROUPS, NUM_SPLIT_GROUPS):
+                _merge_lists(level_keys_ptr, 0, NUM_SPLIT_GROUPS, level_keys_ptr, 0, out_ptr,
+                             stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
+                             total_rows, True, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
+                             LEVEL_MERGE_ROWS, LEVEL_CANDIDATES_PAD)
+
+
+# Split programs merge in a two-level tree: groups of FAN_IN splits, then the group lists (at
+# most MAX_SPLITS / FAN_IN of them). Up to 2 * FAN_IN splits merge in one level.
+FAN_IN = 16
+MAX_SPLITS = 32 * FAN_IN
+# Elements (rows x candidates) of one merge step's tile: bounds the merging program's registers.
+MERGE_TILE = 4096
+
+
+def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: torch.device) -> int:
     """Split the key range when the query tiles alone cannot fill the GPU."""
     sms = device_sm_count(device)
     if num_tiles >= sms or max_blocks < 8:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, num_tiles), max_blocks // 4,
-                      MAX_MERGE_CANDIDATES // topk_pad))
+    return max(1, min(triton.cdiv(splits_per_sm * sms, num_tiles), max_blocks // 4, MAX_SPLITS))
 
 
 def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
-    """Rows per program and warps: 256-row tiles for prefill, small tiles for decode rows."""
+    """Rows per program and warps: 256-row tiles for prefill, small tiles for decode rows.
+
+    ``key_major``: scores as ``k @ q^T`` (keys as the tile's rows); ``splits_per_sm``: key-range
+    splits per multiprocessor when the query tiles cannot fill the GPU."""
     if not is_cuda:
-        return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1}
+        return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1,
+                "key_major": rows_per_sequence <= 16, "splits_per_sm": 2}
     if rows_per_sequence > 128:
         return CUDA_CONFIG
     return {"block_r": max(16, triton.next_power_of_2(rows_per_sequence)), "num_warps": 4,
-            "num_stages": 4}
+            "num_stages": 4, "key_major": False, "splits_per_sm": 2}
 
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -346,7 +443,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``.
         num_splits: key-range splits (default: chosen from the grid size).
         out: optional int32 ``[G, total_q, topk]`` buffer to write into.
-        config: launch configuration (keys of :data:`CUDA_CONFIG`) instead of the tuned one.
+        config: launch configuration entries (keys of :data:`CUDA_CONFIG`) over the tuned ones.
     Returns:
         int32 ``[G, total_q, topk]``.
     """
@@ -369,7 +466,7 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
                         init_blocks: int, local_blocks: int, index_scale: torch.Tensor | None = None,
                         max_len_q: int | None = None, num_splits: int | None = None,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Selection against a paged index-key cache (one page per key block).
 
     Args:
@@ -378,6 +475,7 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
             ``index_scale [num_pages, page_size]`` float32 (key = value x scale).
         block_table: int32 ``[B, max_pages]``; cu_seqlens_q int32 ``[B + 1]``; seq_lens int32 ``[B]``.
         max_len_q: the longest query run (default: read from ``cu_seqlens_q``, a host sync).
+        config: launch configuration entries (keys of :data:`CUDA_CONFIG`) over the tuned ones.
     Returns:
         int32 ``[G, total_q, topk]``, block ids relative to each request.
     """
@@ -386,7 +484,8 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
     if max_len_q is None:
         max_len_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     plan = plan_selection(qi.shape[0], block_table.shape[0], qi.shape[1], max_len_q,
-                          block_table.shape[1], topk=topk, device=qi.device, num_splits=num_splits)
+                          block_table.shape[1], topk=topk, device=qi.device, num_splits=num_splits,
+                          config=config)
     return run_selection(plan, qi, index_cache, cu_seqlens_q, seq_lens, block_size=index_cache.shape[1],
                          init_blocks=init_blocks, local_blocks=local_blocks, block_table=block_table,
                          index_scale=index_scale, out=out)
@@ -411,8 +510,18 @@ class SelectionPlan:
     num_splits: int
     blocks_per_split: int
     config: dict
-    partial_vals: torch.Tensor | None
-    partial_ids: torch.Tensor | None
+    fan_in: int  # splits per first-level merge group (all of them for a one-level merge)
+    merge_shape: tuple[int, int]  # (rows, padded candidates) of a first-level merge step
+    level_merge_shape: tuple[int, int]  # the same for the merge of the group lists
+    partial_keys: torch.Tensor | None  # int64 [splits, total_q * G, topk_pad]
+    level_keys: torch.Tensor | None  # int64 [split groups, total_q * G, topk_pad] (two levels)
+    counters: torch.Tensor | None  # int32 [tiles, B, split groups + 1], zero between launches
+
+
+def _merge_shape(num_lists: int, topk_pad: int, block_r: int, rows_per_sequence: int):
+    candidates_pad = triton.next_power_of_2(num_lists * topk_pad)
+    rows = min(block_r, triton.next_power_of_2(rows_per_sequence), max(1, MERGE_TILE // candidates_pad))
+    return rows, candidates_pad
 
 
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
@@ -420,27 +529,39 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
                    config: dict | None = None) -> SelectionPlan:
     """Size the grid (query tiles x B x key splits) and the split workspace.
 
+    The workspace (partial lists, counters) serves one launch at a time: launches of one plan
+    must not run concurrently (on different streams).
+
     Args:
         max_len_q: longest query run of a sequence; max_blocks: most key blocks of a sequence.
-        config: launch configuration (``block_r``, ``num_warps``, ``num_stages``) to use instead
-            of the tuned one.
+        config: launch configuration (the keys of :data:`CUDA_CONFIG`) to use instead of the
+            tuned one.
     """
-    config = config or _launch_config(max_len_q * num_groups, device.type == "cuda")
-    num_tiles = triton.cdiv(max_len_q * num_groups, config["block_r"])
+    rows_per_sequence = max(1, max_len_q * num_groups)
+    config = {**_launch_config(rows_per_sequence, device.type == "cuda"), **(config or {})}
+    num_tiles = triton.cdiv(rows_per_sequence, config["block_r"])
     topk_pad = max(4, triton.next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
     max_blocks = max(1, max_blocks)
     if num_splits is None:
-        num_splits = _num_splits(num_tiles * batch, max_blocks, topk_pad, device)
-    num_splits = max(1, min(num_splits, max_blocks, MAX_MERGE_CANDIDATES // topk_pad))
+        num_splits = _num_splits(num_tiles * batch, max_blocks, config["splits_per_sm"], device)
+    num_splits = max(1, min(num_splits, max_blocks, MAX_SPLITS))
     blocks_per_split = triton.cdiv(max_blocks, num_splits)
     num_splits = triton.cdiv(max_blocks, blocks_per_split)
-    partial_vals = partial_ids = None
+    fan_in = num_splits if num_splits <= 2 * FAN_IN else FAN_IN
+    num_split_groups = triton.cdiv(num_splits, fan_in)
+    merge_shape = _merge_shape(fan_in, topk_pad, config["block_r"], rows_per_sequence)
+    level_merge_shape = _merge_shape(num_split_groups, topk_pad, config["block_r"], rows_per_sequence)
+    partial_keys = level_keys = counters = None
     if num_splits > 1:
-        size = num_splits * total_q * num_groups * topk_pad
-        partial_vals = torch.empty(size, dtype=torch.float32, device=device)
-        partial_ids = torch.empty(size, dtype=torch.int32, device=device)
+        rows = total_q * num_groups * topk_pad
+        partial_keys = torch.empty(num_splits * rows, dtype=torch.int64, device=device)
+        if num_split_groups > 1:
+            level_keys = torch.empty(num_split_groups * rows, dtype=torch.int64, device=device)
+        counters = torch.zeros(num_tiles * batch * (num_split_groups + 1), dtype=torch.int32,
+                               device=device)
     return SelectionPlan(total_q, batch, num_groups, topk, topk_pad, num_tiles, num_splits,
-                         blocks_per_split, config, partial_vals, partial_ids)
+                         blocks_per_split, config, fan_in, merge_shape, level_merge_shape,
+                         partial_keys, level_keys, counters)
 
 
 def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
@@ -448,7 +569,7 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
                   init_blocks: int, local_blocks: int, block_table: torch.Tensor | None = None,
                   index_scale: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the indexer (and the merge when split) of a plan; no host synchronisation.
+    """Launch the indexer of a plan (it merges its splits itself); no host synchronisation.
 
     ``keys`` is ``ki [total_k, Di]`` with ``key_lengths = cu_seqlens_k``, or, with ``block_table``,
     the paged ``index_cache [num_pages, page_size, Di]`` with ``key_lengths = seq_lens``.
@@ -470,32 +591,25 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
         block_table = cu_seqlens_q  # unused
     key_scale = index_scale if index_scale is not None else key_lengths  # unused without scale
     split = plan.num_splits > 1
-    partial_vals = plan.partial_vals if split else out  # unused when not split
-    partial_ids = plan.partial_ids if split else out
+    partial_keys = plan.partial_keys if split else out  # unused when not split
+    level_keys = plan.level_keys if plan.level_keys is not None else partial_keys
+    counters = plan.counters if split else out
     total_rows = plan.total_q * plan.num_groups
     index_dim = qi.shape[-1]
-    common = dict(NUM_GROUPS=plan.num_groups, BLOCK_SIZE=block_size, TOPK=plan.topk,
-                  TOPK_PAD=plan.topk_pad, PAGED=paged)
     _indexer_kernel[(plan.num_tiles, plan.batch, plan.num_splits)](
-        qi, keys, key_scale, block_table, cu_seqlens_q, key_lengths, out, partial_vals,
-        partial_ids, qi.stride(0), qi.stride(1), stride_key_token, stride_key_page,
+        qi, keys, key_scale, block_table, cu_seqlens_q, key_lengths, out, partial_keys,
+        level_keys, counters, qi.stride(0), qi.stride(1), stride_key_token, stride_key_page,
         key_scale.stride(0), block_table.stride(0), out.stride(0), out.stride(1),
         index_dim ** -0.5, plan.blocks_per_split, total_rows,
-        INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim), BLOCK_R=plan.config["block_r"],
-        BLOCK_N=min(block_size, 128), INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
-        SPLIT=split, KEY_SCALE=index_scale is not None,
+        NUM_GROUPS=plan.num_groups, INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim),
+        BLOCK_R=plan.config["block_r"], BLOCK_N=min(block_size, 128), BLOCK_SIZE=block_size,
+        TOPK=plan.topk, TOPK_PAD=plan.topk_pad, INIT_BLOCKS=init_blocks,
+        LOCAL_BLOCKS=local_blocks, SPLIT=split, PAGED=paged, KEY_SCALE=index_scale is not None,
         # Two blocks a step where the keys are contiguous (prefill) and fit in shared memory.
         PAIRS=not paged and block_size <= 128 and (qi.element_size() <= 2 or not qi.is_cuda),
-        **dot_options(qi.dtype),
-        num_warps=plan.config["num_warps"], num_stages=plan.config["num_stages"], **common)
-    if split:
-        num_candidates = plan.num_splits * plan.topk_pad
-        candidates_pad = triton.next_power_of_2(num_candidates)
-        # Picking is instruction-bound on one multiprocessor: spread long lists one row per program.
-        merge_rows = max(1, min(64, 1024 // candidates_pad))
-        max_rows = plan.num_tiles * plan.config["block_r"]
-        _merge_kernel[(triton.cdiv(max_rows, merge_rows), plan.batch)](
-            partial_vals, partial_ids, cu_seqlens_q, key_lengths, out, out.stride(0), out.stride(1),
-            total_rows, num_candidates, BLOCK_R=merge_rows, CANDIDATES_PAD=candidates_pad,
-            num_warps=8 if candidates_pad >= 1024 else 4, **common)
+        KEY_MAJOR=plan.config["key_major"], FAN_IN=plan.fan_in, NUM_SPLITS=plan.num_splits,
+        MERGE_ROWS=plan.merge_shape[0], CANDIDATES_PAD=plan.merge_shape[1],
+        LEVEL_MERGE_ROWS=plan.level_merge_shape[0], LEVEL_CANDIDATES_PAD=plan.level_merge_shape[1],
+        **dot_options(qi.dtype), num_warps=plan.config["num_warps"],
+        num_stages=plan.config["num_stages"])
     return out
