@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.utils import device_sm_count, dot_options, mma
+from msattn.ops.utils import arrive_last, device_sm_count, dot_options, mma
 
 # Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H100
 # (benchmarks/results/tuning/).
@@ -351,19 +351,6 @@ def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, str
 
 
 @triton.jit
-def _arrive(counter_ptr, expected):
-    """Count this program in at ``counter_ptr``; True for the last of ``expected`` programs, which
-    then resets the counter for the next launch. The barrier and the release make this program's
-    earlier stores visible to whichever program arrives last (it acquires)."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-    last = arrived == expected - 1
-    if last:
-        tl.store(counter_ptr, 0)
-    return last
-
-
-@triton.jit
 def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals, ids,
                   stride_out_group, stride_out_token, q_start, len_q, len_k, tile, batch, split,
                   total_rows, NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -384,7 +371,7 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
     counter = counters_ptr + (tile * tl.num_programs(1) + batch) * (NUM_SPLIT_GROUPS + 1)
     split_group = split // FAN_IN
     members = tl.minimum(FAN_IN, NUM_SPLITS - split_group * FAN_IN)
-    if _arrive(counter + split_group, members):
+    if arrive_last(counter + split_group, members):
         if NUM_SPLIT_GROUPS == 1:
             _merge_lists(partial_keys_ptr, 0, NUM_SPLITS, level_keys_ptr, 0, out_ptr,
                          stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
@@ -395,7 +382,7 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
                          split_group, out_ptr, stride_out_group, stride_out_token, q_start, len_q,
                          len_k, tile, total_rows, False, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK,
                          TOPK_PAD, MERGE_ROWS, CANDIDATES_PAD)
-            if _arrive(counter + NUM_SPLIT_GROUPS, NUM_SPLIT_GROUPS):
+            if arrive_last(counter + NUM_SPLIT_GROUPS, NUM_SPLIT_GROUPS):
                 _merge_lists(level_keys_ptr, 0, NUM_SPLIT_GROUPS, level_keys_ptr, 0, out_ptr,
                              stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
                              total_rows, True, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,

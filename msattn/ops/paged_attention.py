@@ -2,8 +2,9 @@
 
 Each program takes one query token and one group, with the group's heads as the rows of its
 tiles, and runs an online softmax over the token's selected pages. When those programs alone
-cannot fill the GPU, the selected slots are split across programs (one slot each) and
-:func:`msattn.ops.sparse_attention.combine_partials` merges the partials by their LSEs.
+cannot fill the GPU, the selected slots are split across programs (one slot each); the last of a
+(token, group)'s programs to finish merges the partials by their LSEs
+(:func:`msattn.ops.sparse_attention.merge_slot_partials`), in the same launch.
 
 Long query runs (chunked prefill against a paged cache) go through the KV-outer kernel of
 :mod:`msattn.ops.sparse_attention` instead, which loads each selected page once per chunk.
@@ -17,27 +18,28 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.sparse_attention import LN2, LOG2E, combine_partials
-from msattn.ops.utils import device_sm_count, dot_options, mma
+from msattn.ops.sparse_attention import LN2, LOG2E, merge_slot_partials
+from msattn.ops.utils import arrive_last, device_sm_count, dot_options, mma
 
 
 # One program: query token ``t`` of request ``b`` (program_id(0) = b * max_len_q + t) x one group
 # x one split of its selected slots. q [total_q, H, D]; k/v cache [num_pages, page_size, G, D];
 # indices [G, total_q, TOPK]. Not split: writes o [total_q, H, D], lse [total_q, H].
 # Split (one slot per program): writes partial_o [total_q, H, TOPK, D], partial_lse
-# [total_q, H, TOPK] and row_position [total_q] for the combine kernel.
-# Grid: (B * max_len_q, G, 1 or TOPK).
+# [total_q, H, TOPK]; the last of the TOPK programs of a (token, group) (counters [total_q, G])
+# merges them into o and lse. Grid: (B * max_len_q, G, 1 or TOPK).
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, indices_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
-        o_ptr, lse_ptr, partial_o_ptr, partial_lse_ptr, row_position_ptr,
+        o_ptr, lse_ptr, partial_o_ptr, partial_lse_ptr, counters_ptr,
         stride_q_token, stride_q_head, stride_k_page, stride_k_token, stride_k_group,
         stride_v_page, stride_v_token, stride_v_group, stride_indices_group,
         stride_indices_token, stride_block_table, stride_o_token, stride_o_head,
         max_len_q, num_heads, scale_log2,
         GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        SPLIT: tl.constexpr, TOPK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr):
     batch = tl.program_id(0) // max_len_q
     query = tl.program_id(0) % max_len_q
     group = tl.program_id(1)
@@ -47,9 +49,6 @@ def _paged_attention_kernel(
     if query < len_q:
         token = (q_start + query).to(tl.int64)
         position = tl.load(seq_lens_ptr + batch) - len_q + query
-        if SPLIT:
-            if (group == 0) & (split == 0):
-                tl.store(row_position_ptr + token, position)
         heads = group * GROUP_SIZE + tl.arange(0, BLOCK_H)
         head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
         dim = tl.arange(0, BLOCK_D)
@@ -95,6 +94,11 @@ def _paged_attention_kernel(
             tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
                      out.to(partial_o_ptr.dtype.element_ty),
                      mask=has_keys[:, None] & head_mask[:, None] & dim_mask[None, :])
+            if arrive_last(counters_ptr + token * tl.num_programs(1) + group, TOPK):
+                merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row, token, position,
+                                    token, group, o_ptr, lse_ptr, stride_o_token, stride_o_head,
+                                    num_heads, GROUP_SIZE, BLOCK_H, TOPK, TOPK_PAD, HEAD_DIM,
+                                    BLOCK_D, PAGE_SIZE)
         else:
             tl.store(o_ptr + token * stride_o_token + heads[:, None] * stride_o_head + dim[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
@@ -115,23 +119,23 @@ class PagedAttentionPlan:
     split: bool
     partial_o: torch.Tensor | None
     partial_lse: torch.Tensor | None
-    row_position: torch.Tensor | None
+    counters: torch.Tensor | None  # int32 [total_q, G], zero between launches
 
 
 def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: int, num_groups: int,
                          head_dim: int, topk: int, dtype: torch.dtype, device: torch.device,
                          split: bool | None = None) -> PagedAttentionPlan:
     """Choose whether to split the slots (when token x group programs cannot fill the GPU) and
-    allocate the partial buffers."""
+    allocate the partial buffers. Launches of one plan must not run concurrently."""
     if split is None:
         split = batch * max_len_q * num_groups < device_sm_count(device)
-    partial_o = partial_lse = row_position = None
+    partial_o = partial_lse = counters = None
     if split:
         partial_o = torch.empty(total_q * num_heads * topk * head_dim, dtype=dtype, device=device)
         partial_lse = torch.empty(total_q * num_heads * topk, dtype=torch.float32, device=device)
-        row_position = torch.empty(total_q, dtype=torch.int32, device=device)
+        counters = torch.zeros(total_q * num_groups, dtype=torch.int32, device=device)
     return PagedAttentionPlan(total_q, batch, max_len_q, num_heads, num_groups, head_dim, topk,
-                              split, partial_o, partial_lse, row_position)
+                              split, partial_o, partial_lse, counters)
 
 
 def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torch.Tensor,
@@ -154,15 +158,13 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
     _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
         q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, o, lse,
         plan.partial_o if plan.split else unused, plan.partial_lse if plan.split else unused,
-        plan.row_position if plan.split else unused,
+        plan.counters if plan.split else unused,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), indices.stride(0),
         indices.stride(1), block_table.stride(0), o.stride(0), o.stride(1),
         plan.max_len_q, plan.num_heads, softmax_scale * LOG2E,
         GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=plan.topk,
         HEAD_DIM=plan.head_dim, BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size,
-        SPLIT=plan.split, **dot_options(q.dtype), num_warps=4, num_stages=2)
-    if plan.split:
-        combine_partials(plan.partial_o, plan.partial_lse, indices, plan.row_position, o, lse,
-                         row_start=0, rows=plan.total_q, block_size=page_size)
+        SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), **dot_options(q.dtype),
+        num_warps=4, num_stages=2)
     return o, lse

@@ -218,8 +218,52 @@ def _block_attention_kernel(
                      out.to(partial_o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-# One program: one query row of the chunk x the heads of one group. Merges the TOPK partial
-# outputs of each head by their LSEs; a slot counts when its block holds a visible key.
+@triton.jit
+def merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row_ptr, partial_row, position,
+                        token, group, o_ptr, lse_ptr, stride_o_token, stride_o_head, num_heads,
+                        GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
+                        TOPK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr):
+    """Merge the ``TOPK`` partial outputs of the heads of ``group`` for one query token by their
+    LSEs (rows ``partial_row`` of ``partial_o [rows, H, TOPK, D]``, ``partial_lse [rows, H, TOPK]``)
+    into ``o [total_q, H, D]``, ``lse [total_q, H]``. A slot counts when its block (from
+    ``index_row_ptr``, the token's ``TOPK`` selected blocks) holds a key at or before ``position``.
+    Partials are read at L2 (``.cg``): other programs of the same launch may have written them."""
+    heads = group * GROUP_SIZE + tl.arange(0, BLOCK_H)
+    head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
+    slots = tl.arange(0, TOPK_PAD)
+    blocks = tl.load(index_row_ptr + slots, mask=slots < TOPK, other=-1)
+    slot_valid = (blocks >= 0) & (blocks * BLOCK_SIZE <= position)
+    partial_rows = (partial_row.to(tl.int64) * num_heads + heads) * TOPK  # [BLOCK_H]
+    lse = tl.load(partial_lse_ptr + partial_rows[:, None] + slots[None, :],
+                  mask=head_mask[:, None] & slot_valid[None, :], other=float("-inf"),
+                  cache_modifier=".cg")
+    lse_max = tl.max(lse, axis=1)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weights = tl.exp(lse - lse_max[:, None])
+    total = tl.sum(weights, axis=1)
+    dim = tl.arange(0, BLOCK_D)
+    dim_mask = dim < HEAD_DIM
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # Masked loads rather than branches: the loads of all slots can be in flight together.
+    for slot in tl.static_range(TOPK):
+        block = tl.zeros([BLOCK_H], tl.int32) + tl.load(index_row_ptr + slot)  # one per head
+        use = head_mask & (block >= 0) & (block * BLOCK_SIZE <= position)
+        slot_lse = tl.load(partial_lse_ptr + partial_rows + slot, mask=use, other=float("-inf"),
+                           cache_modifier=".cg")
+        part = tl.load(partial_o_ptr + (partial_rows + slot)[:, None] * HEAD_DIM + dim[None, :],
+                       mask=use[:, None] & dim_mask[None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.exp(slot_lse - lse_max)[:, None] * part.to(tl.float32)
+    has_keys = total > 0
+    out = acc / tl.where(has_keys, total, 1.0)[:, None]
+    row_lse = tl.where(has_keys, lse_max + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
+    token = token.to(tl.int64)
+    tl.store(o_ptr + token * stride_o_token + heads[:, None] * stride_o_head + dim[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
+    tl.store(lse_ptr + token * num_heads + heads, row_lse, mask=head_mask)
+
+
+# One program: one query row of the chunk x the heads of one group (merge_slot_partials).
 # Grid: (rows, G). partial_o [rows, H, TOPK, D]; writes o [total_q, H, D] and lse [total_q, H].
 @triton.jit
 def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_ptr, o_ptr, lse_ptr,
@@ -231,38 +275,11 @@ def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_pt
     row = tl.program_id(0)
     group = tl.program_id(1)
     token = row_start + row
-    position = tl.load(row_position_ptr + row)
-    heads = group * GROUP_SIZE + tl.arange(0, BLOCK_H)
-    head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
-    slots = tl.arange(0, TOPK_PAD)
-    blocks = tl.load(indices_ptr + group * stride_indices_group + token.to(tl.int64) * stride_indices_token
-                     + slots, mask=slots < TOPK, other=-1)
-    slot_valid = (blocks >= 0) & (blocks * BLOCK_SIZE <= position)
-    partial_rows = (row.to(tl.int64) * num_heads + heads) * TOPK  # [BLOCK_H]
-    lse = tl.load(partial_lse_ptr + partial_rows[:, None] + slots[None, :],
-                  mask=head_mask[:, None] & slot_valid[None, :], other=float("-inf"))
-    lse_max = tl.max(lse, axis=1)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weights = tl.exp(lse - lse_max[:, None])
-    total = tl.sum(weights, axis=1)
-    dim = tl.arange(0, BLOCK_D)
-    dim_mask = dim < HEAD_DIM
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    # Masked loads rather than branches: the loads of all slots can be in flight together.
-    for slot in tl.static_range(TOPK):
-        block = tl.zeros([BLOCK_H], tl.int32) + tl.load(  # the slot's block, one per head
-            indices_ptr + group * stride_indices_group + token.to(tl.int64) * stride_indices_token + slot)
-        use = head_mask & (block >= 0) & (block * BLOCK_SIZE <= position)
-        slot_lse = tl.load(partial_lse_ptr + partial_rows + slot, mask=use, other=float("-inf"))
-        part = tl.load(partial_o_ptr + (partial_rows + slot)[:, None] * HEAD_DIM + dim[None, :],
-                       mask=use[:, None] & dim_mask[None, :], other=0.0)
-        acc += tl.exp(slot_lse - lse_max)[:, None] * part.to(tl.float32)
-    has_keys = total > 0
-    out = acc / tl.where(has_keys, total, 1.0)[:, None]
-    row_lse = tl.where(has_keys, lse_max + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
-    tl.store(o_ptr + token.to(tl.int64) * stride_o_token + heads[:, None] * stride_o_head + dim[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=head_mask[:, None] & dim_mask[None, :])
-    tl.store(lse_ptr + token.to(tl.int64) * num_heads + heads, row_lse, mask=head_mask)
+    index_row = indices_ptr + group * stride_indices_group + token.to(tl.int64) * stride_indices_token
+    merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row, row,
+                        tl.load(row_position_ptr + row), token, group, o_ptr, lse_ptr,
+                        stride_o_token, stride_o_head, num_heads, GROUP_SIZE, BLOCK_H, TOPK,
+                        TOPK_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
 
 
 def _launch_config(q: torch.Tensor) -> dict:

@@ -40,3 +40,17 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     if DOT_UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def arrive_last(counter_ptr, expected):
+    """Count this program in at the int32 ``counter_ptr``: True for the last of ``expected``
+    programs, which also resets the counter to 0 for the next launch. The barrier and the atomic's
+    release make every thread's earlier stores visible to the last program (the atomic acquires);
+    that program reads them at L2 (``cache_modifier=".cg"``)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == expected - 1
+    if last:
+        tl.store(counter_ptr, 0)
+    return last
