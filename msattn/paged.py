@@ -218,10 +218,10 @@ class MSAPagedWrapper:
 
     ``plan()`` fixes the batch layout (``cu_seqlens_q``, at most ``DECODE_MAX_QUERY_LEN`` tokens
     per request) and the table width, and allocates every workspace and the outputs, outside graph
-    capture. ``run()`` then launches the indexer (with its split merge), the attention (with its
-    combine) and nothing else: no host synchronisation, no allocation, no argument reads, so a
-    captured ``run()`` can be replayed after the caches, ``block_table`` and ``seq_lens`` are
-    updated in place. ``run()`` does not check its inputs: check them once with
+    capture. ``run()`` then launches the indexer (which merges its key splits) and the attention
+    (which merges its slot splits), two kernels and nothing else: no host synchronisation, no
+    allocation, no argument reads, so a captured ``run()`` can be replayed after the caches,
+    ``block_table`` and ``seq_lens`` are updated in place. ``run()`` does not check its inputs: check them once with
     :func:`msa_paged_attention`.
 
     Example::
@@ -251,7 +251,7 @@ class MSAPagedWrapper:
         self._plan = None
 
     def plan(self, cu_seqlens_q: torch.Tensor, max_pages: int, *, dtype: torch.dtype = torch.bfloat16,
-             index_dtype: torch.dtype = torch.bfloat16) -> None:
+             index_dtype: torch.dtype = torch.bfloat16, selection_config: dict | None = None) -> None:
         """Fix the batch layout and allocate the workspaces (call outside graph capture).
 
         Args:
@@ -259,6 +259,8 @@ class MSAPagedWrapper:
                 1..``DECODE_MAX_QUERY_LEN`` each; fixed until the next ``plan()``.
             max_pages: width of the ``block_table`` that ``run()`` will get.
             dtype: dtype of q and the K/V caches; index_dtype: of the index cache (fp8 allowed).
+            selection_config: indexer launch configuration entries over the tuned ones (keys of
+                :data:`msattn.ops.indexer.CUDA_CONFIG`), for tuning.
         """
         from msattn.ops import paged_attention
         from msattn.ops.indexer import plan_selection
@@ -280,7 +282,8 @@ class MSAPagedWrapper:
         self.cu_seqlens_q = torch.tensor(cu, dtype=torch.int32, device=self.device)
         self.batch, self.total_q, self.max_len_q, self.max_pages = batch, total_q, max_len_q, max_pages
         self.selection_plan = plan_selection(total_q, batch, self.num_kv_heads, max_len_q, max_pages,
-                                             topk=self.topk, device=self.device)
+                                             topk=self.topk, device=self.device,
+                                             config=selection_config)
         self.attention_plan = paged_attention.plan_paged_attention(
             total_q, batch, max_len_q, self.num_heads, self.num_kv_heads, self.head_dim, self.topk,
             dtype, self.device)

@@ -400,3 +400,23 @@ def test_gpu_decode_m3_shape_and_cuda_graph(fp8):
                                               seq_lens, index_scale=c["index_scale"], **kwargs)
         torch.cuda.synchronize()
         assert torch.equal(wrapper.o, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key_major", [False, True], ids=["query-major", "key-major"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_decode_selection_long_context(fp8, key_major):
+    """Batch-1 decode at 300K tokens (the two-level split merge of a full GPU grid) and 4 requests
+    of 1-16 query tokens, M3 index shape: the paged selection equals the contiguous reference
+    (exact on the fp8 case's exactly representable keys; within float32 near-ties on bf16)."""
+    for lens_q, lens_k in (([1], [300_000]), ([1, 16, 3, 8], [70_000, 150_000, 2_000, 40_000])):
+        c = _case(lens_q, lens_k, 4, 4, 16, 128, 128, torch.bfloat16, fp8=fp8, seed=len(lens_q))
+        kwargs = dict(topk=16, init_blocks=0, local_blocks=1)
+        expected = reference.select_blocks(c["qi"].float() if fp8 else c["qi"], c["ki"], c["cu_q"],
+                                           c["cu_k"], block_size=128, **kwargs)
+        out = torch.full_like(expected, 12345)
+        select_blocks_paged(c["qi"], c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
+                            index_scale=c["index_scale"], out=out, config={"key_major": key_major},
+                            **kwargs)
+        assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
+                                 block_size=128, rel_tol=0.0 if fp8 else 1e-5)

@@ -1,12 +1,15 @@
-"""Kernel profile and launch-configuration sweeps of the prefill kernels (GPU only).
+"""Kernel profiles and launch-configuration sweeps (GPU only).
 
     python3 -m msattn.bench.tune profile --lengths 128k,1m        # CUDA time of every kernel
     python3 -m msattn.bench.tune attention --length 128k          # sparse-attention configs
     python3 -m msattn.bench.tune indexer --length 256k            # indexer configs
+    python3 -m msattn.bench.tune decode --lengths 64k,1m          # decode: profile + indexer configs
 
-M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs. Every swept
-configuration is checked against the default one on the same inputs (selections equal, outputs
-within bf16 rounding) before it is timed. Results print as lines and go to ``--out`` as JSON.
+M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs (decode: one
+query token against a random paged cache, bf16 and fp8 index keys, CUDA-graph replays of
+``MSAPagedWrapper.run``). Every swept configuration is checked against the default one on the
+same inputs (selections equal, outputs within bf16 rounding) before it is timed. Results print
+as lines and go to ``--out`` as JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from msattn.bench import metrics
+import msattn
+from msattn.bench import decode, metrics
 from msattn.bench.cli import parse_length, parse_lengths
 from msattn.bench.prefill import PrefillSettings, make_inputs
 from msattn.bench.report import environment, output_stem, write_json
@@ -120,6 +124,85 @@ def sweep_indexer(length: int, configs: list[dict], out: list) -> None:
         out.append(row)
 
 
+def _decode_settings(length: int) -> decode.DecodeSettings:
+    return decode.DecodeSettings(
+        op="tune-decode", device=torch.device("cuda"), config=CONFIG, lengths=(length,),
+        batches=(1,), q_tokens=(1,), index_dtypes=("bf16", "fp8"), dtype=torch.bfloat16,
+        backend="triton", graphs=True, warmup=10, repeats=200, time_budget_s=0.5, dense=False,
+        dense_max_len=None, bandwidth_bytes=1 << 31)
+
+
+def _decode_step(wrapper, cache, queries, index_dtype):
+    index_cache, index_scale = cache.index[index_dtype]
+    return lambda _: wrapper.run(queries.q, queries.qi, cache.k_cache, cache.v_cache, index_cache,
+                                 cache.block_table, cache.seq_lens, index_scale=index_scale)
+
+
+def sweep_decode(lengths, configs: list[dict], out: list) -> None:
+    """Per length and index dtype: the CUDA time of each kernel of one decode step (default
+    configuration), then the graph-replayed step with each indexer configuration."""
+    settings = _decode_settings(0)
+    bandwidth = decode.bandwidth_ceiling_gbps(settings)
+    print(f"bandwidth ceiling {bandwidth:.0f} GB/s", flush=True)
+    out.append({"kind": "bandwidth", "gbps": bandwidth})
+    for length in lengths:
+        settings = _decode_settings(length)
+        cache = decode.make_cache_set(settings, length, 1)
+        queries = decode.make_queries(settings, 1, 1)
+        for index_dtype in settings.index_dtypes:
+            step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=1, q_tokens=1,
+                                          index_dtype=index_dtype)
+            wrapper = msattn.MSAPagedWrapper(
+                num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
+                head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
+            expected = None
+            for config in [None, *configs]:
+                row = {"kind": "decode", "seq_len": length, "index_dtype": index_dtype,
+                       "config": config}
+                try:
+                    wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
+                                 index_dtype=decode.INDEX_DTYPES[index_dtype],
+                                 selection_config=config)
+                    step = _decode_step(wrapper, cache, queries, index_dtype)
+                    step(None)
+                    torch.cuda.synchronize()
+                    got = wrapper.indices.sort(-1).values.clone()
+                    if expected is None:
+                        expected = got
+                        row["splits"] = wrapper.selection_plan.num_splits
+                        row["kernels_us"] = _profile_us(step)
+                    row["rows_differing"] = int((got != expected).any(-1).sum())
+                    row["us"] = round(decode.measure(settings, step, [None]).timing.ms * 1e3, 2)
+                    row["gbps"] = round(step_bytes / (row["us"] * 1e3), 1)
+                    row["bandwidth_fraction"] = round(row["gbps"] / bandwidth, 3)
+                except Exception as error:  # a config that does not compile or fit is reported
+                    row["error"] = str(error).splitlines()[0][:200]
+                print(json.dumps(row), flush=True)
+                out.append(row)
+        del cache
+        release_memory(torch.device("cuda"))
+
+
+def _profile_us(step, calls: int = 20) -> dict:
+    """Mean CUDA microseconds per call of each kernel of ``step`` over ``calls`` eager calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step(None)
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if cuda_us > 0:
+            kernels[event.key[:60]] = round(cuda_us / calls, 2)
+    return kernels
+
+
+DECODE_INDEXER_CONFIGS = [
+    {"key_major": key_major, "num_warps": warps, "num_stages": stages, "splits_per_sm": splits}
+    for key_major, warps, stages, splits in (
+        (False, 4, 2, 2), (False, 4, 3, 2), (False, 8, 4, 2), (False, 4, 4, 1), (False, 4, 4, 4),
+        (True, 4, 4, 2), (True, 4, 2, 2), (True, 4, 3, 2), (True, 8, 3, 2), (True, 8, 4, 2),
+        (True, 4, 3, 1), (True, 4, 3, 4), (True, 4, 4, 4))]
 ATTENTION_CONFIGS = [
     {"block_m": m, "num_warps": 4, "num_stages": s, "tiles_per_program": 16, "combine_warps": c}
     for m, s, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
@@ -130,12 +213,14 @@ INDEXER_CONFIGS = [{"block_r": r, "num_warps": w, "num_stages": s}
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m msattn.bench.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("profile", "attention", "indexer"))
+    parser.add_argument("what", choices=("profile", "attention", "indexer", "decode"))
     parser.add_argument("--lengths", type=parse_lengths, default=(128 << 10,))
     parser.add_argument("--length", type=parse_length, default=128 << 10)
     parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
     parser.add_argument("--default-config", action="store_true",
                         help="attention: sweep only --chunk-rows with the tuned launch config")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="decode: the default configuration only (kernel profile and step time)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -144,6 +229,8 @@ def main(argv=None) -> int:
     rows: list = []
     if args.what == "profile":
         profile(args.lengths, rows)
+    elif args.what == "decode":
+        sweep_decode(args.lengths, [] if args.profile_only else DECODE_INDEXER_CONFIGS, rows)
     elif args.what == "attention":
         chunks = [int(c) or None for c in args.chunk_rows.split(",")]
         configs = [sparse_attention.CUDA_CONFIG] if args.default_config else ATTENTION_CONFIGS
