@@ -315,6 +315,25 @@ def _take_best(keys, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
 
 
 @triton.jit
+def _store_ranked(out_ptr, stride_out_group, stride_out_token, global_token, group, row_mask,
+                  own_block, best_keys, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """Write rows of ranked keys (``_take_best``: real keys first, then empty ones) as the
+    selection: their ids with the own block moved to the last valid slot, then -1 padding.
+    (A permutation of the slots, no prefix scan.)"""
+    low = (best_keys & 0xFFFFFFFF).to(tl.int32)
+    valid = low > 0
+    ids = 2147483647 - low
+    slots = tl.arange(0, TOPK_PAD)[None, :]
+    num_valid = tl.sum(valid.to(tl.int32), axis=1)[:, None]
+    is_own = valid & (ids == own_block[:, None])
+    own_slot = tl.max(tl.where(is_own, slots, -1), axis=1)[:, None]
+    last = slots == num_valid - 1
+    dest = tl.where(is_own, num_valid - 1, tl.where(last & (own_slot >= 0), own_slot, slots))
+    row_ptr = out_ptr + group.to(tl.int64) * stride_out_group + global_token.to(tl.int64) * stride_out_token
+    tl.store(row_ptr[:, None] + dest, tl.where(valid, ids, -1), mask=row_mask[:, None] & (slots < TOPK))
+
+
+@triton.jit
 def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, stride_out_group,
                  stride_out_token, q_start, len_q, len_k, tile, total_rows, FINAL: tl.constexpr,
                  NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -339,12 +358,10 @@ def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, str
         best = _take_best(tl.where(load_mask, keys, _empty_key()), TOPK, TOPK_PAD)
         slots = tl.arange(0, TOPK_PAD)[None, :]
         if FINAL:
-            low = (best & 0xFFFFFFFF).to(tl.int32)
-            ids = tl.where(low > 0, 2147483647 - low, tl.where(slots < TOPK, -1 - slots, _PAD_ID))
             token = local_rows // NUM_GROUPS
-            position = len_k - len_q + token
-            _store_selection(out_ptr, stride_out_group, stride_out_token, q_start + token,
-                             local_rows % NUM_GROUPS, row_mask, position // BLOCK_SIZE, ids, TOPK_PAD)
+            own_block = (len_k - len_q + token) // BLOCK_SIZE
+            _store_ranked(out_ptr, stride_out_group, stride_out_token, q_start + token,
+                          local_rows % NUM_GROUPS, row_mask, own_block, best, TOPK, TOPK_PAD)
         else:
             dst = (dst_list.to(tl.int64) * total_rows + flat_rows)[:, None] * TOPK_PAD + slots
             tl.store(dst_ptr + dst, best, mask=row_mask[:, None])
