@@ -198,11 +198,10 @@ def _profile_us(step, calls: int = 20) -> dict:
 
 
 DECODE_INDEXER_CONFIGS = [
-    {"key_major": key_major, "num_warps": warps, "num_stages": stages, "splits_per_sm": splits}
-    for key_major, warps, stages, splits in (
-        (False, 4, 2, 2), (False, 4, 3, 2), (False, 8, 4, 2), (False, 4, 4, 1), (False, 4, 4, 4),
-        (True, 4, 4, 2), (True, 4, 2, 2), (True, 4, 3, 2), (True, 8, 3, 2), (True, 8, 4, 2),
-        (True, 4, 3, 1), (True, 4, 3, 4), (True, 4, 4, 4))]
+    {"bitonic": bitonic, "fan_in": fan_in, "num_stages": stages, "key_major": key_major}
+    for bitonic, fan_in, stages, key_major in (
+        (True, 16, 4, False), (True, 8, 4, False), (True, 32, 4, False), (False, 8, 4, False),
+        (False, 32, 4, False), (True, 16, 2, False), (True, 16, 2, True), (True, 16, 4, True))]
 ATTENTION_CONFIGS = [
     {"block_m": m, "num_warps": 4, "num_stages": s, "tiles_per_program": 16, "combine_warps": c}
     for m, s, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]

@@ -30,7 +30,7 @@ from msattn.ops.utils import arrive_last, device_sm_count, dot_options, mma
 # Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H100
 # (benchmarks/results/tuning/).
 CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2, "key_major": False,
-               "splits_per_sm": 2}
+               "splits_per_sm": 2, "fan_in": 16, "bitonic": False}
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)
@@ -220,8 +220,8 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                     KEY_SCALE: tl.constexpr, PAIRS: tl.constexpr, KEY_MAJOR: tl.constexpr,
                     FAN_IN: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
                     CANDIDATES_PAD: tl.constexpr, LEVEL_MERGE_ROWS: tl.constexpr,
-                    LEVEL_CANDIDATES_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    DOT_UPCAST: tl.constexpr):
+                    LEVEL_CANDIDATES_PAD: tl.constexpr, BITONIC: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     batch = tl.program_id(1)
     split = tl.program_id(2)
@@ -276,7 +276,7 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                           stride_out_group, stride_out_token, q_start, len_q, len_k, tile, batch,
                           split, total_rows, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
                           FAN_IN, NUM_SPLITS, MERGE_ROWS, CANDIDATES_PAD, LEVEL_MERGE_ROWS,
-                          LEVEL_CANDIDATES_PAD)
+                          LEVEL_CANDIDATES_PAD, BITONIC)
         else:
             _store_selection(out_ptr, stride_out_group, stride_out_token, global_token, group,
                              row_mask, own_block, ids, TOPK_PAD)
@@ -338,10 +338,11 @@ def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, str
                  stride_out_token, q_start, len_q, len_k, tile, total_rows, FINAL: tl.constexpr,
                  NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                 CANDIDATES_PAD: tl.constexpr):
+                 CANDIDATES_PAD: tl.constexpr, BITONIC: tl.constexpr):
     """Merge lists ``[first_list, first_list + num_lists)`` of ``src [lists, total_rows, TOPK_PAD]``
     for the rows of one tile, ``MERGE_ROWS`` rows at a time: into list ``dst_list`` of ``dst``,
-    or (``FINAL``) into the selection ``out``."""
+    or (``FINAL``) into the selection ``out``. ``BITONIC``: ``tl.topk`` (a bitonic top-k) instead
+    of ``TOPK`` rounds of taking the largest key."""
     candidate = tl.arange(0, CANDIDATES_PAD)
     source = candidate // TOPK_PAD
     slot = candidate % TOPK_PAD
@@ -355,7 +356,12 @@ def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, str
         # .cg: read at L2, where the other programs' stores landed.
         load_mask = row_mask[:, None] & candidate_mask[None, :]
         keys = tl.load(src_ptr + offsets, mask=load_mask, other=0, cache_modifier=".cg")
-        best = _take_best(tl.where(load_mask, keys, _empty_key()), TOPK, TOPK_PAD)
+        keys = tl.where(load_mask, keys, _empty_key())
+        if BITONIC:
+            best = tl.topk(keys, TOPK_PAD)  # sorted, largest first
+            best = tl.where(tl.arange(0, TOPK_PAD)[None, :] < TOPK, best, _empty_key())
+        else:
+            best = _take_best(keys, TOPK, TOPK_PAD)
         slots = tl.arange(0, TOPK_PAD)[None, :]
         if FINAL:
             token = local_rows // NUM_GROUPS
@@ -374,7 +380,7 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
                   BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                   FAN_IN: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
                   CANDIDATES_PAD: tl.constexpr, LEVEL_MERGE_ROWS: tl.constexpr,
-                  LEVEL_CANDIDATES_PAD: tl.constexpr):
+                  LEVEL_CANDIDATES_PAD: tl.constexpr, BITONIC: tl.constexpr):
     """Store this split's lists, then merge as the last arriver of its group of ``FAN_IN`` splits
     (and, with several groups, as the last group merge, from the group lists in ``level_keys``).
 
@@ -393,17 +399,17 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
             _merge_lists(partial_keys_ptr, 0, NUM_SPLITS, level_keys_ptr, 0, out_ptr,
                          stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
                          total_rows, True, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
-                         MERGE_ROWS, CANDIDATES_PAD)
+                         MERGE_ROWS, CANDIDATES_PAD, BITONIC)
         else:
             _merge_lists(partial_keys_ptr, split_group * FAN_IN, members, level_keys_ptr,
                          split_group, out_ptr, stride_out_group, stride_out_token, q_start, len_q,
                          len_k, tile, total_rows, False, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK,
-                         TOPK_PAD, MERGE_ROWS, CANDIDATES_PAD)
+                         TOPK_PAD, MERGE_ROWS, CANDIDATES_PAD, BITONIC)
             if arrive_last(counter + NUM_SPLIT_GROUPS, NUM_SPLIT_GROUPS):
                 _merge_lists(level_keys_ptr, 0, NUM_SPLIT_GROUPS, level_keys_ptr, 0, out_ptr,
                              stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
                              total_rows, True, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
-                             LEVEL_MERGE_ROWS, LEVEL_CANDIDATES_PAD)
+                             LEVEL_MERGE_ROWS, LEVEL_CANDIDATES_PAD, BITONIC)
 
 
 # Split programs merge in a two-level tree: groups of FAN_IN splits, then the group lists (at
@@ -426,14 +432,16 @@ def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
     """Rows per program and warps: 256-row tiles for prefill, small tiles for decode rows.
 
     ``key_major``: scores as ``k @ q^T`` (keys as the tile's rows); ``splits_per_sm``: key-range
-    splits per multiprocessor when the query tiles cannot fill the GPU."""
+    splits per multiprocessor when the query tiles cannot fill the GPU; ``fan_in``: splits per
+    first-level merge; ``bitonic``: merge with ``tl.topk`` (where Triton has it)."""
     if not is_cuda:
         return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1,
-                "key_major": rows_per_sequence <= 16, "splits_per_sm": 2}
+                "key_major": rows_per_sequence <= 16, "splits_per_sm": 2, "fan_in": 16,
+                "bitonic": rows_per_sequence <= 16}
     if rows_per_sequence > 128:
         return CUDA_CONFIG
     return {"block_r": max(16, triton.next_power_of_2(rows_per_sequence)), "num_warps": 4,
-            "num_stages": 4, "key_major": False, "splits_per_sm": 2}
+            "num_stages": 4, "key_major": False, "splits_per_sm": 2, "fan_in": 16, "bitonic": False}
 
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -551,7 +559,7 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
     num_splits = max(1, min(num_splits, max_blocks, MAX_SPLITS))
     blocks_per_split = triton.cdiv(max_blocks, num_splits)
     num_splits = triton.cdiv(max_blocks, blocks_per_split)
-    fan_in = num_splits if num_splits <= 2 * FAN_IN else FAN_IN
+    fan_in = num_splits if num_splits <= 2 * config["fan_in"] else config["fan_in"]
     num_split_groups = triton.cdiv(num_splits, fan_in)
     merge_shape = _merge_shape(fan_in, topk_pad, config["block_r"], rows_per_sequence)
     level_merge_shape = _merge_shape(num_split_groups, topk_pad, config["block_r"], rows_per_sequence)
@@ -614,6 +622,7 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
         KEY_MAJOR=plan.config["key_major"], FAN_IN=plan.fan_in, NUM_SPLITS=plan.num_splits,
         MERGE_ROWS=plan.merge_shape[0], CANDIDATES_PAD=plan.merge_shape[1],
         LEVEL_MERGE_ROWS=plan.level_merge_shape[0], LEVEL_CANDIDATES_PAD=plan.level_merge_shape[1],
+        BITONIC=plan.config["bitonic"] and hasattr(tl, "topk"),
         **dot_options(qi.dtype), num_warps=plan.config["num_warps"],
         num_stages=plan.config["num_stages"])
     return out
