@@ -45,16 +45,17 @@ def test_split_count_does_not_change_selection(splits):
 
 
 @pytest.mark.parametrize("splits", [40, 67])
-@pytest.mark.parametrize("key_major, bitonic", [(False, False), (True, True)])
-def test_two_level_split_merge(splits, key_major, bitonic):
-    """More splits than one merge level takes: groups of FAN_IN splits merge, then the group
-    lists (67 splits: 5 groups, the last of 3 splits); tiles of 32 rows merge 16 rows a step."""
+@pytest.mark.parametrize("fan_in", [8, 16])
+def test_two_level_split_merge(splits, fan_in):
+    """More splits than one merge level takes: groups of ``fan_in`` splits merge, then the group
+    lists (67 splits, fan-in 16: 5 groups, the last of 3 splits); tiles of 32 rows merge up to
+    16 rows a step."""
     qi, ki, cu_q, cu_k = index_inputs([40, 3], [3200, 2000], 2, 16, torch.float32, integer=True,
                                       seed=splits)
     kwargs = dict(block_size=16, topk=6, init_blocks=1, local_blocks=1)
     expected = reference.select_blocks(qi, ki, cu_q, cu_k, **kwargs)
     plan = plan_selection(qi.shape[0], 2, 2, 40, 200, topk=6, device=qi.device, num_splits=splits,
-                          config={"block_r": 32, "key_major": key_major, "bitonic": bitonic})
+                          config={"block_r": 32, "fan_in": fan_in})
     assert plan.num_splits == splits and plan.level_keys is not None
     for _ in range(2):  # the second launch of the plan finds its counters reset
         out = torch.full_like(expected, 12345)

@@ -67,9 +67,8 @@ SELECT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("key_major", [False, True], ids=["query-major", "key-major"])
 @pytest.mark.parametrize("case", SELECT_CASES, ids=[f"case{i}" for i in range(len(SELECT_CASES))])
-def test_paged_select_matches_contiguous(case, key_major):
+def test_paged_select_matches_contiguous(case):
     lens_q, lens_k, groups, index_dim, page_size, topk, init_blocks, local_blocks, dtype, fp8, splits = case
     c = _case(lens_q, lens_k, 2 * groups, groups, 16, index_dim, page_size, dtype, fp8=fp8,
               seed=len(lens_q) + topk)
@@ -78,8 +77,7 @@ def test_paged_select_matches_contiguous(case, key_major):
                                        c["cu_k"], block_size=page_size, **kwargs)
     out = torch.full_like(expected, 12345)  # poison: every element must be written
     select_blocks_paged(c["qi"], c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
-                        index_scale=c["index_scale"], num_splits=splits, out=out,
-                        config={"key_major": key_major}, **kwargs)
+                        index_scale=c["index_scale"], num_splits=splits, out=out, **kwargs)
     assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
                              block_size=page_size)
 
@@ -403,9 +401,9 @@ def test_gpu_decode_m3_shape_and_cuda_graph(fp8):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("key_major", [False, True], ids=["query-major", "key-major"])
+@pytest.mark.parametrize("fan_in", [8, 16])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_gpu_decode_selection_long_context(fp8, key_major):
+def test_gpu_decode_selection_long_context(fp8, fan_in):
     """Batch-1 decode at 300K tokens (the two-level split merge of a full GPU grid) and 4 requests
     of 1-16 query tokens, M3 index shape: the paged selection equals the contiguous reference
     (exact on the fp8 case's exactly representable keys; within float32 near-ties on bf16)."""
@@ -416,7 +414,7 @@ def test_gpu_decode_selection_long_context(fp8, key_major):
                                            c["cu_k"], block_size=128, **kwargs)
         out = torch.full_like(expected, 12345)
         select_blocks_paged(c["qi"], c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
-                            index_scale=c["index_scale"], out=out, config={"key_major": key_major},
+                            index_scale=c["index_scale"], out=out, config={"fan_in": fan_in},
                             **kwargs)
         assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
                                  block_size=128, rel_tol=0.0 if fp8 else 1e-5)

@@ -15,6 +15,7 @@ as lines and go to ``--out`` as JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -160,9 +161,15 @@ def sweep_decode(lengths, configs: list[dict], out: list) -> None:
                 row = {"kind": "decode", "seq_len": length, "index_dtype": index_dtype,
                        "config": config}
                 try:
+                    selection_config = dict(config or {})
+                    attention_pdl = selection_config.pop("attention_pdl", None)
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
                                  index_dtype=decode.INDEX_DTYPES[index_dtype],
-                                 selection_config=config)
+                                 selection_config=selection_config)
+                    if attention_pdl is not None:
+                        wrapper.attention_plan = dataclasses.replace(wrapper.attention_plan,
+                                                                     pdl=attention_pdl)
+                    row["attention_pdl"] = wrapper.attention_plan.pdl
                     step = _decode_step(wrapper, cache, queries, index_dtype)
                     step(None)
                     torch.cuda.synchronize()
@@ -197,11 +204,10 @@ def _profile_us(step, calls: int = 20) -> dict:
     return kernels
 
 
-DECODE_INDEXER_CONFIGS = [
-    {"bitonic": bitonic, "fan_in": fan_in, "num_stages": stages, "key_major": key_major}
-    for bitonic, fan_in, stages, key_major in (
-        (True, 16, 4, False), (True, 8, 4, False), (True, 32, 4, False), (False, 8, 4, False),
-        (False, 32, 4, False), (True, 16, 2, False), (True, 16, 2, True), (True, 16, 4, True))]
+# Indexer configuration entries, plus "attention_pdl": False (the attention kernel launched
+# without programmatic dependent launch).
+DECODE_INDEXER_CONFIGS = [{"fan_in": 16}, {"fan_in": 8, "num_stages": 2}, {"fan_in": 8, "num_stages": 3},
+                          {"attention_pdl": False}]
 ATTENTION_CONFIGS = [
     {"block_m": m, "num_warps": 4, "num_stages": s, "tiles_per_program": 16, "combine_warps": c}
     for m, s, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]

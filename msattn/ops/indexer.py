@@ -25,12 +25,20 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.utils import arrive_last, device_sm_count, dot_options, mma
+from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_launch_dependents,
+                              mma, programmatic_launch)
+
+# Split programs merge in a two-level tree: groups of fan_in splits, then the group lists; up to
+# 2 * fan_in splits merge in one level. (H200, 1M-token decode: fan-in 8 and 16 within 2%.)
+FAN_IN = 8
+MAX_SPLITS = 512
+# Elements (rows x candidates) of one merge step's tile: bounds the merging program's registers.
+MERGE_TILE = 4096
 
 # Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H100
 # (benchmarks/results/tuning/).
-CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2, "key_major": False,
-               "splits_per_sm": 2, "fan_in": 16, "bitonic": False}
+CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2, "splits_per_sm": 2,
+               "fan_in": FAN_IN}
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)
@@ -105,14 +113,13 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
                  block_from, block_to, vals, ids, threshold, scale,
                  BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr, MASKED: tl.constexpr,
-                 PAGED: tl.constexpr, KEY_SCALE: tl.constexpr, KEY_MAJOR: tl.constexpr,
+                 PAGED: tl.constexpr, KEY_SCALE: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """Stream key blocks ``[block_from, block_to)`` into the running top-k lists.
 
     ``MASKED`` applies the causal mask (blocks that reach past the tile's first query). ``PAGED``
     reads block ``b`` from page ``page_row_ptr[b]``; ``KEY_SCALE`` multiplies each key's scores
-    by its float32 scale (fp8 keys). ``KEY_MAJOR`` computes the scores transposed,
-    ``k [BLOCK_N, Di] @ q^T`` (keys as the tile's rows: for a few query rows, as in decode).
+    by its float32 scale (fp8 keys).
     """
     for block in range(block_from, block_to):
         if PAGED:
@@ -134,20 +141,12 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
             if KEY_SCALE:
                 key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs, mask=key_mask,
                                     other=0.0)
-            if KEY_MAJOR:
-                scores = mma(k.to(q.dtype), tl.trans(q), DOT_PRECISION, DOT_UPCAST)
-                if KEY_SCALE:
-                    scores = scores * key_scale[:, None]
-                if MASKED:
-                    scores = tl.where(keys[:, None] <= position[None, :], scores, float("-inf"))
-                block_max = tl.maximum(block_max, tl.max(scores, axis=0))
-            else:
-                scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
-                if KEY_SCALE:
-                    scores = scores * key_scale[None, :]
-                if MASKED:
-                    scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
-                block_max = tl.maximum(block_max, tl.max(scores, axis=1))
+            scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
+            if KEY_SCALE:
+                scores = scores * key_scale[None, :]
+            if MASKED:
+                scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
+            block_max = tl.maximum(block_max, tl.max(scores, axis=1))
         # max commutes with the (monotone) scaling, so scale the B maxima instead of B x N scores.
         block_max = block_max * scale
         block_max = tl.where(_forced(block, own_block, INIT_BLOCKS, LOCAL_BLOCKS), float("inf"), block_max)
@@ -217,11 +216,11 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, INIT_BLOCKS: tl.constexpr,
                     LOCAL_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, PAGED: tl.constexpr,
-                    KEY_SCALE: tl.constexpr, PAIRS: tl.constexpr, KEY_MAJOR: tl.constexpr,
+                    KEY_SCALE: tl.constexpr, PAIRS: tl.constexpr,
                     FAN_IN: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
                     CANDIDATES_PAD: tl.constexpr, LEVEL_MERGE_ROWS: tl.constexpr,
-                    LEVEL_CANDIDATES_PAD: tl.constexpr, BITONIC: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                    LEVEL_CANDIDATES_PAD: tl.constexpr, PDL_TRIGGER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    DOT_UPCAST: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     batch = tl.program_id(1)
     split = tl.program_id(2)
@@ -265,18 +264,20 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
             stride_scale_page, k_start, dim, dim_mask, position, own_block, single_from,
             unmasked_end, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
-            LOCAL_BLOCKS, False, PAGED, KEY_SCALE, KEY_MAJOR, DOT_PRECISION, DOT_UPCAST)
+            LOCAL_BLOCKS, False, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
             stride_scale_page, k_start, dim, dim_mask, position, own_block, unmasked_end,
             block_hi, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
-            LOCAL_BLOCKS, True, PAGED, KEY_SCALE, KEY_MAJOR, DOT_PRECISION, DOT_UPCAST)
+            LOCAL_BLOCKS, True, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
+        if PDL_TRIGGER:  # the attention may launch now; it waits for this grid to finish
+            gdc_launch_dependents()
         if SPLIT:
             _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals, ids,
                           stride_out_group, stride_out_token, q_start, len_q, len_k, tile, batch,
                           split, total_rows, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
                           FAN_IN, NUM_SPLITS, MERGE_ROWS, CANDIDATES_PAD, LEVEL_MERGE_ROWS,
-                          LEVEL_CANDIDATES_PAD, BITONIC)
+                          LEVEL_CANDIDATES_PAD)
         else:
             _store_selection(out_ptr, stride_out_group, stride_out_token, global_token, group,
                              row_mask, own_block, ids, TOPK_PAD)
@@ -338,11 +339,10 @@ def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, str
                  stride_out_token, q_start, len_q, len_k, tile, total_rows, FINAL: tl.constexpr,
                  NUM_GROUPS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                 CANDIDATES_PAD: tl.constexpr, BITONIC: tl.constexpr):
+                 CANDIDATES_PAD: tl.constexpr):
     """Merge lists ``[first_list, first_list + num_lists)`` of ``src [lists, total_rows, TOPK_PAD]``
     for the rows of one tile, ``MERGE_ROWS`` rows at a time: into list ``dst_list`` of ``dst``,
-    or (``FINAL``) into the selection ``out``. ``BITONIC``: ``tl.topk`` (a bitonic top-k) instead
-    of ``TOPK`` rounds of taking the largest key."""
+    or (``FINAL``) into the selection ``out``."""
     candidate = tl.arange(0, CANDIDATES_PAD)
     source = candidate // TOPK_PAD
     slot = candidate % TOPK_PAD
@@ -356,12 +356,7 @@ def _merge_lists(src_ptr, first_list, num_lists, dst_ptr, dst_list, out_ptr, str
         # .cg: read at L2, where the other programs' stores landed.
         load_mask = row_mask[:, None] & candidate_mask[None, :]
         keys = tl.load(src_ptr + offsets, mask=load_mask, other=0, cache_modifier=".cg")
-        keys = tl.where(load_mask, keys, _empty_key())
-        if BITONIC:
-            best = tl.topk(keys, TOPK_PAD)  # sorted, largest first
-            best = tl.where(tl.arange(0, TOPK_PAD)[None, :] < TOPK, best, _empty_key())
-        else:
-            best = _take_best(keys, TOPK, TOPK_PAD)
+        best = _take_best(tl.where(load_mask, keys, _empty_key()), TOPK, TOPK_PAD)
         slots = tl.arange(0, TOPK_PAD)[None, :]
         if FINAL:
             token = local_rows // NUM_GROUPS
@@ -380,7 +375,7 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
                   BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
                   FAN_IN: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
                   CANDIDATES_PAD: tl.constexpr, LEVEL_MERGE_ROWS: tl.constexpr,
-                  LEVEL_CANDIDATES_PAD: tl.constexpr, BITONIC: tl.constexpr):
+                  LEVEL_CANDIDATES_PAD: tl.constexpr):
     """Store this split's lists, then merge as the last arriver of its group of ``FAN_IN`` splits
     (and, with several groups, as the last group merge, from the group lists in ``level_keys``).
 
@@ -399,25 +394,19 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
             _merge_lists(partial_keys_ptr, 0, NUM_SPLITS, level_keys_ptr, 0, out_ptr,
                          stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
                          total_rows, True, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
-                         MERGE_ROWS, CANDIDATES_PAD, BITONIC)
+                         MERGE_ROWS, CANDIDATES_PAD)
         else:
             _merge_lists(partial_keys_ptr, split_group * FAN_IN, members, level_keys_ptr,
                          split_group, out_ptr, stride_out_group, stride_out_token, q_start, len_q,
                          len_k, tile, total_rows, False, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK,
-                         TOPK_PAD, MERGE_ROWS, CANDIDATES_PAD, BITONIC)
+                         TOPK_PAD, MERGE_ROWS, CANDIDATES_PAD)
             if arrive_last(counter + NUM_SPLIT_GROUPS, NUM_SPLIT_GROUPS):
                 _merge_lists(level_keys_ptr, 0, NUM_SPLIT_GROUPS, level_keys_ptr, 0, out_ptr,
                              stride_out_group, stride_out_token, q_start, len_q, len_k, tile,
                              total_rows, True, NUM_GROUPS, BLOCK_R, BLOCK_SIZE, TOPK, TOPK_PAD,
-                             LEVEL_MERGE_ROWS, LEVEL_CANDIDATES_PAD, BITONIC)
+                             LEVEL_MERGE_ROWS, LEVEL_CANDIDATES_PAD)
 
 
-# Split programs merge in a two-level tree: groups of FAN_IN splits, then the group lists (at
-# most MAX_SPLITS / FAN_IN of them). Up to 2 * FAN_IN splits merge in one level.
-FAN_IN = 16
-MAX_SPLITS = 32 * FAN_IN
-# Elements (rows x candidates) of one merge step's tile: bounds the merging program's registers.
-MERGE_TILE = 4096
 
 
 def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: torch.device) -> int:
@@ -431,17 +420,15 @@ def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: tor
 def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
     """Rows per program and warps: 256-row tiles for prefill, small tiles for decode rows.
 
-    ``key_major``: scores as ``k @ q^T`` (keys as the tile's rows); ``splits_per_sm``: key-range
-    splits per multiprocessor when the query tiles cannot fill the GPU; ``fan_in``: splits per
-    first-level merge; ``bitonic``: merge with ``tl.topk`` (where Triton has it)."""
+    ``splits_per_sm``: key-range splits per multiprocessor when the query tiles cannot fill the
+    GPU; ``fan_in``: splits per first-level merge."""
     if not is_cuda:
         return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1,
-                "key_major": rows_per_sequence <= 16, "splits_per_sm": 2, "fan_in": 16,
-                "bitonic": rows_per_sequence <= 16}
+                "splits_per_sm": 2, "fan_in": FAN_IN}
     if rows_per_sequence > 128:
         return CUDA_CONFIG
     return {"block_r": max(16, triton.next_power_of_2(rows_per_sequence)), "num_warps": 4,
-            "num_stages": 4, "key_major": False, "splits_per_sm": 2, "fan_in": 16, "bitonic": False}
+            "num_stages": 4, "splits_per_sm": 2, "fan_in": FAN_IN}
 
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -619,10 +606,10 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
         LOCAL_BLOCKS=local_blocks, SPLIT=split, PAGED=paged, KEY_SCALE=index_scale is not None,
         # Two blocks a step where the keys are contiguous (prefill) and fit in shared memory.
         PAIRS=not paged and block_size <= 128 and (qi.element_size() <= 2 or not qi.is_cuda),
-        KEY_MAJOR=plan.config["key_major"], FAN_IN=plan.fan_in, NUM_SPLITS=plan.num_splits,
+        FAN_IN=plan.fan_in, NUM_SPLITS=plan.num_splits,
         MERGE_ROWS=plan.merge_shape[0], CANDIDATES_PAD=plan.merge_shape[1],
         LEVEL_MERGE_ROWS=plan.level_merge_shape[0], LEVEL_CANDIDATES_PAD=plan.level_merge_shape[1],
-        BITONIC=plan.config["bitonic"] and hasattr(tl, "topk"),
+        PDL_TRIGGER=programmatic_launch(qi.device),
         **dot_options(qi.dtype), num_warps=plan.config["num_warps"],
         num_stages=plan.config["num_stages"])
     return out

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from msattn.ops.sparse_attention import LN2, LOG2E, merge_slot_partials
-from msattn.ops.utils import arrive_last, device_sm_count, dot_options, mma
+from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_wait, mma,
+                              programmatic_launch)
 
 
 # One program: query token ``t`` of request ``b`` (program_id(0) = b * max_len_q + t) x one group
@@ -38,8 +39,8 @@ def _paged_attention_kernel(
         max_len_q, num_heads, scale_log2,
         GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        SPLIT: tl.constexpr, TOPK_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr):
+        SPLIT: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     batch = tl.program_id(0) // max_len_q
     query = tl.program_id(0) % max_len_q
     group = tl.program_id(1)
@@ -55,6 +56,8 @@ def _paged_attention_kernel(
         dim_mask = dim < HEAD_DIM
         q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dim[None, :],
                     mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+        if PDL:  # launched while the indexer drains: wait for its selection
+            gdc_wait()
         offs = tl.arange(0, PAGE_SIZE)
         row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_H], tl.float32)
@@ -117,6 +120,7 @@ class PagedAttentionPlan:
     head_dim: int
     topk: int
     split: bool
+    pdl: bool  # programmatic dependent launch after the indexer
     partial_o: torch.Tensor | None
     partial_lse: torch.Tensor | None
     counters: torch.Tensor | None  # int32 [total_q, G], zero between launches
@@ -135,7 +139,7 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
         partial_lse = torch.empty(total_q * num_heads * topk, dtype=torch.float32, device=device)
         counters = torch.zeros(total_q * num_groups, dtype=torch.int32, device=device)
     return PagedAttentionPlan(total_q, batch, max_len_q, num_heads, num_groups, head_dim, topk,
-                              split, partial_o, partial_lse, counters)
+                              split, programmatic_launch(device), partial_o, partial_lse, counters)
 
 
 def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torch.Tensor,
@@ -165,6 +169,6 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
         plan.max_len_q, plan.num_heads, softmax_scale * LOG2E,
         GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=plan.topk,
         HEAD_DIM=plan.head_dim, BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size,
-        SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), **dot_options(q.dtype),
-        num_warps=4, num_stages=2)
+        SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), PDL=plan.pdl,
+        **dot_options(q.dtype), num_warps=4, num_stages=2, **({"launch_pdl": True} if plan.pdl else {}))
     return o, lse

@@ -11,6 +11,28 @@ import triton.language as tl
 
 
 @functools.lru_cache(maxsize=None)
+def _pdl_supported(index: int) -> bool:
+    if torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda as triton_cuda
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(triton_cuda, "gdc_wait")
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use programmatic dependent launch (Hopper or newer, and a
+    Triton with ``launch_pdl`` and the grid-dependency intrinsics): a dependent kernel launched
+    with ``launch_pdl=True`` starts while the kernel before it drains, and waits in
+    ``gdc_wait()`` before it reads what that kernel wrote."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -54,3 +76,15 @@ def arrive_last(counter_ptr, expected):
     if last:
         tl.store(counter_ptr, 0)
     return last
+
+
+@triton.jit
+def gdc_wait():
+    """Wait for the kernel this one was launched after (programmatic dependent launch)."""
+    tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def gdc_launch_dependents():
+    """Let the kernel launched after this one (with ``launch_pdl``) start."""
+    tl.extra.cuda.gdc_launch_dependents()
