@@ -9,8 +9,8 @@ running top-k list of a row when it beats the row's worst entry (value, then low
 With few query tiles and a long key range (chunked prefill, decode) the key blocks are split
 across programs. Each writes its partial top-k list as int64 ranking keys and counts itself in
 with an atomic; the last program of a group of ``FAN_IN`` splits merges that group's lists, and
-the last of those group merges writes the exact selection (a two-level tree in the same launch:
-no merge kernel, and the merges overlap the other programs' streaming).
+the last of those group merges writes the exact selection (a two-level tree in the same launch,
+so no merge kernel).
 
 Index keys come either contiguous (``ki [total_k, Di]`` with ``cu_seqlens_k``) or paged
 (``index_cache [num_pages, page_size, Di]`` with ``block_table`` and ``seq_lens``, one page per
