@@ -221,8 +221,8 @@ class MSAPagedWrapper:
     capture. ``run()`` then launches the indexer (which merges its key splits) and the attention
     (which merges its slot splits), two kernels and nothing else: no host synchronisation, no
     allocation, no argument reads, so a captured ``run()`` can be replayed after the caches,
-    ``block_table`` and ``seq_lens`` are updated in place. ``run()`` does not check its inputs: check them once with
-    :func:`msa_paged_attention`.
+    ``block_table`` and ``seq_lens`` are updated in place. ``run()`` does not check its inputs:
+    check them once with :func:`msa_paged_attention`.
 
     Example::
 

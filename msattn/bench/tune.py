@@ -64,6 +64,16 @@ def _time(fn, x) -> float:
     return time_ms(fn, [x], device=x.q.device, **settings.timing()).ms
 
 
+def _kernel_times(prof, divisor: float, *, name_chars: int, digits: int) -> dict:
+    """CUDA time of each kernel in a finished ``torch.profiler`` run, in microseconds / divisor."""
+    kernels = {}
+    for event in prof.key_averages():
+        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if cuda_us > 0:
+            kernels[event.key[:name_chars]] = round(cuda_us / divisor, digits)
+    return kernels
+
+
 def profile(lengths, out: list) -> None:
     """CUDA time per kernel of one msa_select and one sparse-attention call at each length."""
     for length in lengths:
@@ -74,11 +84,7 @@ def profile(lengths, out: list) -> None:
             _select(x)
             _attend(x)
             torch.cuda.synchronize()
-        kernels = {}
-        for event in prof.key_averages():
-            cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-            if cuda_us > 0:
-                kernels[event.key[:90]] = round(cuda_us / 1e3, 3)
+        kernels = _kernel_times(prof, 1e3, name_chars=90, digits=3)  # ms
         kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:25])
         print(f"profile {length}: total {sum(kernels.values()):.1f} ms", flush=True)
         for name, ms in kernels.items():
@@ -196,18 +202,13 @@ def _profile_us(step, calls: int = 20) -> dict:
         for _ in range(calls):
             step(None)
         torch.cuda.synchronize()
-    kernels = {}
-    for event in prof.key_averages():
-        cuda_us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
-        if cuda_us > 0:
-            kernels[event.key[:60]] = round(cuda_us / calls, 2)
-    return kernels
+    return _kernel_times(prof, calls, name_chars=60, digits=2)
 
 
 # Indexer configuration entries, plus "attention_pdl": False (the attention kernel launched
 # without programmatic dependent launch).
-DECODE_INDEXER_CONFIGS = [{"fan_in": 16}, {"fan_in": 8, "num_stages": 2}, {"fan_in": 8, "num_stages": 3},
-                          {"attention_pdl": False}]
+DECODE_INDEXER_CONFIGS = [{"fan_in": 16}, {"fan_in": 8, "num_stages": 2},
+                          {"fan_in": 8, "num_stages": 3}, {"attention_pdl": False}]
 ATTENTION_CONFIGS = [
     {"block_m": m, "num_warps": 4, "num_stages": s, "tiles_per_program": 16, "combine_warps": c}
     for m, s, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]

@@ -37,8 +37,9 @@ MERGE_TILE = 4096
 
 # Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H100
 # (benchmarks/results/tuning/).
-CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2, "splits_per_sm": 2,
-               "fan_in": FAN_IN}
+# Key-range splitting, the same for every launch configuration (see _launch_config).
+_SPLIT_CONFIG = {"splits_per_sm": 2, "fan_in": FAN_IN}
+CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2, **_SPLIT_CONFIG}
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)
@@ -138,11 +139,10 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
             else:
                 key_mask = keys >= 0
                 k = tl.load(key_ptrs, mask=dim_mask[None, :], other=0.0)
+            scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
             if KEY_SCALE:
                 key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs, mask=key_mask,
                                     other=0.0)
-            scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
-            if KEY_SCALE:
                 scores = scores * key_scale[None, :]
             if MASKED:
                 scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
@@ -219,8 +219,8 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
                     KEY_SCALE: tl.constexpr, PAIRS: tl.constexpr,
                     FAN_IN: tl.constexpr, NUM_SPLITS: tl.constexpr, MERGE_ROWS: tl.constexpr,
                     CANDIDATES_PAD: tl.constexpr, LEVEL_MERGE_ROWS: tl.constexpr,
-                    LEVEL_CANDIDATES_PAD: tl.constexpr, PDL_TRIGGER: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    DOT_UPCAST: tl.constexpr):
+                    LEVEL_CANDIDATES_PAD: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest (latest) tiles first
     batch = tl.program_id(1)
     split = tl.program_id(2)
@@ -407,8 +407,6 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
                              LEVEL_MERGE_ROWS, LEVEL_CANDIDATES_PAD)
 
 
-
-
 def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: torch.device) -> int:
     """Split the key range when the query tiles alone cannot fill the GPU."""
     sms = device_sm_count(device)
@@ -424,11 +422,11 @@ def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
     GPU; ``fan_in``: splits per first-level merge."""
     if not is_cuda:
         return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1,
-                "splits_per_sm": 2, "fan_in": FAN_IN}
+                **_SPLIT_CONFIG}
     if rows_per_sequence > 128:
         return CUDA_CONFIG
     return {"block_r": max(16, triton.next_power_of_2(rows_per_sequence)), "num_warps": 4,
-            "num_stages": 4, "splits_per_sm": 2, "fan_in": FAN_IN}
+            "num_stages": 4, **_SPLIT_CONFIG}
 
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
