@@ -7,7 +7,8 @@ import torch
 
 import msattn
 from msattn import reference
-from msattn.ops.sparse_attention import build_block_csr, sparse_attention
+from msattn.ops.selection_csr import build_block_csr
+from msattn.ops.sparse_attention import sparse_attention
 from tests.kernel_cases import DEVICE, cu_seqlens, index_inputs, random_tensor
 
 # lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows
