@@ -1,0 +1,551 @@
+"""Backward of the KV-outer MSA sparse attention, and its autograd Function.
+
+The autograd Function lives beside the op it differentiates (as in fla-org/flash-linear-attention,
+``fla/ops/nsa/parallel.py``): :class:`SparseAttentionFunction` runs the Triton forward of
+:mod:`msattn.ops.sparse_attention` and the kernels below; :func:`sparse_attention_autograd` is the
+entry point.
+
+With ``p = exp(q.k * scale - lse)`` over the selected visible keys and the upstream gradients
+``do`` (of ``o``) and ``dlse`` (of ``lse``, optional):
+
+    dv = p^T do,   dp = do v^T,   ds = p * (dp - delta),   delta = sum_d do * o - dlse,
+    dk = ds^T q * scale,   dq = ds k * scale.
+
+Pipeline (the selection is constant: no gradient flows to ``indices``):
+
+1. ``_preprocess_kernel``: ``delta`` and the LSE in base 2 (``+inf`` for rows that see no key,
+   so their probabilities are exactly 0), float32 ``[total_q, H]``.
+2. ``_block_backward_kernel`` (KV-outer, like the forward): the selection CSR of all rows
+   (:func:`msattn.ops.selection_csr.build_block_csr`, built once) gives every (group, key block)
+   bucket the (token, slot) entries that chose it. One program loads one key tile of one bucket
+   once and streams tiles of packed (entry, head-of-group) rows, accumulating dK/dV in registers.
+   A bucket with more rows than ``block_m * tiles_per_program`` is split over several programs,
+   which then add their dK/dV into a float32 buffer with atomics; the others store directly.
+   dQ mode ``"atomic"``: the same kernel adds ``ds k * scale`` into a float32 dQ with atomics.
+3. ``_finish_kernel``: per bucket, writes zeros for blocks nobody selected and casts the float32
+   sums of split buckets into dK/dV.
+4. dQ mode ``"query"``: ``_query_dq_kernel``, query-outer (one program per (token, group), the
+   group's heads as tile rows, the token's selected blocks in slot order): deterministic, no
+   atomics and no float32 dQ buffer.
+
+``deterministic=True`` never splits a bucket and uses the query-outer dQ, so every sum has a fixed
+order and results are bitwise repeatable. Nothing synchronises with the host: every size comes
+from tensor shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from msattn.ops.selection_csr import build_block_csr, row_positions
+from msattn.ops.sparse_attention import LOG2E, sparse_attention
+from msattn.ops.utils import dot_options, mma
+
+DQ_MODES = ("atomic", "query")
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch configuration of the backward kernels.
+
+    Attributes:
+        block_m: (entry, head) rows per tile of the KV-outer kernel.
+        block_n: keys per KV-outer program (capped at the block size; a larger block is split
+            into ``block_size // block_n`` key tiles, one program each).
+        tiles_per_program: row tiles of one bucket per KV-outer program; buckets with more rows
+            are split over several programs (float32 atomics for dK/dV).
+        num_warps, num_stages: of the KV-outer kernel.
+        dq_mode: ``"atomic"`` (dQ from the KV-outer kernel through float32 atomics) or
+            ``"query"`` (separate query-outer kernel, deterministic).
+        dq_block_n, dq_num_warps, dq_num_stages: of the query-outer dQ kernel (keys per step).
+        preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
+        finish_warps: of the kernel that zero-fills / casts dK and dV.
+    """
+
+    block_m: int = 64
+    block_n: int = 128
+    tiles_per_program: int = 8
+    num_warps: int = 8
+    num_stages: int = 2
+    dq_mode: str = "atomic"
+    dq_block_n: int = 64
+    dq_num_warps: int = 4
+    dq_num_stages: int = 2
+    preprocess_rows: int = 32
+    preprocess_warps: int = 4
+    finish_warps: int = 4
+
+    def __post_init__(self):
+        if self.dq_mode not in DQ_MODES:
+            raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {self.dq_mode!r}")
+        for name in ("block_m", "block_n", "dq_block_n", "preprocess_rows"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        if self.tiles_per_program < 1:
+            raise ValueError(f"tiles_per_program must be >= 1, got {self.tiles_per_program}")
+
+
+# Hopper (H100/H200), 16-bit inputs: first guesses, to be tuned on the GPU.
+CUDA_CONFIG = BackwardConfig()
+# float32 inputs on CUDA: tiles twice as large in bytes, so fewer rows and keys per program.
+CUDA_FP32_CONFIG = BackwardConfig(block_m=32, block_n=64, num_warps=4, num_stages=1, dq_block_n=32)
+# Triton's CPU interpreter: few, large programs are fastest; small splits so tests exercise them.
+INTERPRETER_CONFIG = BackwardConfig(block_m=16, block_n=64, tiles_per_program=2, num_warps=4,
+                                    num_stages=1, dq_block_n=64, preprocess_rows=64)
+
+
+def launch_config(q: torch.Tensor) -> BackwardConfig:
+    """The default launch configuration for q's device and dtype."""
+    if not q.is_cuda:
+        return INTERPRETER_CONFIG
+    return CUDA_FP32_CONFIG if q.dtype == torch.float32 else CUDA_CONFIG
+
+
+# One program: PREPROCESS_ROWS flattened (token, head) rows.
+# Grid: (cdiv(total_q * H, PREPROCESS_ROWS),). do, o [total_q, H, D]; lse [total_q, H] (natural
+# log), dlse [total_q, H] or None (HAS_DLSE); writes delta = sum_d do * o - dlse and
+# lse2 = lse * log2(e) (+inf where lse is -inf: the row sees no key), both float32 [total_q * H].
+@triton.jit
+def _preprocess_kernel(
+        do_ptr, o_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr,
+        stride_do_token, stride_do_head, stride_o_token, stride_o_head,
+        stride_lse_token, stride_lse_head, stride_dlse_token, stride_dlse_head,
+        num_rows, num_heads,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PREPROCESS_ROWS: tl.constexpr,
+        HAS_DLSE: tl.constexpr):
+    rows = tl.program_id(0) * PREPROCESS_ROWS + tl.arange(0, PREPROCESS_ROWS)
+    row_mask = rows < num_rows
+    token = (rows // num_heads).to(tl.int64)
+    head = rows % num_heads
+    dim = tl.arange(0, BLOCK_D)
+    mask = row_mask[:, None] & (dim < HEAD_DIM)[None, :]
+    do = tl.load(do_ptr + token[:, None] * stride_do_token + head[:, None] * stride_do_head
+                 + dim[None, :], mask=mask, other=0.0)
+    o = tl.load(o_ptr + token[:, None] * stride_o_token + head[:, None] * stride_o_head
+                + dim[None, :], mask=mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    if HAS_DLSE:
+        dlse = tl.load(dlse_ptr + token * stride_dlse_token + head * stride_dlse_head,
+                       mask=row_mask, other=0.0)
+        delta -= dlse.to(tl.float32)
+    lse = tl.load(lse_ptr + token * stride_lse_token + head * stride_lse_head, mask=row_mask,
+                  other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(delta_ptr + rows, delta, mask=row_mask)
+    tl.store(lse2_ptr + rows, lse2, mask=row_mask)
+
+
+@triton.jit
+def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_offs, dim, mask,
+                    group, num_groups, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    CAN_SPLIT: tl.constexpr):
+    """A program's dK or dV tile ``[BLOCK_N, BLOCK_D]`` (float32): stored into ``out
+    [total_k, G, D]`` at its block's key rows, or, for a split bucket, added with atomics into
+    the float32 ``acc [num_split, BLOCK_SIZE, D]`` at the bucket's ``split_slot``."""
+    direct = out_ptr + ((key_start + key_offs).to(tl.int64)[:, None] * num_groups + group) * HEAD_DIM \
+        + dim[None, :]
+    if CAN_SPLIT:
+        if split:
+            tl.atomic_add(acc_ptr + (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None] * HEAD_DIM
+                          + dim[None, :], tile, mask=mask, sem="relaxed")
+        else:
+            tl.store(direct, tile.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(direct, tile.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# One program: key tile program_id(1) (BLOCK_N keys) of one (group, key block) bucket x up to
+# rows_per_program of the bucket's packed (entry, head) rows, in tiles of BLOCK_M; K and V of the
+# tile are loaded once. Grid: (csr.max_programs, BLOCK_SIZE // BLOCK_N); programs past the real
+# ones exit. q, do [total_q, H, D]; k, v [total_k, G, D]; lse2, delta float32 [total_q, H].
+# Writes dk, dv [total_k, G, D] for unsplit buckets, adds into dk_acc, dv_acc float32
+# [num_split, BLOCK_SIZE, D] for split ones (CAN_SPLIT); COMPUTE_DQ: adds ds k * scale into
+# dq_acc float32 [total_q, H, D] with atomics.
+@triton.jit
+def _block_backward_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
+        dq_acc_ptr, dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr,
+        entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, split_slot_ptr,
+        block_key_start_ptr, block_position_ptr, block_num_keys_ptr, row_position_ptr,
+        stride_q_token, stride_q_head, stride_k_token, stride_k_group,
+        stride_v_token, stride_v_group, stride_do_token, stride_do_head,
+        num_rows, num_heads, num_groups, num_buckets, num_blocks, rows_per_program,
+        scale, scale_log2,
+        GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
+        COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < tl.load(program_start_ptr + num_buckets):
+        bucket = tl.load(program_bucket_ptr + pid)
+        group = bucket // num_blocks
+        block = bucket % num_blocks
+        first_program = tl.load(program_start_ptr + bucket)
+        split = tl.load(program_start_ptr + bucket + 1) - first_program > 1
+        key_start = tl.load(block_key_start_ptr + block)
+        key_position = tl.load(block_position_ptr + block)
+        num_keys = tl.load(block_num_keys_ptr + block)
+        entry_start = tl.load(bucket_start_ptr + bucket)
+        entry_end = tl.load(bucket_start_ptr + bucket + 1)
+        first_row = (pid - first_program) * rows_per_program
+        last_row = tl.minimum(first_row + rows_per_program, (entry_end - entry_start) * GROUP_SIZE)
+
+        dim = tl.arange(0, BLOCK_D)
+        dim_mask = dim < HEAD_DIM
+        key_offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_mask = key_offs < num_keys
+        kv_mask = key_mask[:, None] & dim_mask[None, :]
+        key_rows = (key_start + key_offs).to(tl.int64)
+        k = tl.load(k_ptr + key_rows[:, None] * stride_k_token + group * stride_k_group + dim[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group + dim[None, :],
+                    mask=kv_mask, other=0.0)
+        k_t = tl.trans(k)
+        v_t = tl.trans(v)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for tile_row in range(first_row, last_row, BLOCK_M):
+            rows_in_bucket = tile_row + tl.arange(0, BLOCK_M)
+            entry_index = entry_start + rows_in_bucket // GROUP_SIZE
+            row_mask = rows_in_bucket < last_row
+            entry = tl.load(entries_ptr + entry_index, mask=row_mask, other=0)
+            token = (entry // TOPK) % num_rows
+            head = group * GROUP_SIZE + rows_in_bucket % GROUP_SIZE
+            position = tl.load(row_position_ptr + token, mask=row_mask, other=-1)
+            token = token.to(tl.int64)
+            row_dim_mask = row_mask[:, None] & dim_mask[None, :]
+            q = tl.load(q_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
+                        + dim[None, :], mask=row_dim_mask, other=0.0)
+            do = tl.load(do_ptr + token[:, None] * stride_do_token + head[:, None] * stride_do_head
+                         + dim[None, :], mask=row_dim_mask, other=0.0)
+            row_flat = token * num_heads + head
+            lse2 = tl.load(lse2_ptr + row_flat, mask=row_mask, other=float("inf"))
+            scores = mma(q, k_t, DOT_PRECISION, DOT_UPCAST) * scale_log2
+            visible = key_mask[None, :] & ((key_position + key_offs)[None, :] <= position[:, None])
+            p = tl.where(visible, tl.exp2(scores - lse2[:, None]), 0.0)
+            if COMPUTE_DV:
+                dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_UPCAST)
+            if COMPUTE_DK or COMPUTE_DQ:
+                delta = tl.load(delta_ptr + row_flat, mask=row_mask, other=0.0)
+                dp = mma(do, v_t, DOT_PRECISION, DOT_UPCAST)
+                ds = p * (dp - delta[:, None])
+                if COMPUTE_DK:
+                    dk += mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_UPCAST)
+                if COMPUTE_DQ:
+                    dq = mma(ds.to(k.dtype), k, DOT_PRECISION, DOT_UPCAST) * scale
+                    tl.atomic_add(dq_acc_ptr + row_flat[:, None] * HEAD_DIM + dim[None, :], dq,
+                                  mask=row_dim_mask, sem="relaxed")
+        split_slot = 0
+        if CAN_SPLIT:
+            split_slot = tl.load(split_slot_ptr + bucket)
+        if COMPUTE_DK:
+            _store_key_tile(dk_ptr, dk_acc_ptr, dk * scale, split, split_slot, key_start, key_offs,
+                            dim, kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT)
+        if COMPUTE_DV:
+            _store_key_tile(dv_ptr, dv_acc_ptr, dv, split, split_slot, key_start, key_offs, dim,
+                            kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT)
+
+
+# One program: one (group, key block) bucket. Grid: (G * num_blocks,). For a bucket nobody chose
+# (no program), writes zeros into its key rows of dk, dv [total_k, G, D]; for a split bucket
+# (CAN_SPLIT), writes its float32 sums dk_acc, dv_acc [num_split, BLOCK_SIZE, D] cast to dk's
+# dtype. Unsplit buckets were stored by the KV-outer kernel. dk / dv may be None (HAS_DK, HAS_DV).
+@triton.jit
+def _finish_kernel(
+        dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr, program_start_ptr, split_slot_ptr,
+        block_key_start_ptr, block_num_keys_ptr, num_groups, num_blocks,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, HAS_DK: tl.constexpr,
+        HAS_DV: tl.constexpr):
+    bucket = tl.program_id(0)
+    group = bucket // num_blocks
+    block = bucket % num_blocks
+    programs = tl.load(program_start_ptr + bucket + 1) - tl.load(program_start_ptr + bucket)
+    num_keys = tl.load(block_num_keys_ptr + block)
+    if (programs != 1) & (num_keys > 0):
+        key_start = tl.load(block_key_start_ptr + block)
+        split_slot = 0
+        if CAN_SPLIT:
+            split_slot = tl.maximum(tl.load(split_slot_ptr + bucket), 0)
+        dim = tl.arange(0, BLOCK_D)
+        dim_mask = dim < HEAD_DIM
+        split = (tl.zeros([BLOCK_N], tl.int32) + programs) > 1
+        for start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
+            key_offs = start + tl.arange(0, BLOCK_N)
+            mask = (key_offs < num_keys)[:, None] & dim_mask[None, :]
+            split_mask = mask & split[:, None]
+            out = ((key_start + key_offs).to(tl.int64)[:, None] * num_groups + group) * HEAD_DIM \
+                + dim[None, :]
+            acc = (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None] * HEAD_DIM + dim[None, :]
+            if HAS_DK:
+                if CAN_SPLIT:
+                    tile = tl.load(dk_acc_ptr + acc, mask=split_mask, other=0.0)
+                else:
+                    tile = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                tl.store(dk_ptr + out, tile.to(dk_ptr.dtype.element_ty), mask=mask)
+            if HAS_DV:
+                if CAN_SPLIT:
+                    tile = tl.load(dv_acc_ptr + acc, mask=split_mask, other=0.0)
+                else:
+                    tile = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+                tl.store(dv_ptr + out, tile.to(dv_ptr.dtype.element_ty), mask=mask)
+
+
+# One program: one query token x one group, the group's heads as the BLOCK_H rows of its tiles;
+# walks the token's TOPK selected blocks in slot order, DQ_BLOCK_N keys a step (deterministic).
+# Grid: (total_q, G). q, do [total_q, H, D]; k, v [total_k, G, D]; indices [G, total_q, TOPK];
+# lse2, delta float32 [total_q, H]; row_position, row_key_start int32 [total_q] (the token's
+# position in its sequence, its sequence's first key row); writes dq [total_q, H, D].
+@triton.jit
+def _query_dq_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, indices_ptr, row_position_ptr,
+        row_key_start_ptr, dq_ptr,
+        stride_q_token, stride_q_head, stride_k_token, stride_k_group,
+        stride_v_token, stride_v_group, stride_do_token, stride_do_head,
+        stride_indices_group, stride_indices_token, num_heads, scale, scale_log2,
+        GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DQ_BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    position = tl.load(row_position_ptr + token)
+    key_base = tl.load(row_key_start_ptr + token).to(tl.int64)
+    heads = group * GROUP_SIZE + tl.arange(0, BLOCK_H)
+    head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
+    dim = tl.arange(0, BLOCK_D)
+    dim_mask = dim < HEAD_DIM
+    row_dim_mask = head_mask[:, None] & dim_mask[None, :]
+    q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dim[None, :],
+                mask=row_dim_mask, other=0.0)
+    do = tl.load(do_ptr + token * stride_do_token + heads[:, None] * stride_do_head + dim[None, :],
+                 mask=row_dim_mask, other=0.0)
+    lse2 = tl.load(lse2_ptr + token * num_heads + heads, mask=head_mask, other=float("inf"))
+    delta = tl.load(delta_ptr + token * num_heads + heads, mask=head_mask, other=0.0)
+    offs = tl.arange(0, DQ_BLOCK_N)
+    dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
+    for slot in range(TOPK):
+        block = tl.load(index_row + slot)
+        if (block >= 0) & (block * BLOCK_SIZE <= position):
+            for start in tl.static_range(0, BLOCK_SIZE, DQ_BLOCK_N):
+                key = block * BLOCK_SIZE + start + offs  # position in the sequence
+                key_mask = key <= position  # causal; also keeps keys inside the sequence
+                kv_mask = key_mask[:, None] & dim_mask[None, :]
+                k = tl.load(k_ptr + (key_base + key)[:, None] * stride_k_token + group * stride_k_group
+                            + dim[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_ptr + (key_base + key)[:, None] * stride_v_token + group * stride_v_group
+                            + dim[None, :], mask=kv_mask, other=0.0)
+                scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+                p = tl.where(key_mask[None, :], tl.exp2(scores - lse2[:, None]), 0.0)
+                dp = mma(do, tl.trans(v), DOT_PRECISION, DOT_UPCAST)
+                ds = p * (dp - delta[:, None])
+                dq += mma(ds.to(k.dtype), k, DOT_PRECISION, DOT_UPCAST)
+    tl.store(dq_ptr + (token * num_heads + heads)[:, None] * HEAD_DIM + dim[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_dim_mask)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              indices: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, *, block_size: int, softmax_scale: float,
+                              dlse: torch.Tensor | None = None, deterministic: bool = False,
+                              config: BackwardConfig | None = None,
+                              needs: tuple[bool, bool, bool] = (True, True, True),
+                              out: tuple | None = None) -> tuple:
+    """Gradients of :func:`msattn.ops.sparse_attention.sparse_attention` (the selection is constant).
+
+    Args:
+        do: ``[total_q, H, D]`` gradient of ``o`` (None: zero, only ``lse`` has a gradient).
+        q: ``[total_q, H, D]``; k, v: ``[total_k, G, D]`` (fp16/bf16/fp32, last dim contiguous).
+        o, lse: the forward's results (``o [total_q, H, D]``, ``lse [total_q, H]`` float32).
+        indices: ``[G, total_q, topk]`` int32 (distinct valid block ids per row).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``.
+        dlse: optional ``[total_q, H]`` gradient of ``lse``.
+        deterministic: fixed accumulation order everywhere (no split buckets, query-outer dQ).
+        config: launch configuration (default: :func:`launch_config`).
+        needs: which of ``(dq, dk, dv)`` to compute; the others come back as None.
+        out: optional ``(dq, dk, dv)`` contiguous buffers to write into (None entries allocated).
+    Returns:
+        ``(dq, dk, dv)`` in the dtypes of q, k, v.
+    """
+    need_dq, need_dk, need_dv = needs
+    total_q, num_heads, head_dim = q.shape
+    total_k, num_groups, _ = k.shape
+    group_size = num_heads // num_groups
+    topk = indices.shape[-1]
+    device = q.device
+    if config is None:
+        config = launch_config(q)
+    if deterministic:
+        config = replace(config, dq_mode="query")
+    if not (need_dk or need_dv):  # the KV-outer kernel would run only for dq
+        config = replace(config, dq_mode="query")
+    out = out if out is not None else (None, None, None)
+    dq = (out[0] if out[0] is not None else torch.empty_like(q, memory_format=torch.contiguous_format)) if need_dq else None
+    dk = (out[1] if out[1] is not None else torch.empty_like(k, memory_format=torch.contiguous_format)) if need_dk else None
+    dv = (out[2] if out[2] is not None else torch.empty_like(v, memory_format=torch.contiguous_format)) if need_dv else None
+    if not (need_dq or need_dk or need_dv):
+        return dq, dk, dv
+    if total_q == 0:
+        for grad in (dq, dk, dv):
+            if grad is not None:
+                grad.zero_()
+        return dq, dk, dv
+    q, k, v, o = (_last_dim_contiguous(t) for t in (q, k, v, o))
+    indices = _last_dim_contiguous(indices)
+    if do is None:
+        do = torch.zeros_like(o)
+    do = _last_dim_contiguous(do)
+    block_d = triton.next_power_of_2(head_dim)
+    dots = dot_options(q.dtype)
+    scale_log2 = softmax_scale * LOG2E
+
+    # 1. delta and the base-2 LSE.
+    delta = torch.empty(total_q, num_heads, dtype=torch.float32, device=device)
+    lse2 = torch.empty(total_q, num_heads, dtype=torch.float32, device=device)
+    num_rows = total_q * num_heads
+    _preprocess_kernel[(triton.cdiv(num_rows, config.preprocess_rows),)](
+        do_ptr=do, o_ptr=o, lse_ptr=lse, dlse_ptr=dlse, delta_ptr=delta, lse2_ptr=lse2,
+        stride_do_token=do.stride(0), stride_do_head=do.stride(1), stride_o_token=o.stride(0),
+        stride_o_head=o.stride(1), stride_lse_token=lse.stride(0), stride_lse_head=lse.stride(1),
+        stride_dlse_token=dlse.stride(0) if dlse is not None else 0,
+        stride_dlse_head=dlse.stride(1) if dlse is not None else 0,
+        num_rows=num_rows, num_heads=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PREPROCESS_ROWS=config.preprocess_rows, HAS_DLSE=dlse is not None,
+        num_warps=config.preprocess_warps)
+
+    dq_atomic = need_dq and config.dq_mode == "atomic"
+    position = None
+    if need_dk or need_dv:
+        # 2. KV-outer dK / dV (and dQ through atomics).
+        block_n = min(config.block_n, block_size)
+        rows_per_group = total_q * topk * group_size  # bound on the rows of one bucket
+        if deterministic:  # one program per bucket (and key tile)
+            tiles_per_program = triton.cdiv(rows_per_group, config.block_m)
+        else:
+            tiles_per_program = config.tiles_per_program
+        rows_per_program = config.block_m * tiles_per_program
+        csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                              total_k=total_k, row_start=0, row_end=total_q, group_size=group_size,
+                              block_m=config.block_m, tiles_per_program=tiles_per_program)
+        position = csr.row_position
+        num_buckets = num_groups * csr.num_blocks
+        # A split bucket has more than rows_per_program rows: this bounds how many there are.
+        max_split = min(num_buckets, num_groups * rows_per_group // (rows_per_program + 1))
+        can_split = max_split > 0 and rows_per_program < rows_per_group
+        split_slot = dk_acc = dv_acc = None
+        if can_split:
+            programs = csr.program_start[1:] - csr.program_start[:-1]
+            split_slot = (torch.cumsum(programs > 1, 0, dtype=torch.int32) - 1).to(torch.int32)
+            acc_shape = (max_split, block_size, head_dim)
+            dk_acc = torch.zeros(acc_shape, dtype=torch.float32, device=device) if need_dk else None
+            dv_acc = torch.zeros(acc_shape, dtype=torch.float32, device=device) if need_dv else None
+        dq_acc = None
+        if dq_atomic:
+            dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else \
+                torch.empty(q.shape, dtype=torch.float32, device=device)
+            dq_acc.zero_()
+        _block_backward_kernel[(csr.max_programs, block_size // block_n)](
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
+            dq_acc_ptr=dq_acc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
+            entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
+            program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
+            split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
+            block_position_ptr=csr.block_position, block_num_keys_ptr=csr.block_num_keys,
+            row_position_ptr=csr.row_position,
+            stride_q_token=q.stride(0), stride_q_head=q.stride(1),
+            stride_k_token=k.stride(0), stride_k_group=k.stride(1),
+            stride_v_token=v.stride(0), stride_v_group=v.stride(1),
+            stride_do_token=do.stride(0), stride_do_head=do.stride(1),
+            num_rows=total_q, num_heads=num_heads, num_groups=num_groups, num_buckets=num_buckets,
+            num_blocks=csr.num_blocks, rows_per_program=rows_per_program,
+            scale=softmax_scale, scale_log2=scale_log2,
+            GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
+            COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv, **dots,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        # 3. Zeros for unselected blocks, casts of split buckets.
+        _finish_kernel[(num_buckets,)](
+            dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
+            program_start_ptr=csr.program_start, split_slot_ptr=split_slot,
+            block_key_start_ptr=csr.block_key_start, block_num_keys_ptr=csr.block_num_keys,
+            num_groups=num_groups, num_blocks=csr.num_blocks, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split, HAS_DK=need_dk,
+            HAS_DV=need_dv, num_warps=config.finish_warps)
+        if dq_atomic and dq_acc is not dq:
+            dq.copy_(dq_acc)
+
+    if need_dq and not dq_atomic:
+        # 4. Query-outer dQ.
+        rows = torch.arange(total_q, device=device)
+        batch = cu_seqlens_q.numel() - 1
+        seq = torch.searchsorted(cu_seqlens_q[1:], rows, right=True).clamp_max(batch - 1)
+        row_key_start = cu_seqlens_k[seq].to(torch.int32)
+        if position is None:
+            position = row_positions(cu_seqlens_q, cu_seqlens_k, 0, total_q).to(torch.int32)
+        _query_dq_kernel[(total_q, num_groups)](
+            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
+            indices_ptr=indices, row_position_ptr=position, row_key_start_ptr=row_key_start,
+            dq_ptr=dq, stride_q_token=q.stride(0), stride_q_head=q.stride(1),
+            stride_k_token=k.stride(0), stride_k_group=k.stride(1),
+            stride_v_token=v.stride(0), stride_v_group=v.stride(1),
+            stride_do_token=do.stride(0), stride_do_head=do.stride(1),
+            stride_indices_group=indices.stride(0), stride_indices_token=indices.stride(1),
+            num_heads=num_heads, scale=softmax_scale, scale_log2=scale_log2,
+            GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=topk,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, DQ_BLOCK_N=min(config.dq_block_n, block_size),
+            BLOCK_SIZE=block_size, **dots, num_warps=config.dq_num_warps,
+            num_stages=config.dq_num_stages)
+    return dq, dk, dv
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    """``(o, lse) = sparse_attention(q, k, v, ...)`` with gradients for q, k, v (and through lse).
+
+    ``indices`` and the ``cu_seqlens`` are integer inputs: they get no gradient (None).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, cu_seqlens_q, cu_seqlens_k, block_size, softmax_scale,
+                deterministic):
+        o, lse = sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
+                                  block_size=block_size, softmax_scale=softmax_scale)
+        ctx.save_for_backward(q, k, v, o, lse, indices, cu_seqlens_q, cu_seqlens_k)
+        ctx.block_size = block_size
+        ctx.softmax_scale = softmax_scale
+        ctx.deterministic = deterministic
+        ctx.set_materialize_grads(False)  # None for an output the loss does not use
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        needs = tuple(ctx.needs_input_grad[:3])
+        if not any(needs) or (do is None and dlse is None):  # None gradients count as zeros
+            return (None,) * 9
+        q, k, v, o, lse, indices, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = sparse_attention_backward(
+            do, q, k, v, o, lse, indices, cu_seqlens_q, cu_seqlens_k, block_size=ctx.block_size,
+            softmax_scale=ctx.softmax_scale, dlse=dlse, deterministic=ctx.deterministic,
+            needs=needs)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def sparse_attention_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              indices: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                              cu_seqlens_k: torch.Tensor, *, block_size: int, softmax_scale: float,
+                              deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable Triton sparse attention: ``(o [total_q, H, D], lse [total_q, H] float32)``
+    as :func:`msattn.ops.sparse_attention.sparse_attention`, with dq, dk, dv in backward
+    (``deterministic``: bitwise repeatable gradients)."""
+    return SparseAttentionFunction.apply(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, block_size,
+                                         softmax_scale, deterministic)
