@@ -27,31 +27,17 @@ from typing import Iterable, Sequence
 
 import torch
 
-from msattn.interface import FLOAT_DTYPES, _check_same_device, _check_tensor
+from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, check_any_rank,
+                            check_batch_layout, check_batch_layout_values, check_index_scale,
+                            check_int, check_same_device, check_shape, check_tensor, dtype_name,
+                            request_pages)
 
-FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
-INDEX_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)
-
-
-def _dtype_text(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int], shape_text: str) -> None:
-    if tuple(tensor.shape) != tuple(expected):
-        raise ValueError(f"{name} must have shape {shape_text} = {tuple(expected)}, got {tuple(tensor.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
 # FP8 index keys
 # ----------------------------------------------------------------------------------------------
-
-def _check_any_rank(name: str, tensor, dtypes) -> None:
-    """A tensor ``[..., Di]`` (at least one dim) of one of ``dtypes``."""
-    _check_tensor(name, tensor, max(1, tensor.dim()) if isinstance(tensor, torch.Tensor) else 1,
-                  "[..., Di]", dtypes)
-
 
 def quantize_index_keys(index_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise index keys to float8_e4m3fn with one float32 scale per token.
@@ -64,7 +50,7 @@ def quantize_index_keys(index_keys: torch.Tensor) -> tuple[torch.Tensor, torch.T
         quantise to zeros), so that ``keys_fp8.float() * scale[..., None]`` approximates ``x``
         with a relative error of about 2^-4 of the row's largest value or better.
     """
-    _check_any_rank("index_keys", index_keys, FLOAT_DTYPES)
+    check_any_rank("index_keys", index_keys, FLOAT_DTYPES)
     x = index_keys.float()
     scale = x.abs().amax(dim=-1) / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowed) rows
@@ -75,31 +61,16 @@ def quantize_index_keys(index_keys: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def dequantize_index_keys(keys_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_index_keys`: ``keys_fp8 [..., Di]`` float8_e4m3fn and
     ``scale [...]`` float32 -> float32 ``[..., Di]``."""
-    _check_any_rank("keys_fp8", keys_fp8, (FP8_DTYPE,))
-    _check_tensor("scale", scale, keys_fp8.dim() - 1, "[...] (keys_fp8's shape without Di)",
+    check_any_rank("keys_fp8", keys_fp8, (FP8_DTYPE,))
+    check_tensor("scale", scale, keys_fp8.dim() - 1, "[...] (keys_fp8's shape without Di)",
                   (torch.float32,))
-    _check_shape("scale", scale, keys_fp8.shape[:-1], "keys_fp8.shape[:-1]")
+    check_shape("scale", scale, keys_fp8.shape[:-1], "keys_fp8.shape[:-1]")
     return keys_fp8.float() * scale[..., None]
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing and reading pages
 # ----------------------------------------------------------------------------------------------
-
-def _check_batch_layout(block_table, cu_seqlens_q, seq_lens, device) -> int:
-    """Check ``block_table``, ``cu_seqlens_q`` and ``seq_lens`` (metadata only); returns B."""
-    _check_tensor("block_table", block_table, 2, "[B, max_pages]", (torch.int32,))
-    _check_tensor("seq_lens", seq_lens, 1, "[B]", (torch.int32,))
-    batch = block_table.shape[0]
-    _check_shape("seq_lens", seq_lens, (batch,), "[B] (B from block_table)")
-    if cu_seqlens_q is not None:
-        _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]", (torch.int32,))
-        _check_shape("cu_seqlens_q", cu_seqlens_q, (batch + 1,), "[B + 1] (B from block_table)")
-    _check_same_device(block_table=block_table, seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q)
-    if block_table.device != device:
-        raise ValueError(f"block_table is on {block_table.device} but the caches are on {device}")
-    return batch
-
 
 def token_slots(block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                 total_q: int, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,31 +90,6 @@ def token_slots(block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens:
     positions = (seq_lens.long()[request] - cu_seqlens_q.long()[request + 1] + rows.long())
     pages = block_table[request, positions // page_size].long()
     return pages, positions % page_size
-
-
-def check_batch_layout(block_table, cu_seqlens_q, seq_lens, num_pages: int, page_size: int,
-                       total_q: int) -> None:
-    """Host-side checks of the batch layout's values (synchronises with the device)."""
-    cu = cu_seqlens_q.tolist()
-    lens = seq_lens.tolist()
-    if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] != total_q:
-        raise ValueError(f"cu_seqlens_q must start at 0, be non-decreasing and end at total_q = "
-                         f"{total_q}, got {cu}")
-    max_pages = block_table.shape[1]
-    table = block_table.tolist()
-    for b, seq_len in enumerate(lens):
-        len_q = cu[b + 1] - cu[b]
-        if seq_len < len_q:
-            raise ValueError(f"seq_lens[{b}] = {seq_len} is smaller than the {len_q} new tokens of "
-                             f"request {b} (cu_seqlens_q): seq_lens counts the new tokens too")
-        used = math.ceil(seq_len / page_size)
-        if used > max_pages:
-            raise ValueError(f"seq_lens[{b}] = {seq_len} needs {used} pages but block_table has "
-                             f"{max_pages} columns")
-        bad = [p for p in table[b][:used] if not 0 <= p < num_pages]
-        if bad:
-            raise ValueError(f"block_table[{b}] holds page ids {bad} outside [0, {num_pages}) "
-                             f"among the {used} pages of its {seq_len} tokens")
 
 
 def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
@@ -169,42 +115,34 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     Only tensor metadata is checked by default: the write itself is pure device work with no host
     synchronisation and can be captured in a CUDA graph.
     """
-    _check_tensor("k", k, 3, "[total_q, G, D]", FLOAT_DTYPES)
-    _check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
-    _check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
-    _check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", INDEX_DTYPES)
+    check_tensor("k", k, 3, "[total_q, G, D]", FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
+    check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
+    check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", INDEX_DTYPES)
     total_q, num_groups, head_dim = k.shape
     num_pages, page_size = k_cache.shape[:2]
-    _check_shape("k_cache", k_cache, (num_pages, page_size, num_groups, head_dim),
+    check_shape("k_cache", k_cache, (num_pages, page_size, num_groups, head_dim),
                  "[num_pages, page_size, G, D] (G, D from k)")
-    _check_shape("v_cache", v_cache, k_cache.shape, "k_cache.shape")
+    check_shape("v_cache", v_cache, k_cache.shape, "k_cache.shape")
     if v_cache.dtype != k_cache.dtype:
-        raise TypeError(f"v_cache must have the dtype of k_cache ({_dtype_text(k_cache.dtype)}), got "
-                        f"{_dtype_text(v_cache.dtype)}")
-    _check_tensor("v", v, 3, "[total_q, G, D]", FLOAT_DTYPES)
-    _check_shape("v", v, k.shape, "k.shape")
-    _check_tensor("index_keys", index_keys, 2, "[total_q, Di]", FLOAT_DTYPES)
+        raise TypeError(f"v_cache must have the dtype of k_cache ({dtype_name(k_cache.dtype)}), got "
+                        f"{dtype_name(v_cache.dtype)}")
+    check_tensor("v", v, 3, "[total_q, G, D]", FLOAT_DTYPES)
+    check_shape("v", v, k.shape, "k.shape")
+    check_tensor("index_keys", index_keys, 2, "[total_q, Di]", FLOAT_DTYPES)
     index_dim = index_keys.shape[1]
-    _check_shape("index_keys", index_keys, (total_q, index_dim), "[total_q, Di] (total_q from k)")
-    _check_shape("index_cache", index_cache, (num_pages, page_size, index_dim),
+    check_shape("index_keys", index_keys, (total_q, index_dim), "[total_q, Di] (total_q from k)")
+    check_shape("index_cache", index_cache, (num_pages, page_size, index_dim),
                  "[num_pages, page_size, Di] (from k_cache and index_keys)")
+    check_index_scale(index_cache, index_scale)
     fp8 = index_cache.dtype == FP8_DTYPE
-    if fp8:
-        if index_scale is None:
-            raise ValueError("index_scale [num_pages, page_size] float32 is required with a "
-                             "float8_e4m3fn index_cache")
-        _check_tensor("index_scale", index_scale, 2, "[num_pages, page_size]", (torch.float32,))
-        _check_shape("index_scale", index_scale, (num_pages, page_size), "[num_pages, page_size]")
-    elif index_scale is not None:
-        raise ValueError(f"index_scale must be None unless index_cache is float8_e4m3fn (got an "
-                         f"index_cache of {_dtype_text(index_cache.dtype)})")
-    _check_same_device(k_cache=k_cache, k=k, v=v, index_keys=index_keys, v_cache=v_cache,
+    check_same_device(k_cache=k_cache, k=k, v=v, index_keys=index_keys, v_cache=v_cache,
                        index_cache=index_cache, index_scale=index_scale)
     if cu_seqlens_q is None:
         raise TypeError("cu_seqlens_q must be an int32 torch.Tensor of shape [B + 1], got NoneType")
-    _check_batch_layout(block_table, cu_seqlens_q, seq_lens, k_cache.device)
+    check_batch_layout(block_table, cu_seqlens_q, seq_lens, k_cache.device)
     if check_values:
-        check_batch_layout(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
+        check_batch_layout_values(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
     if total_q == 0:
         return
 
@@ -234,22 +172,14 @@ def gather_paged(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
     if not isinstance(cache, torch.Tensor) or cache.dim() < 2:
         raise TypeError(f"cache must be a torch.Tensor of shape [num_pages, page_size, ...], got "
                         f"{tuple(cache.shape) if isinstance(cache, torch.Tensor) else type(cache).__name__}")
-    _check_batch_layout(block_table, None, seq_lens, cache.device)
+    check_batch_layout(block_table, None, seq_lens, cache.device)
     num_pages, page_size = cache.shape[:2]
     lens = seq_lens.tolist()
     table = block_table.tolist()
     parts = []
     for b, seq_len in enumerate(lens):
-        if seq_len < 0:
-            raise ValueError(f"seq_lens[{b}] must be >= 0, got {seq_len}")
-        used = math.ceil(seq_len / page_size)
-        if used > block_table.shape[1]:
-            raise ValueError(f"seq_lens[{b}] = {seq_len} needs {used} pages but block_table has "
-                             f"{block_table.shape[1]} columns")
-        pages = table[b][:used]
-        bad = [p for p in pages if not 0 <= p < num_pages]
-        if bad:
-            raise ValueError(f"block_table[{b}] holds page ids {bad} outside [0, {num_pages})")
+        pages = request_pages(b, seq_len, table[b], page_size, num_pages)
+        used = len(pages)
         ids = torch.tensor(pages, dtype=torch.long, device=cache.device)
         parts.append(cache[ids].reshape(used * page_size, *cache.shape[2:])[:seq_len])
     cu = torch.tensor([0, *lens], dtype=torch.int64).cumsum(0).to(torch.int32).to(cache.device)
@@ -277,15 +207,11 @@ class MSAPagedCache:
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  index_dim: int, *, num_layers: int = 1, dtype: torch.dtype = torch.bfloat16,
                  index_dtype: torch.dtype = torch.bfloat16, device=None, head_major: bool = False):
-        for name, value in (("num_pages", num_pages), ("page_size", page_size),
-                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                            ("index_dim", index_dim), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two (it is the MSA block size), got {page_size}")
+        for name, value in (("num_pages", num_pages), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("index_dim", index_dim),
+                            ("num_layers", num_layers)):
+            check_int(name, value, 1)
+        check_int("page_size (the MSA block size)", page_size, 1, power_of_two=True)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
         if index_dtype not in INDEX_DTYPES:
@@ -330,10 +256,7 @@ class MSAPagedCache:
 
         Raises RuntimeError when too few pages are free (nothing is allocated then).
         """
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
-            raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        check_int("num_tokens", num_tokens, 0)
         count = self.pages_needed(num_tokens)
         if count > len(self._free):
             raise RuntimeError(f"out of cache pages: {num_tokens} tokens need {count} pages, "
@@ -383,7 +306,7 @@ class MSAPagedCache:
         return (f"MSAPagedCache(num_pages={self.num_pages}, page_size={self.page_size}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"index_dim={self.index_dim}, num_layers={self.num_layers}, "
-                f"dtype={_dtype_text(self.dtype)}, index_dtype={_dtype_text(self.index_dtype)}, "
+                f"dtype={dtype_name(self.dtype)}, index_dtype={dtype_name(self.index_dtype)}, "
                 f"device={self.device}, free={self.num_free_pages})")
 
 

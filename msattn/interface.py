@@ -13,88 +13,19 @@ The queries of a sequence are always the last ``len_q`` positions of its ``len_k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
-from msattn import backends
+from msattn import dispatch
+from msattn._checks import (FLOAT_DTYPES, check_block_size, check_cu_seqlens,
+                            check_optional_int, check_same_device, check_selection_params,
+                            check_tensor, softmax_scale_or_default)
 from msattn.ops import dense
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 # ----------------------------------------------------------------------------------------------
-# Argument checks
+# Argument checks and layouts
 # ----------------------------------------------------------------------------------------------
-
-def _check_tensor(name: str, tensor, ndim: int, shape_text: str, dtypes=FLOAT_DTYPES) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_text}, got {type(tensor).__name__}")
-    if tensor.dim() != ndim:
-        raise ValueError(f"{name} must have shape {shape_text} ({ndim} dims), got {tuple(tensor.shape)}")
-    if tensor.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {str(tensor.dtype).replace('torch.', '')}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def check_block_size(block_size) -> None:
-    _check_int("block_size", block_size, 1)
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-
-
-def check_selection_params(topk, init_blocks, local_blocks) -> None:
-    _check_int("topk", topk, 1)
-    _check_int("init_blocks", init_blocks, 0)
-    _check_int("local_blocks", local_blocks, 1)
-    if topk < init_blocks + local_blocks:
-        raise ValueError(f"topk must be >= init_blocks + local_blocks = {init_blocks + local_blocks} "
-                         f"(forced blocks use slots of the budget), got topk={topk}")
-
-
-def _check_same_device(**tensors) -> None:
-    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    first_name, first = next(iter(devices.items()))
-    for name, device in devices.items():
-        if device != first:
-            raise ValueError(f"{name} is on {device} but {first_name} is on {first}: all tensors must "
-                             "be on one device")
-
-
-def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> None:
-    """Check varlen prefix sums: int32 ``[B + 1]``, from 0, non-decreasing, matching totals, len_q <= len_k."""
-    for name, cu, total, rows in (("cu_seqlens_q", cu_seqlens_q, total_q, "total_q"),
-                                  ("cu_seqlens_k", cu_seqlens_k, total_k, "total_k")):
-        if not isinstance(cu, torch.Tensor):
-            raise TypeError(f"{name} must be an int32 torch.Tensor of shape [B + 1], got {type(cu).__name__}")
-        if cu.dtype != torch.int32:
-            raise TypeError(f"{name} must have dtype int32, got {str(cu.dtype).replace('torch.', '')}")
-        if cu.dim() != 1 or cu.numel() < 2:
-            raise ValueError(f"{name} must have shape [B + 1] with B >= 1, got {tuple(cu.shape)}")
-        values = cu.tolist()
-        if values[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {values[0]}")
-        if any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{name} must be non-decreasing, got {values}")
-        if values[-1] != total:
-            raise ValueError(f"{name}[-1] must equal {rows} = {total}, got {values[-1]}")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got "
-                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    for b, (lq, lk) in enumerate(zip(len_q, len_k)):
-        if lq > lk:
-            raise ValueError(f"sequence {b} has len_q = {lq} > len_k = {lk}: queries must be the last "
-                             "positions of their keys (cu_seqlens_q / cu_seqlens_k)")
-
 
 def _check_varlen_form(batched: bool, cu_seqlens_q, cu_seqlens_k) -> None:
     if batched and (cu_seqlens_q is not None or cu_seqlens_k is not None):
@@ -111,19 +42,41 @@ class _Layout:
     batch: int | None  # None for varlen inputs
     len_q: int = 0
     len_k: int = 0
+    max_seqlen_q: int | None = None  # longest sequences, when known without a host sync
+    max_seqlen_k: int | None = None
+
+
+def _varlen_layout(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, device,
+                   max_seqlen_q, max_seqlen_k):
+    """``(cu_q, cu_k, layout)`` of varlen inputs. Given both ``max_seqlen_*`` (ints, as in
+    flash-attn), only the metadata of the ``cu_seqlens`` is checked (no host sync); otherwise their
+    values are checked too and the longest lengths taken from them (one host sync)."""
+    check_optional_int("max_seqlen_q", max_seqlen_q)
+    check_optional_int("max_seqlen_k", max_seqlen_k)
+    if cu_seqlens_q is None:
+        if total_q > total_k:
+            raise ValueError(f"sequence 0 has len_q = {total_q} > len_k = {total_k}: queries must be "
+                             "the last positions of their keys")
+        return (_uniform_cu_seqlens(1, total_q, device), _uniform_cu_seqlens(1, total_k, device),
+                _Layout(None, max_seqlen_q=total_q, max_seqlen_k=total_k))
+    given = max_seqlen_q is not None and max_seqlen_k is not None
+    lengths = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, check_values=not given)
+    if given:
+        lengths = (max_seqlen_q, max_seqlen_k)
+    return cu_seqlens_q, cu_seqlens_k, _Layout(None, max_seqlen_q=lengths[0], max_seqlen_k=lengths[1])
 
 
 def _uniform_cu_seqlens(batch: int, length: int, device) -> torch.Tensor:
     return torch.arange(batch + 1, dtype=torch.int32, device=device) * length
 
 
-def _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k):
+def _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None):
     """Check index inputs; return ``(qi [total_q, G, Di], ki [total_k, Di], cu_q, cu_k, layout)``."""
     batched = isinstance(qi, torch.Tensor) and qi.dim() == 4
     _check_varlen_form(batched, cu_seqlens_q, cu_seqlens_k)
     if batched:
-        _check_tensor("qi", qi, 4, "[B, T, G, Di]")
-        _check_tensor("ki", ki, 3, "[B, S, Di]")
+        check_tensor("qi", qi, 4, "[B, T, G, Di]")
+        check_tensor("ki", ki, 3, "[B, S, Di]")
         batch, len_q, _, index_dim = qi.shape
         if ki.shape[0] != batch or ki.shape[2] != index_dim:
             raise ValueError(f"ki must have shape [B={batch}, S, Di={index_dim}] to match qi, got "
@@ -131,39 +84,37 @@ def _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k):
         len_k = ki.shape[1]
         if len_q > len_k:
             raise ValueError(f"qi has T = {len_q} queries but ki has S = {len_k} keys: T must be <= S")
-        _check_same_device(qi=qi, ki=ki)
+        check_same_device(qi=qi, ki=ki)
         cu_q = _uniform_cu_seqlens(batch, len_q, qi.device)
         cu_k = _uniform_cu_seqlens(batch, len_k, qi.device)
         return (qi.reshape(batch * len_q, *qi.shape[2:]), ki.reshape(batch * len_k, index_dim),
-                cu_q, cu_k, _Layout(batch, len_q, len_k))
-    _check_tensor("qi", qi, 3, "[total_q, G, Di] (or batched [B, T, G, Di])")
-    _check_tensor("ki", ki, 2, "[total_k, Di]")
+                cu_q, cu_k, _Layout(batch, len_q, len_k, len_q, len_k))
+    check_tensor("qi", qi, 3, "[total_q, G, Di] (or batched [B, T, G, Di])")
+    check_tensor("ki", ki, 2, "[total_k, Di]")
     if ki.shape[1] != qi.shape[2]:
         raise ValueError(f"ki must have shape [total_k, Di={qi.shape[2]}] to match qi, got {tuple(ki.shape)}")
-    _check_same_device(qi=qi, ki=ki, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    if cu_seqlens_q is None:
-        cu_seqlens_q = _uniform_cu_seqlens(1, qi.shape[0], qi.device)
-        cu_seqlens_k = _uniform_cu_seqlens(1, ki.shape[0], qi.device)
-    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, qi.shape[0], ki.shape[0])
-    return qi, ki, cu_seqlens_q, cu_seqlens_k, _Layout(None)
+    check_same_device(qi=qi, ki=ki, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    cu_q, cu_k, layout = _varlen_layout(cu_seqlens_q, cu_seqlens_k, qi.shape[0], ki.shape[0],
+                                        qi.device, max_seqlen_q, max_seqlen_k)
+    return qi, ki, cu_q, cu_k, layout
 
 
-def _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k):
+def _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None):
     """Check main-branch inputs; return ``(q, k, v, cu_q, cu_k, layout)`` in the varlen layout."""
     batched = isinstance(q, torch.Tensor) and q.dim() == 4
     _check_varlen_form(batched, cu_seqlens_q, cu_seqlens_k)
     if batched:
-        _check_tensor("q", q, 4, "[B, T, H, D]")
-        _check_tensor("k", k, 4, "[B, S, G, D]")
-        _check_tensor("v", v, 4, "[B, S, G, D]")
+        check_tensor("q", q, 4, "[B, T, H, D]")
+        check_tensor("k", k, 4, "[B, S, G, D]")
+        check_tensor("v", v, 4, "[B, S, G, D]")
         batch, len_q, num_heads, head_dim = q.shape
         len_k, num_groups = k.shape[1], k.shape[2]
         expected_kv = (batch, len_k, num_groups, head_dim)
         kv_text = f"[B={batch}, S, G, D={head_dim}]"
     else:
-        _check_tensor("q", q, 3, "[total_q, H, D] (or batched [B, T, H, D])")
-        _check_tensor("k", k, 3, "[total_k, G, D]")
-        _check_tensor("v", v, 3, "[total_k, G, D]")
+        check_tensor("q", q, 3, "[total_q, H, D] (or batched [B, T, H, D])")
+        check_tensor("k", k, 3, "[total_k, G, D]")
+        check_tensor("v", v, 3, "[total_k, G, D]")
         _, num_heads, head_dim = q.shape
         num_groups = k.shape[1]
         expected_kv = (k.shape[0], num_groups, head_dim)
@@ -177,7 +128,7 @@ def _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k):
                          f"of KV heads G = {num_groups} (q and k)")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check_same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if batched:
         if len_q > len_k:
             raise ValueError(f"q has T = {len_q} queries but k has S = {len_k} keys: T must be <= S")
@@ -185,12 +136,11 @@ def _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k):
         cu_k = _uniform_cu_seqlens(batch, len_k, q.device)
         return (q.reshape(batch * len_q, num_heads, head_dim),
                 k.reshape(batch * len_k, num_groups, head_dim),
-                v.reshape(batch * len_k, num_groups, head_dim), cu_q, cu_k, _Layout(batch, len_q, len_k))
-    if cu_seqlens_q is None:
-        cu_seqlens_q = _uniform_cu_seqlens(1, q.shape[0], q.device)
-        cu_seqlens_k = _uniform_cu_seqlens(1, k.shape[0], q.device)
-    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    return q, k, v, cu_seqlens_q, cu_seqlens_k, _Layout(None)
+                v.reshape(batch * len_k, num_groups, head_dim), cu_q, cu_k,
+                _Layout(batch, len_q, len_k, len_q, len_k))
+    cu_q, cu_k, layout = _varlen_layout(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                        q.device, max_seqlen_q, max_seqlen_k)
+    return q, k, v, cu_q, cu_k, layout
 
 
 def _check_index_matches(q, qi, ki, layout_main: _Layout, layout_index: _Layout, k) -> None:
@@ -206,19 +156,19 @@ def _check_index_matches(q, qi, ki, layout_main: _Layout, layout_index: _Layout,
         raise ValueError(f"qi must have G = {k.shape[1]} index heads (one per KV head of k), got {qi.shape[1]}")
     if ki.shape[0] != k.shape[0]:
         raise ValueError(f"ki must have one row per key token ({k.shape[0]}), got {ki.shape[0]}")
-    _check_same_device(q=q, qi=qi)
+    check_same_device(q=q, qi=qi)
 
 
 def _check_indices(indices, num_groups: int, total_q: int, layout: _Layout) -> torch.Tensor:
     """Check ``indices`` and return it in the varlen layout ``[G, total_q, topk]``."""
     if layout.batch is not None:
-        _check_tensor("indices", indices, 4, "[B, G, T, topk]", dtypes=(torch.int32,))
+        check_tensor("indices", indices, 4, "[B, G, T, topk]", dtypes=(torch.int32,))
         expected = (layout.batch, num_groups, layout.len_q)
         if tuple(indices.shape[:3]) != expected:
             raise ValueError(f"indices must have shape [B={layout.batch}, G={num_groups}, T={layout.len_q}, topk], "
                              f"got {tuple(indices.shape)}")
         return indices.transpose(0, 1).reshape(num_groups, total_q, indices.shape[-1])
-    _check_tensor("indices", indices, 3, "[G, total_q, topk]", dtypes=(torch.int32,))
+    check_tensor("indices", indices, 3, "[G, total_q, topk]", dtypes=(torch.int32,))
     if tuple(indices.shape[:2]) != (num_groups, total_q):
         raise ValueError(f"indices must have shape [G={num_groups}, total_q={total_q}, topk], got "
                          f"{tuple(indices.shape)}")
@@ -239,20 +189,13 @@ def _attention_out(o, lse, layout: _Layout):
             lse.view(layout.batch, layout.len_q, lse.shape[-1]))
 
 
-def _softmax_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    return float(softmax_scale)
-
-
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
 def msa_select(qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1,
-               cu_seqlens_q=None, cu_seqlens_k=None, backend="auto"):
+               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+               backend="auto"):
     """MSA stage 1: the KV blocks every query token of every group attends to.
 
     Args:
@@ -264,23 +207,33 @@ def msa_select(qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1
         local_blocks: trailing blocks always kept, ending at the query's own block (>= 1).
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (varlen only); queries of sequence ``b`` are
             the last ``len_q(b)`` positions of its ``len_k(b)`` keys.
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        max_seqlen_q, max_seqlen_k: the longest ``len_q`` and ``len_k`` (ints, varlen only, as in
+            flash-attn). Given both, the call does not synchronise with the host (the values of
+            the ``cu_seqlens`` are then trusted); otherwise they are checked and read back.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"`` (:func:`msattn.dispatch.select_path`).
     Returns:
         int32 ``[G, total_q, topk]`` (varlen) or ``[B, G, T, topk]``: block ids relative to the
-        sequence start, valid entries first, the own block the last valid one, ``-1`` padding.
+        sequence start, valid entries first, ``-1`` padding (the order of the valid entries is
+        not part of the contract).
     """
     check_block_size(block_size)
     check_selection_params(topk, init_blocks, local_blocks)
-    qi, ki, cu_q, cu_k, layout = _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k)
-    impl = backends.resolve(backend, qi.device)
-    indices = impl.select_blocks(qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
-                                 init_blocks=init_blocks, local_blocks=local_blocks)
+    qi, ki, cu_q, cu_k, layout = _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k)
+    path = dispatch.select_path(backend, qi.device, block_size=block_size, index_dim=qi.shape[-1])
+    indices = path.select_impl().select_blocks(
+        qi, ki, cu_q, cu_k, block_size=block_size, topk=topk, init_blocks=init_blocks,
+        local_blocks=local_blocks, max_seqlen_q=layout.max_seqlen_q,
+        max_seqlen_k=layout.max_seqlen_k)
     return _indices_out(indices, layout)
 
 
 def msa_sparse_attention(q, k, v, indices, *, block_size=128, softmax_scale=None,
-                         cu_seqlens_q=None, cu_seqlens_k=None, backend="auto"):
+                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                         max_seqlen_k=None, deterministic=False, backend="auto"):
     """MSA stage 2: exact softmax attention of every query head over its group's selected blocks.
+
+    Differentiable in ``q``, ``k`` and ``v`` (the selection is a constant).
 
     Args:
         q: ``[total_q, H, D]`` or ``[B, T, H, D]``; k, v: ``[total_k, G, D]`` or ``[B, S, G, D]``,
@@ -288,34 +241,43 @@ def msa_sparse_attention(q, k, v, indices, *, block_size=128, softmax_scale=None
         indices: int32 ``[G, total_q, topk]`` or ``[B, G, T, topk]`` as returned by
             :func:`msa_select`; entries of a row must be distinct, negative ones are ignored.
         softmax_scale: defaults to ``D ** -0.5``.
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: as :func:`msa_select`.
+        deterministic: a fixed accumulation order in the backward (bitwise repeatable gradients).
     Returns:
         ``(o, lse)``: o like q in q's dtype; lse float32 ``[total_q, H]`` or ``[B, T, H]``,
         natural log.
     """
     check_block_size(block_size)
-    q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k)
     indices = _check_indices(indices, k.shape[1], q.shape[0], layout)
-    _check_same_device(q=q, indices=indices)
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
-    impl = backends.resolve(backend, q.device)
-    o, lse = impl.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
-                                   softmax_scale=scale)
+    check_same_device(q=q, indices=indices)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    path = dispatch.sparse_attention_path(backend, q.device, block_size=block_size,
+                                          head_dim=q.shape[-1])
+    o, lse = path.attention_impl().sparse_attention(q, k, v, indices, cu_q, cu_k,
+                                                    block_size=block_size, softmax_scale=scale,
+                                                    deterministic=bool(deterministic))
     return _attention_out(o, lse, layout)
 
 
 def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1,
-                  softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, return_lse=False,
-                  backend="auto"):
+                  softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                  max_seqlen_k=None, return_lse=False, deterministic=False, backend="auto"):
     """Full MSA: select blocks with the index branch, then attend over them.
 
-    Shapes as :func:`msa_select` and :func:`msa_sparse_attention`. Returns ``o`` (like q), or
-    ``(o, lse)`` when ``return_lse`` is true. With ``backend="auto"`` on CUDA (fp16/bf16), when every
-    sequence has ``len_k <= topk * block_size`` (so MSA selects every causal block), dense causal
-    attention runs instead (:mod:`msattn.ops.dense`); ``backends.LAST_PATH`` says which path ran.
+    Shapes and arguments as :func:`msa_select` and :func:`msa_sparse_attention`; differentiable
+    in ``q``, ``k`` and ``v``, never in ``qi`` and ``ki`` (train those with
+    :func:`msa_indexer_loss`). Returns ``o`` (like q), or ``(o, lse)`` when ``return_lse``.
+    :func:`msattn.dispatch.attention_path` with the same arguments gives the path the call takes:
+    with ``backend="auto"`` on CUDA (fp16/bf16), when every sequence has
+    ``len_k <= topk * block_size`` (so MSA selects every causal block), dense causal attention
+    runs instead (:mod:`msattn.ops.dense`).
     """
     check_block_size(block_size)
     check_selection_params(topk, init_blocks, local_blocks)
-    q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k)
     if isinstance(qi, torch.Tensor) and (qi.dim() == 4) != (layout.batch is not None):
         raise ValueError("q and qi must use the same layout (both batched 4-D or both varlen 3-D), got "
                          f"q with {4 if layout.batch is not None else 3} dims and qi with {qi.dim()}")
@@ -323,15 +285,25 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
         raise ValueError(f"qi must have one row per query token ({q.shape[0]}), got {qi.shape[0]}")
     if layout.batch is None and isinstance(ki, torch.Tensor) and ki.dim() == 2 and ki.shape[0] != k.shape[0]:
         raise ValueError(f"ki must have one row per key token ({k.shape[0]}), got {ki.shape[0]}")
+    varlen = layout.batch is None
     qi, ki, _, _, layout_index = _to_varlen_index(
-        qi, ki, cu_q if layout.batch is None else None, cu_k if layout.batch is None else None)
+        qi, ki, cu_q if varlen else None, cu_k if varlen else None,
+        layout.max_seqlen_q if varlen else None, layout.max_seqlen_k if varlen else None)
     _check_index_matches(q, qi, ki, layout, layout_index, k)
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
-    impl = backends.resolve(backend, q.device)
-    sparse = partial(impl.attention, q, k, v, qi, ki, cu_q, cu_k, block_size=block_size, topk=topk,
-                     init_blocks=init_blocks, local_blocks=local_blocks, softmax_scale=scale)
-    o, lse = dense.attention_or(sparse, backend, q, k, v, cu_q, cu_k, block_size=block_size, topk=topk,
-                                softmax_scale=scale,
-                                max_lens=None if layout.batch is None else (layout.len_q, layout.len_k))
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    path = dispatch.attention_path(backend, q.device, q.dtype, block_size=block_size, topk=topk,
+                                   head_dim=q.shape[-1], index_dim=qi.shape[-1],
+                                   max_seqlen_k=layout.max_seqlen_k)
+    if path.attention == "dense":
+        o, lse = dense.flash_varlen(q, k, v, cu_q, cu_k, layout.max_seqlen_q, layout.max_seqlen_k,
+                                    scale)
+    else:
+        indices = path.select_impl().select_blocks(
+            qi.detach(), ki.detach(), cu_q, cu_k, block_size=block_size, topk=topk,
+            init_blocks=init_blocks, local_blocks=local_blocks, max_seqlen_q=layout.max_seqlen_q,
+            max_seqlen_k=layout.max_seqlen_k)
+        o, lse = path.attention_impl().sparse_attention(
+            q, k, v, indices, cu_q, cu_k, block_size=block_size, softmax_scale=scale,
+            deterministic=bool(deterministic))
     o, lse = _attention_out(o, lse, layout)
     return (o, lse) if return_lse else o

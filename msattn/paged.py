@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from msattn import backends, reference
-from msattn.cache import (INDEX_DTYPES, _check_batch_layout, check_batch_layout,
-                          dequantize_index_keys, gather_paged)
-from msattn.interface import (FLOAT_DTYPES, _check_same_device, _check_tensor, _softmax_scale,
-                              check_block_size, check_selection_params)
-
-# Query runs up to this length use the query-outer decode kernel; longer runs (chunked
-# prefill) use the KV-outer kernel, which loads each selected page once per chunk.
-DECODE_MAX_QUERY_LEN = 16
+from msattn import dispatch
+from msattn._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_batch_layout,
+                            check_batch_layout_values, check_block_size, check_index_scale,
+                            check_optional_int, check_same_device, check_selection_params,
+                            check_tensor, softmax_scale_or_default)
+from msattn.dispatch import DECODE_MAX_QUERY_LEN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -30,39 +27,32 @@ DECODE_MAX_QUERY_LEN = 16
 
 def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale) -> None:
     """Shapes and dtypes of the selection inputs (no host synchronisation)."""
-    _check_tensor("qi", qi, 3, "[total_q, G, Di]")
-    _check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", dtypes=INDEX_DTYPES)
+    check_tensor("qi", qi, 3, "[total_q, G, Di]")
+    check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", dtypes=INDEX_DTYPES)
     if index_cache.shape[2] != qi.shape[2]:
         raise ValueError(f"index_cache must have shape [num_pages, page_size, Di={qi.shape[2]}] to "
                          f"match qi, got {tuple(index_cache.shape)}")
-    check_block_size(index_cache.shape[1])
-    if index_cache.dtype == torch.float8_e4m3fn:
-        if index_scale is None:
-            raise ValueError("index_scale [num_pages, page_size] float32 is required with a "
-                             "float8_e4m3fn index_cache")
-        _check_tensor("index_scale", index_scale, 2, "[num_pages, page_size]", dtypes=(torch.float32,))
-        if tuple(index_scale.shape) != tuple(index_cache.shape[:2]):
-            raise ValueError(f"index_scale must have shape [num_pages, page_size] = "
-                             f"{tuple(index_cache.shape[:2])}, got {tuple(index_scale.shape)}")
-    elif index_scale is not None:
-        raise ValueError("index_scale is only used with a float8_e4m3fn index_cache; got index_scale "
-                         f"with a {str(index_cache.dtype).replace('torch.', '')} index_cache")
-    _check_batch_layout(block_table, cu_seqlens_q, seq_lens, index_cache.device)
-    _check_same_device(qi=qi, index_cache=index_cache, index_scale=index_scale)
+    check_block_size(index_cache.shape[1], "page_size (index_cache.shape[1])")
+    check_index_scale(index_cache, index_scale)
+    check_batch_layout(block_table, cu_seqlens_q, seq_lens, index_cache.device)
+    check_same_device(qi=qi, index_cache=index_cache, index_scale=index_scale)
 
 
 def _check_lengths(total_q: int, block_table, cu_seqlens_q, seq_lens, page_size: int,
-                   num_pages: int) -> int:
-    """Check the lengths and the pages in use (reads them: a host sync); returns the longest query run."""
-    check_batch_layout(block_table, cu_seqlens_q, seq_lens, num_pages, page_size, total_q)
-    cu = cu_seqlens_q.tolist()
-    return max((y - x for x, y in zip(cu, cu[1:])), default=0)
+                   num_pages: int, max_seqlen_q) -> int:
+    """The longest query run: ``max_seqlen_q`` when given (the values are then trusted: no host
+    sync), else read back with the values checked (page ids in range, lengths consistent)."""
+    check_optional_int("max_seqlen_q", max_seqlen_q)
+    if max_seqlen_q is not None:
+        return max_seqlen_q
+    return check_batch_layout_values(block_table, cu_seqlens_q, seq_lens, num_pages, page_size,
+                                     total_q)
 
 
 def _check_attention_layout(q, qi, k_cache, v_cache, index_cache) -> None:
-    _check_tensor("q", q, 3, "[total_q, H, D]")
-    _check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]")
-    _check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]")
+    check_tensor("q", q, 3, "[total_q, H, D]")
+    check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]")
+    check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]")
     num_pages, page_size, num_groups, head_dim = k_cache.shape
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got "
@@ -85,74 +75,7 @@ def _check_attention_layout(q, qi, k_cache, v_cache, index_cache) -> None:
         if tensor.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
                              f"{tuple(tensor.stride())}")
-    _check_same_device(q=q, qi=qi, k_cache=k_cache, v_cache=v_cache)
-
-
-# ----------------------------------------------------------------------------------------------
-# Implementations
-# ----------------------------------------------------------------------------------------------
-
-def _prefix_sums(lengths: torch.Tensor) -> torch.Tensor:
-    """int32 ``[B + 1]`` prefix sums of int32 ``[B]`` lengths (on the device, no host sync)."""
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
-
-
-def _reference_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
-                      local_blocks, index_scale):
-    keys, cu_seqlens_k = gather_paged(index_cache, block_table, seq_lens)
-    if index_scale is not None:
-        keys = dequantize_index_keys(keys, gather_paged(index_scale, block_table, seq_lens)[0])
-    backends.record_path("select", "reference")
-    return reference.select_blocks(qi, keys, cu_seqlens_q, cu_seqlens_k,
-                                   block_size=index_cache.shape[1], topk=topk,
-                                   init_blocks=init_blocks, local_blocks=local_blocks)
-
-
-def _reference_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
-                         softmax_scale, max_len_q):
-    k, cu_seqlens_k = gather_paged(k_cache, block_table, seq_lens)
-    v, _ = gather_paged(v_cache, block_table, seq_lens)
-    backends.record_path("attention", "reference")
-    return reference.sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
-                                      block_size=k_cache.shape[1], softmax_scale=softmax_scale)
-
-
-def _triton_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
-                   local_blocks, index_scale):
-    from msattn.ops.indexer import select_blocks_paged
-
-    backends.record_path("select", "triton")
-    return select_blocks_paged(qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-                               init_blocks=init_blocks, local_blocks=local_blocks,
-                               index_scale=index_scale)
-
-
-def _triton_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
-                      softmax_scale, max_len_q):
-    from msattn.ops import paged_attention, sparse_attention
-
-    o = torch.empty_like(q)
-    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
-    if max_len_q <= DECODE_MAX_QUERY_LEN:
-        backends.record_path("attention", "triton decode")
-        plan = paged_attention.plan_paged_attention(
-            q.shape[0], block_table.shape[0], max_len_q, q.shape[1], k_cache.shape[2], q.shape[2],
-            indices.shape[-1], q.dtype, q.device)
-        return paged_attention.run_paged_attention(
-            plan, q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
-            softmax_scale=softmax_scale, out=(o, lse))
-    backends.record_path("attention", "triton")
-    return sparse_attention.sparse_attention(
-        q, k_cache, v_cache, indices, cu_seqlens_q, _prefix_sums(seq_lens),
-        block_size=k_cache.shape[1], softmax_scale=softmax_scale, out=(o, lse),
-        block_table=block_table)
-
-
-def _use_triton(backend, device: torch.device, page_size: int, dims: tuple[int, ...]) -> bool:
-    impl = backends.resolve(backend, device)
-    return impl.name == "triton" and impl.kernels_support(page_size, *dims)
+    check_same_device(q=q, qi=qi, k_cache=k_cache, v_cache=v_cache)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +83,8 @@ def _use_triton(backend, device: torch.device, page_size: int, dims: tuple[int, 
 # ----------------------------------------------------------------------------------------------
 
 def msa_paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk=16,
-                     init_blocks=0, local_blocks=1, index_scale=None, backend="auto"):
+                     init_blocks=0, local_blocks=1, index_scale=None, max_seqlen_q=None,
+                     backend="auto"):
     """MSA stage 1 against a paged index-key cache (decode and chunked prefill).
 
     Args:
@@ -169,47 +93,56 @@ def msa_paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, to
             ``index_scale [num_pages, page_size]`` float32.
         block_table: int32 ``[B, max_pages]``; cu_seqlens_q: int32 ``[B + 1]``; seq_lens: int32 ``[B]``.
         topk, init_blocks, local_blocks: as :func:`msattn.msa_select`; the block size is the page size.
+        max_seqlen_q: the longest query run (an int). Given, the call does not synchronise with
+            the host and trusts the values of the layout tensors; otherwise they are checked
+            (page ids in range, lengths consistent) and read back.
     Returns:
         int32 ``[G, total_q, topk]``: block ids relative to each request (``j`` is the request's
-        ``j``-th page), valid entries first, the own block the last valid one, ``-1`` padding.
+        ``j``-th page), valid entries first, ``-1`` padding.
     """
     check_selection_params(topk, init_blocks, local_blocks)
     _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale)
-    _check_lengths(qi.shape[0], block_table, cu_seqlens_q, seq_lens, index_cache.shape[1],
-                   index_cache.shape[0])
-    select = (_triton_select if _use_triton(backend, qi.device, index_cache.shape[1], (qi.shape[2],))
-              else _reference_select)
-    return select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-                  init_blocks=init_blocks, local_blocks=local_blocks, index_scale=index_scale)
+    max_seqlen_q = _check_lengths(qi.shape[0], block_table, cu_seqlens_q, seq_lens,
+                                  index_cache.shape[1], index_cache.shape[0], max_seqlen_q)
+    path = dispatch.paged_path(backend, qi.device, page_size=index_cache.shape[1],
+                               index_dim=qi.shape[2])
+    return path.select_impl().paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
+                                           topk=topk, init_blocks=init_blocks,
+                                           local_blocks=local_blocks, index_scale=index_scale,
+                                           max_seqlen_q=max_seqlen_q)
 
 
 def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q, seq_lens,
                         *, topk=16, init_blocks=0, local_blocks=1, softmax_scale=None,
-                        index_scale=None, return_lse=False, backend="auto"):
+                        index_scale=None, max_seqlen_q=None, return_lse=False, backend="auto"):
     """Full MSA for new query tokens against paged K/V and index-key caches.
 
     Args:
         q: ``[total_q, H, D]`` fp16/bf16/fp32; qi: ``[total_q, G, Di]``.
         k_cache, v_cache: ``[num_pages, page_size, G, D]`` in q's dtype.
-        index_cache, index_scale, block_table, cu_seqlens_q, seq_lens: as :func:`msa_paged_select`.
+        index_cache, index_scale, block_table, cu_seqlens_q, seq_lens, max_seqlen_q: as
+            :func:`msa_paged_select`.
         softmax_scale: defaults to ``D ** -0.5``.
     Returns:
         o ``[total_q, H, D]`` in q's dtype, or ``(o, lse)`` with lse float32 ``[total_q, H]`` when
-        ``return_lse``.
+        ``return_lse``. :func:`msattn.dispatch.paged_path` gives the path the call takes.
     """
     check_selection_params(topk, init_blocks, local_blocks)
     _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale)
     _check_attention_layout(q, qi, k_cache, v_cache, index_cache)
-    max_len_q = _check_lengths(q.shape[0], block_table, cu_seqlens_q, seq_lens,
-                               k_cache.shape[1], k_cache.shape[0])
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
-    triton = _use_triton(backend, q.device, k_cache.shape[1], (qi.shape[2], q.shape[2]))
-    select = _triton_select if triton else _reference_select
-    attend = _triton_attention if triton else _reference_attention
-    indices = select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-                     init_blocks=init_blocks, local_blocks=local_blocks, index_scale=index_scale)
+    max_seqlen_q = _check_lengths(q.shape[0], block_table, cu_seqlens_q, seq_lens,
+                                  k_cache.shape[1], k_cache.shape[0], max_seqlen_q)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    path = dispatch.paged_path(backend, q.device, page_size=k_cache.shape[1], index_dim=qi.shape[2],
+                               head_dim=q.shape[2], max_seqlen_q=max_seqlen_q)
+    indices = path.select_impl().paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
+                                              topk=topk, init_blocks=init_blocks,
+                                              local_blocks=local_blocks, index_scale=index_scale,
+                                              max_seqlen_q=max_seqlen_q)
+    impl = path.attention_impl()
+    attend = impl.paged_decode_attention if path.attention == "triton-decode" else impl.paged_attention
     o, lse = attend(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
-                    softmax_scale=scale, max_len_q=max_len_q)
+                    softmax_scale=scale, max_seqlen_q=max_seqlen_q)
     return (o, lse) if return_lse else o
 
 
@@ -242,9 +175,11 @@ class MSAPagedWrapper:
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.index_dim, self.page_size = head_dim, index_dim, page_size
         self.topk, self.init_blocks, self.local_blocks = topk, init_blocks, local_blocks
-        self.softmax_scale = _softmax_scale(softmax_scale, head_dim)
+        self.softmax_scale = softmax_scale_or_default(softmax_scale, head_dim)
         self.device = torch.device(device)
-        if not _use_triton(backend, self.device, page_size, (head_dim, index_dim)):
+        path = dispatch.paged_path(backend, self.device, page_size=page_size, index_dim=index_dim,
+                                   head_dim=head_dim)
+        if path.select != "triton":
             raise ValueError(f"MSAPagedWrapper runs the Triton kernels; backend={backend!r} on "
                              f"{self.device} with page_size {page_size}, D {head_dim}, Di {index_dim} "
                              "cannot (use msa_paged_attention for the reference)")
@@ -265,7 +200,10 @@ class MSAPagedWrapper:
         from msattn.ops import paged_attention
         from msattn.ops.indexer import plan_selection
 
-        _check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]", dtypes=(torch.int32,))
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("MSAPagedWrapper.plan() allocates and reads cu_seqlens_q on the "
+                               "host: call it before graph capture, then capture run()")
+        check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]", dtypes=(torch.int32,))
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
         if index_dtype not in INDEX_DTYPES:
@@ -294,23 +232,32 @@ class MSAPagedWrapper:
         self._plan = (dtype, index_dtype)
 
     def run(self, q, qi, k_cache, v_cache, index_cache, block_table, seq_lens, *, index_scale=None,
+            out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
             return_lse: bool = False):
         """One MSA step for the planned layout: ``q [total_q, H, D]``, ``qi [total_q, G, Di]``,
         the caches, ``block_table [B, max_pages]`` and ``seq_lens [B]`` (see the module doc).
 
-        Returns the wrapper's ``o [total_q, H, D]`` (and ``lse [total_q, H]``), overwritten by the
-        next run. The selection is in ``self.indices [G, total_q, topk]``.
+        Args:
+            out: ``[total_q, H, D]`` in the planned dtype, where ``o`` goes (as in FlashInfer), so
+                that one plan serves every layer of a model; default: the wrapper's own buffer,
+                which the next ``run()`` overwrites.
+            lse: float32 ``[total_q, H]``, where the log-sum-exp goes (default: the wrapper's).
+        Returns:
+            ``o`` (``out`` when given), or ``(o, lse)`` when ``return_lse``. The selection is in
+            ``self.indices [G, total_q, topk]`` until the next run.
         """
         from msattn.ops import paged_attention
         from msattn.ops.indexer import run_selection
 
         if self._plan is None:
             raise RuntimeError("MSAPagedWrapper.run() needs plan() first")
+        o = self.o if out is None else out
+        lse = self.lse if lse is None else lse
         run_selection(self.selection_plan, qi, index_cache, self.cu_seqlens_q, seq_lens,
                       block_size=self.page_size, init_blocks=self.init_blocks,
                       local_blocks=self.local_blocks, block_table=block_table,
                       index_scale=index_scale, out=self.indices)
         paged_attention.run_paged_attention(
             self.attention_plan, q, k_cache, v_cache, self.indices, block_table, self.cu_seqlens_q,
-            seq_lens, softmax_scale=self.softmax_scale, out=(self.o, self.lse))
-        return (self.o, self.lse) if return_lse else self.o
+            seq_lens, softmax_scale=self.softmax_scale, out=(o, lse))
+        return (o, lse) if return_lse else o

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import msattn
-from msattn import backends
+from msattn import dispatch
 from msattn.ops import dense
 from tests.kernel_cases import DEVICE, cu_seqlens, random_tensor
 
@@ -23,8 +23,13 @@ def _inputs(lens_q, lens_k, heads, groups, head_dim, dtype, device=DEVICE, seed=
                 cu_seqlens_q=cu_seqlens(lens_q, device), cu_seqlens_k=cu_seqlens(lens_k, device))
 
 
-def _path():
-    return backends.LAST_PATH.get("select"), backends.LAST_PATH.get("attention")
+def _path(x, backend, block_size, topk):
+    """The dispatch decision for ``msa_attention`` on the inputs ``x``."""
+    path = dispatch.attention_path(backend, x["q"].device, x["q"].dtype, block_size=block_size,
+                                   topk=topk, head_dim=x["q"].shape[-1], index_dim=x["qi"].shape[-1],
+                                   max_seqlen_k=int(x["cu_seqlens_k"].diff().max())
+                                   if "cu_seqlens_k" in x else x["k"].shape[1])
+    return path.select, path.attention
 
 
 def _run(x, backend, **sel):
@@ -47,15 +52,18 @@ def test_dense_is_exact(max_len_k, topk, block_size, exact):
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("backend,device,dtype,head_dim,supported", [
+@pytest.mark.parametrize("backend,device,dtype,head_dim,possible", [
     ("auto", CUDA, torch.bfloat16, 128, True), ("auto", CUDA, torch.float16, 64, True),
     ("auto", CUDA, torch.bfloat16, 256, True), ("auto", CUDA, torch.bfloat16, 8, True),
     ("triton", CUDA, torch.bfloat16, 128, False), ("reference", CUDA, torch.bfloat16, 128, False),
     ("auto", torch.device("cpu"), torch.bfloat16, 128, False),
     ("auto", CUDA, torch.float32, 128, False), ("auto", CUDA, torch.bfloat16, 12, False),
     ("auto", CUDA, torch.bfloat16, 264, False)])
-def test_dense_supported(backend, device, dtype, head_dim, supported):
-    assert dense.dense_supported(backend, device, dtype, head_dim) is supported
+def test_dense_possible(backend, device, dtype, head_dim, possible, monkeypatch):
+    """The dtype, head dim and backend rules, with the device's flash support forced on."""
+    monkeypatch.setattr(dense, "_flash_device", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert dispatch.dense_possible(backend, device, dtype, head_dim) is possible
 
 
 def test_lse_rows_both_layouts():
@@ -75,25 +83,18 @@ def test_lse_rows_both_layouts():
 
 def test_auto_on_cpu_runs_reference():
     x = _inputs([5, 40], [30, 40], 4, 2, 16, torch.bfloat16, device="cpu")
+    assert _path(x, "auto", 16, 3) == ("reference", "reference")
     o, lse = _run(x, "auto", block_size=16, topk=3)  # every sequence <= 48 = topk * block_size
-    assert _path() == ("reference", "reference")
     expected_o, expected_lse = _run(x, "reference", block_size=16, topk=3)
     assert torch.equal(o, expected_o) and torch.equal(lse, expected_lse)
 
 
 def test_dispatch_plumbing(monkeypatch):
-    """With the device checks forced (CPU has no flash kernel): the dense call gets the longest
-    lengths, a failing op falls back to the backend with ``LAST_PATH`` saying so, and too-long
-    sequences never try it."""
+    """With the device check forced (CPU has no flash kernel): the dense call gets the longest
+    lengths (given or read from the cu_seqlens), too-long sequences and explicit backends never
+    take it, and errors of the op reach the caller (no silent fallback)."""
     x = _inputs([5, 40], [30, 40], 4, 2, 16, torch.bfloat16, device="cpu")
-    expected = _run(x, "reference", block_size=16, topk=3)
-    monkeypatch.setattr(dense, "dense_supported", lambda backend, *args: backend == "auto")
-
-    o, lse = _run(x, "auto", block_size=16, topk=3)  # the real op has no CPU kernel
-    assert backends.LAST_PATH["attention"] == "reference (dense flash failed: NotImplementedError)"
-    assert backends.LAST_PATH["select"] == "reference"
-    assert torch.equal(o, expected[0]) and torch.equal(lse, expected[1])
-
+    monkeypatch.setattr(dispatch.dense, "available", lambda device, dtype, head_dim: True)
     calls = []
 
     def fake_flash(q, k, v, cu_q, cu_k, max_len_q, max_len_k, softmax_scale):
@@ -101,16 +102,29 @@ def test_dispatch_plumbing(monkeypatch):
         return q * 2, torch.zeros(q.shape[:2])
 
     monkeypatch.setattr(dense, "flash_varlen", fake_flash)
+    assert _path(x, "auto", 16, 3) == ("skipped", "dense")
     o, _ = _run(x, "auto", block_size=16, topk=3)
     assert calls == [(40, 40, 16 ** -0.5)] and torch.equal(o, x["q"] * 2)
-    assert _path() == ("skipped (dense)", dense.PATH)
+    msattn.msa_attention(*(x[n] for n in ("q", "k", "v", "qi", "ki")), block_size=16, topk=3,
+                         cu_seqlens_q=x["cu_seqlens_q"], cu_seqlens_k=x["cu_seqlens_k"],
+                         max_seqlen_q=7, max_seqlen_k=41)
+    assert calls[-1] == (7, 41, 16 ** -0.5)  # given lengths are used as they are
     batched = {name: x[name][:40].unsqueeze(0) for name in ("q", "k", "v", "qi", "ki")}
     _run(batched, "auto", block_size=16, topk=3, softmax_scale=0.5)
-    assert calls[-1] == (40, 40, 0.5) and backends.LAST_PATH["attention"] == dense.PATH
-    _run(x, "auto", block_size=16, topk=2)  # 40 > 32 = topk * block_size
-    assert len(calls) == 2 and backends.LAST_PATH["attention"] == "reference"
+    assert calls[-1] == (40, 40, 0.5)
+    assert _path(x, "auto", 16, 2) == ("reference", "reference")  # 40 > 32 = topk * block_size
+    expected = _run(x, "reference", block_size=16, topk=2)
+    o, lse = _run(x, "auto", block_size=16, topk=2)
+    assert len(calls) == 3 and torch.equal(o, expected[0]) and torch.equal(lse, expected[1])
     _run(x, "reference", block_size=16, topk=3)
-    assert len(calls) == 2
+    assert len(calls) == 3
+
+    def failing_flash(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(dense, "flash_varlen", failing_flash)
+    with pytest.raises(torch.OutOfMemoryError):
+        _run(x, "auto", block_size=16, topk=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,8 +155,8 @@ def test_gpu_dense_matches_reference(case, init_blocks):
     lens_q, lens_k, heads, groups, head_dim, dtype = case
     x = _inputs(lens_q, lens_k, heads, groups, head_dim, dtype)
     sel = dict(**M3, init_blocks=init_blocks, local_blocks=1)
+    assert _path(x, "auto", 128, 16) == ("skipped", "dense")
     o, lse = _run(x, "auto", **sel)
-    assert _path() == ("skipped (dense)", dense.PATH)
     _check(o, lse, *_run(x, "reference", **sel))
 
 
@@ -152,8 +166,8 @@ def test_gpu_dense_batched(len_q):
     x = _inputs([len_q] * 2, [1000] * 2, 16, 4, 128, torch.bfloat16)
     batched = {name: x[name].view(2, -1, *x[name].shape[1:]) for name in ("q", "qi")}
     batched.update({name: x[name].view(2, 1000, *x[name].shape[1:]) for name in ("k", "v", "ki")})
+    assert _path(batched, "auto", **M3) == ("skipped", "dense")
     o, lse = _run(batched, "auto", **M3)
-    assert backends.LAST_PATH["attention"] == dense.PATH
     assert o.shape == (2, len_q, 16, 128) and lse.shape == (2, len_q, 16)
     _check(o, lse, *_run(batched, "reference", **M3))
 
@@ -161,10 +175,10 @@ def test_gpu_dense_batched(len_q):
 @pytest.mark.gpu
 def test_gpu_long_or_explicit_backend_takes_sparse_path():
     x = _inputs([100, 2049], [100, 2049], 16, 4, 128, torch.bfloat16)  # one sequence > 2048
-    _run(x, "auto", **M3)
-    assert _path() == ("triton", "triton")
+    assert _path(x, "auto", **M3) == ("triton", "triton")
     short = _inputs([100], [2048], 16, 4, 128, torch.bfloat16)
-    _run(short, "triton", **M3)
-    assert _path() == ("triton", "triton")
-    _run({**short, "q": short["q"].float(), "k": short["k"].float(), "v": short["v"].float()}, "auto", **M3)
-    assert backends.LAST_PATH["attention"] == "triton"  # float32: no flash kernel
+    assert _path(short, "auto", **M3) == ("skipped", "dense")
+    assert _path(short, "triton", **M3) == ("triton", "triton")
+    as_float = {**short, "q": short["q"].float(), "k": short["k"].float(), "v": short["v"].float()}
+    assert _path(as_float, "auto", **M3) == ("triton", "triton")  # float32: no flash kernel
+    _check(*_run(as_float, "auto", **M3), *_run(as_float, "reference", **M3))

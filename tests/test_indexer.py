@@ -71,7 +71,7 @@ def test_public_api_batched_triton_backend():
     ki = torch.randn(2, 90, 16, generator=generator).to(DEVICE)
     kwargs = dict(block_size=16, topk=3, init_blocks=1, local_blocks=1)
     out = msattn.msa_select(qi, ki, backend="triton", **kwargs)
-    assert msattn.backends.LAST_PATH["select"] == "triton"
+    assert msattn.dispatch.select_path("triton", qi.device, block_size=16, index_dim=16).select == "triton"
     expected = msattn.msa_select(qi, ki, backend="reference", **kwargs)
     assert out.shape == (2, 2, 40, 3)
     assert torch.equal(out.sort(-1).values, expected.sort(-1).values)

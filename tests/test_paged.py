@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import msattn
-from msattn import reference
+from msattn import dispatch, reference
+from msattn.backends import triton as triton_backend
 from msattn.cache import dequantize_index_keys, gather_paged, quantize_index_keys, write_paged_cache
 from msattn.ops.indexer import select_blocks_paged
 from msattn.ops.paged_attention import plan_paged_attention, run_paged_attention
@@ -145,7 +146,7 @@ def _head_major(cache):
 
 @pytest.mark.parametrize("lens_q", [[1, 1], [5, 16], [40, 1]], ids=["decode", "multi", "chunked"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_public_paged_attention_matches_contiguous(lens_q, fp8):
+def test_public_paged_attention_matches_contiguous(lens_q, fp8, monkeypatch):
     lens_k = [330, 170]
     c = _case(lens_q, lens_k, 8, 2, 32, 16, 16, torch.bfloat16, fp8=fp8, seed=3)
     kwargs = dict(topk=4, init_blocks=1, local_blocks=1)
@@ -153,12 +154,20 @@ def test_public_paged_attention_matches_contiguous(lens_q, fp8):
         c["q"], c["k"], c["v"], c["qi"].float() if fp8 else c["qi"], c["ki"], block_size=16,
         cu_seqlens_q=c["cu_q"], cu_seqlens_k=c["cu_k"], return_lse=True, backend="reference",
         **kwargs)
+    ran = []
+    for name in ("paged_attention", "paged_decode_attention"):
+        function = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name,
+                            lambda *a, _f=function, _n=name, **kw: ran.append(_n) or _f(*a, **kw))
     o, lse = msattn.msa_paged_attention(
         c["q"], c["qi"], _head_major(c["k_cache"]), _head_major(c["v_cache"]), c["index_cache"],
         c["block_table"], c["cu_q"], c["seq_lens"], index_scale=c["index_scale"],
         return_lse=True, backend="triton", **kwargs)
-    expected_path = "triton decode" if max(lens_q) <= msattn.paged.DECODE_MAX_QUERY_LEN else "triton"
-    assert msattn.backends.LAST_PATH["attention"] == expected_path
+    decode = max(lens_q) <= dispatch.DECODE_MAX_QUERY_LEN
+    path = dispatch.paged_path("triton", c["q"].device, page_size=16, index_dim=c["qi"].shape[2],
+                               head_dim=c["q"].shape[2], max_seqlen_q=max(lens_q))
+    assert path == dispatch.Path("triton", "triton-decode" if decode else "triton")
+    assert ran == ["paged_decode_attention" if decode else "paged_attention"]
     _check(o, lse, expected_o, expected_lse)
     indices = msattn.msa_paged_select(c["qi"], c["index_cache"], c["block_table"], c["cu_q"],
                                       c["seq_lens"], index_scale=c["index_scale"], backend="triton",

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from msattn.backends import NAMES as BACKENDS
+from msattn.dispatch import NAMES as BACKENDS
 from msattn.bench import decode, prefill, report
 from msattn.bench.timing import matmul_tflops
 from msattn.config import MSAConfig

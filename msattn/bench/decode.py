@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import msattn
-from msattn import backends
+from msattn import dispatch
 from msattn.bench.dense import DenseResult, _first_line
 from msattn.bench.prefill import _dense_skipped
 from msattn.bench.report import dtype_name, format_length
@@ -317,12 +317,17 @@ def bandwidth_ceiling_gbps(settings: DecodeSettings) -> float:
 def msa_method(settings: DecodeSettings, q_tokens: int) -> str:
     """How the MSA step runs: "cuda-graph" (wrapper run replayed), "wrapper" (eager wrapper run)
     or "functional" (:func:`msattn.msa_paged_attention`, e.g. the reference backend)."""
-    from msattn.paged import DECODE_MAX_QUERY_LEN
-
-    impl = backends.resolve(settings.backend, settings.device)
-    if getattr(impl, "name", "") != "triton" or q_tokens > DECODE_MAX_QUERY_LEN:
+    path = _path(settings, q_tokens)
+    if path.attention != "triton-decode":
         return "functional"
     return "cuda-graph" if settings.use_graphs else "wrapper"
+
+
+def _path(settings: DecodeSettings, q_tokens: int) -> dispatch.Path:
+    """The path of the bench's paged MSA call (:func:`msattn.dispatch.paged_path`)."""
+    c = settings.config
+    return dispatch.paged_path(settings.backend, settings.device, page_size=c.block_size,
+                               index_dim=c.index_dim, head_dim=c.head_dim, max_seqlen_q=q_tokens)
 
 
 def _cache_args(cache: CacheSet, index_dtype: str) -> dict:
@@ -366,7 +371,8 @@ def measure_msa(settings: DecodeSettings, caches: Sequence[CacheSet], queries: S
             for cache, x in zip(caches, queries)]
     if method == "functional":
         measured = measure(settings, partial(_functional, settings), sets)
-        path = "/".join(backends.LAST_PATH.get(stage, "?") for stage in ("select", "attention"))
+        path = _path(settings, q_tokens)
+        path = f"{path.select}/{path.attention}"
         return MSAResult(measured, method, path, None)
 
     wrapper = msattn.MSAPagedWrapper(

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 
 import msattn
-from msattn import backends
+from msattn import dispatch
 from msattn.bench import metrics
 from msattn.bench.dense import measure_dense
 from msattn.bench.report import dtype_name, format_length
@@ -103,15 +103,16 @@ def _msa(settings: PrefillSettings, x: PrefillInputs) -> torch.Tensor:
                                 backend=settings.backend)
 
 
-def executed_path(settings: PrefillSettings) -> str:
-    """Which implementation ran the MSA calls: the single hook for msattn's own report.
-
-    The path the last ``msa_attention`` call recorded (``backends.LAST_PATH["attention"]``, e.g.
-    the dense fallback); before any call, the name of the backend that ``settings.backend``
-    resolves to on the device. It raises when that backend cannot run there.
-    """
-    impl = backends.resolve(settings.backend, settings.device)
-    return backends.LAST_PATH.get("attention", getattr(impl, "name", settings.backend))
+def executed_path(settings: PrefillSettings, seq_len: int | None = None) -> str:
+    """Which implementation the MSA calls of ``seq_len`` tokens run (any length when None):
+    :func:`msattn.dispatch.attention_path` for the bench's inputs, e.g. ``"triton"`` or
+    ``"dense"``. It raises when the backend cannot run on the device."""
+    c = settings.config
+    path = dispatch.attention_path(settings.backend, settings.device, settings.dtype,
+                                   block_size=c.block_size, topk=c.topk, head_dim=c.head_dim,
+                                   index_dim=c.index_dim,
+                                   max_seqlen_k=seq_len if seq_len is not None else 1 << 62)
+    return path.attention + (f" ({path.reason})" if path.reason else "")
 
 
 def _peak_memory_gib(settings: PrefillSettings, x: PrefillInputs) -> tuple[float | None, float | None]:
@@ -182,7 +183,7 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
         "dtype": dtype_name(settings.dtype),
         "index_dtype": dtype_name(settings.dtype),  # qi / ki share the dtype of q, k, v here
         "backend": settings.backend,
-        "msa_path": executed_path(settings),
+        "msa_path": executed_path(settings, seq_len),
         "msa_ms": total.ms,
         "dense_ms": dense_ms,
         "speedup": dense_ms / total.ms if dense_ms else None,

@@ -431,13 +431,16 @@ def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int, init_blocks: int,
-                  local_blocks: int, num_splits: int | None = None,
+                  local_blocks: int, max_seqlen_q: int | None = None,
+                  max_seqlen_k: int | None = None, num_splits: int | None = None,
                   out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Triton version of :func:`msattn.reference.select_blocks` (same arguments and result).
 
     Args:
         qi: ``[total_q, G, Di]`` fp16/bf16/fp32; ki: ``[total_k, Di]``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``.
+        max_seqlen_q, max_seqlen_k: the longest query and key sequences (when None, read from
+            the ``cu_seqlens``: one host sync).
         num_splits: key-range splits (default: chosen from the grid size).
         out: optional int32 ``[G, total_q, topk]`` buffer to write into.
         config: launch configuration entries (keys of :data:`CUDA_CONFIG`) over the tuned ones.
@@ -450,10 +453,10 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
         ki = ki.contiguous()
     if qi.shape[0] == 0:
         return _output(qi, topk, out)
-    max_len_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    max_len_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
-    plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_len_q,
-                          triton.cdiv(max_len_k, block_size), topk=topk, device=qi.device,
+    if max_seqlen_q is None or max_seqlen_k is None:
+        max_seqlen_q, max_seqlen_k = torch.stack((cu_seqlens_q.diff(), cu_seqlens_k.diff())).amax(1).tolist()
+    plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_seqlen_q,
+                          triton.cdiv(max_seqlen_k, block_size), topk=topk, device=qi.device,
                           num_splits=num_splits, config=config)
     return run_selection(plan, qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                          init_blocks=init_blocks, local_blocks=local_blocks, out=out)

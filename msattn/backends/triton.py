@@ -1,0 +1,69 @@
+"""The Triton backend: the fused indexer, the KV-outer sparse attention (with its backward when
+gradients are needed) and the paged decode kernels. Inputs are checked and supported
+(:meth:`msattn.dispatch.Backend.supports`); nothing here synchronises with the host when the
+``max_seqlen_*`` arguments are given."""
+
+from __future__ import annotations
+
+import torch
+
+from msattn.ops import indexer, paged_attention as decode, sparse_attention as sparse
+
+
+def select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, init_blocks,
+                  local_blocks, max_seqlen_q=None, max_seqlen_k=None):
+    return indexer.select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                                 topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, *, block_size, softmax_scale,
+                     deterministic=False):
+    if _needs_grad(q, k, v):
+        from msattn.ops.sparse_attention_bwd import sparse_attention_autograd
+
+        return sparse_attention_autograd(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
+                                         block_size=block_size, softmax_scale=softmax_scale,
+                                         deterministic=deterministic)
+    return sparse.sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
+                                   block_size=block_size, softmax_scale=softmax_scale)
+
+
+def paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
+                 local_blocks, index_scale, max_seqlen_q=None):
+    return indexer.select_blocks_paged(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
+                                       topk=topk, init_blocks=init_blocks,
+                                       local_blocks=local_blocks, index_scale=index_scale,
+                                       max_len_q=max_seqlen_q)
+
+
+def _prefix_sums(lengths: torch.Tensor) -> torch.Tensor:
+    """int32 ``[B + 1]`` prefix sums of int32 ``[B]`` lengths (on the device, no host sync)."""
+    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    torch.cumsum(lengths, 0, out=out[1:])
+    return out
+
+
+def paged_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
+                    softmax_scale, max_seqlen_q=None):
+    """KV-outer attention over paged K/V (chunked prefill)."""
+    return sparse.sparse_attention(q, k_cache, v_cache, indices, cu_seqlens_q,
+                                   _prefix_sums(seq_lens), block_size=k_cache.shape[1],
+                                   softmax_scale=softmax_scale, block_table=block_table)
+
+
+def paged_decode_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
+                           softmax_scale, max_seqlen_q):
+    """Query-outer decode attention (query runs of at most ``DECODE_MAX_QUERY_LEN`` tokens)."""
+    plan = decode.plan_paged_attention(
+        q.shape[0], block_table.shape[0], max_seqlen_q, q.shape[1], k_cache.shape[2], q.shape[2],
+        indices.shape[-1], q.dtype, q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    return decode.run_paged_attention(plan, q, k_cache, v_cache, indices, block_table,
+                                      cu_seqlens_q, seq_lens, softmax_scale=softmax_scale,
+                                      out=(o, lse))
