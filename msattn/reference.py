@@ -213,3 +213,117 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     indices = torch.zeros(k.shape[1], q.shape[0], 1, dtype=torch.int32, device=q.device)
     return sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                             softmax_scale=softmax_scale)
+
+
+def _indexer_loss_chunk(q_c: torch.Tensor, qi_c: torch.Tensor, k_keys: torch.Tensor,
+                        ki_keys: torch.Tensor, valid: torch.Tensor, lse_c: torch.Tensor | None,
+                        softmax_scale: float, dense: bool) -> torch.Tensor:
+    """Sum over a chunk's (token, group) rows of ``KL(P || Q)`` (see :func:`indexer_loss`).
+
+    Args:
+        q_c: ``[G, C, group_size, D]``; qi_c: ``[G, C, Di]`` (compute dtype).
+        k_keys, ki_keys: dense: ``[G, L, D]`` and ``[L, Di]`` (the first ``L`` keys of the
+            sequence); sparse: ``[G, C, L, D]`` and ``[G, C, L, Di]`` (each row's gathered keys).
+        valid: ``[G or 1, C, L]`` bool, the keys of each row's set ``J``.
+        lse_c: ``[G, C, group_size]`` teacher log-sum-exp, or None to normalise here.
+    """
+    with torch.no_grad():  # the teacher is a constant
+        pattern = "gchd,gld->gchl" if dense else "gchd,gcld->gchl"
+        scores = torch.einsum(pattern, q_c, k_keys) * softmax_scale
+        if lse_c is None:
+            log_p = torch.log_softmax(scores.masked_fill(~valid[:, :, None], -math.inf), dim=-1)
+        else:
+            log_p = scores - lse_c[..., None]
+        # Rows without keys give NaN above; masked_fill overwrites them with 0.
+        p = torch.exp(log_p).masked_fill(~valid[:, :, None], 0.0).mean(dim=2)  # [G, C, L]
+    pattern = "gcd,ld->gcl" if dense else "gcd,gcld->gcl"
+    s = torch.einsum(pattern, qi_c, ki_keys) * qi_c.shape[-1] ** -0.5
+    s = s.masked_fill(~valid, -math.inf)
+    # A row without keys contributes 0; give it finite scores so that log_softmax stays finite.
+    s = s.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
+    log_q = torch.log_softmax(s, dim=-1).masked_fill(~valid, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum()
+
+
+def indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
+                 indices: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, *, block_size: int, softmax_scale: float,
+                 lse: torch.Tensor | None = None) -> torch.Tensor:
+    """KL-distillation loss of the index branch: mean over (token, group) of ``KL(P || Q)``.
+
+    For query token ``t`` (position ``pos(t)`` in its sequence) and group ``g``, the key set
+    ``J(t, g)`` is the keys ``j <= pos(t)`` of the blocks ``indices[g, t]`` (all causal keys when
+    ``indices`` is None: the dense warm-up). Over ``J``:
+
+    * teacher ``P(t, g, j)`` = mean over the heads ``h`` of group ``g`` of
+      ``softmax_j(q[t, h] . k[j, g] * softmax_scale)``, a constant (no gradient to q or k); with
+      ``lse`` given, ``P = exp(q.k * softmax_scale - lse)`` (the main branch's log-sum-exp);
+    * student ``Q(t, g, j)`` = ``softmax_j(qi[t, g] . ki[j] * Di**-0.5)``.
+
+    A row with no key contributes 0 (it still counts in the mean). The gradient reaches ``qi``
+    and ``ki`` only (torch autograd; ``d loss / d s = (Q * sum(P) - P) / (total_q * G)``).
+    Queries are processed in chunks; with autograd on, each chunk is checkpointed
+    (``torch.utils.checkpoint``) so that the saved gathered keys do not grow with the batch.
+
+    Args:
+        q: ``[total_q, H, D]``; k: ``[total_k, G, D]``; qi: ``[total_q, G, Di]``;
+            ki: ``[total_k, Di]``.
+        indices: ``[G, total_q, topk]`` int32 block ids relative to the sequence (distinct per
+            row; negative entries ignored), or None for the dense warm-up.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]``; queries are the last positions of the keys.
+        lse: optional ``[total_q, H]`` float32 main-branch log-sum-exp over the same keys.
+    Returns:
+        A 0-d float32 tensor (float64 for float64 qi).
+    """
+    total_q, num_heads, head_dim = q.shape
+    num_groups = k.shape[1]
+    group_size = num_heads // num_groups
+    index_dim = qi.shape[-1]
+    dtype = _compute_dtype(qi)
+    dense = indices is None
+    track = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
+    total = torch.zeros((), dtype=dtype, device=qi.device)
+    offsets = torch.arange(block_size, device=q.device)
+    group_ids = torch.arange(num_groups, device=q.device)[:, None, None]
+    width = max(head_dim, index_dim, group_size)
+
+    def chunk_loss(qi_c, ki_seq, q_c, k_seq, positions, blocks, lse_c, len_k, num_keys):
+        qi_c = qi_c.to(dtype).transpose(0, 1)  # [G, C, Di]
+        ki_seq = ki_seq.to(dtype)
+        if dense:
+            keys = torch.arange(num_keys, device=q.device)
+            valid = (keys[None, :] <= positions[:, None])[None]  # [1, C, L]
+            k_keys, ki_keys = k_seq[:, :num_keys], ki_seq[:num_keys]
+        else:
+            keys = (blocks[..., None] * block_size + offsets).flatten(-2)  # [G, C, span]
+            valid = ((blocks >= 0)[..., None].expand(-1, -1, -1, block_size).flatten(-2)
+                     & (keys <= positions[None, :, None]) & (keys < len_k))
+            keys = keys.clamp(0, max(len_k - 1, 0))
+            k_keys, ki_keys = k_seq[group_ids, keys], ki_seq[keys]
+        return _indexer_loss_chunk(q_c, qi_c, k_keys, ki_keys, valid, lse_c, softmax_scale, dense)
+
+    for q_start, q_end, k_start, k_end in _sequence_bounds(cu_seqlens_q, cu_seqlens_k):
+        len_q, len_k = q_end - q_start, k_end - k_start
+        if len_q == 0:
+            continue
+        k_seq = k[k_start:k_end].transpose(0, 1).to(dtype)  # [G, S, D]
+        span = len_k if dense else indices.shape[-1] * block_size
+        chunk = max(1, _CHUNK_ELEMENTS // (num_groups * max(span, 1) * width))
+        for i0 in range(0, len_q, chunk):
+            i1 = min(len_q, i0 + chunk)
+            positions = torch.arange(len_k - len_q + i0, len_k - len_q + i1, device=q.device)
+            blocks = None if dense else indices[:, q_start + i0:q_start + i1].to(torch.int64)
+            q_c = q[q_start + i0:q_start + i1].to(dtype)
+            q_c = q_c.view(i1 - i0, num_groups, group_size, head_dim).transpose(0, 1)
+            lse_c = None
+            if lse is not None:
+                lse_c = lse[q_start + i0:q_start + i1].to(dtype)
+                lse_c = lse_c.view(i1 - i0, num_groups, group_size).transpose(0, 1)
+            args = (qi[q_start + i0:q_start + i1], ki[k_start:k_end], q_c, k_seq, positions,
+                    blocks, lse_c, len_k, len_k - len_q + i1)
+            if track:
+                total = total + torch.utils.checkpoint.checkpoint(chunk_loss, *args,
+                                                                  use_reentrant=False)
+            else:
+                total = total + chunk_loss(*args)
+    return total / max(total_q * num_groups, 1)
