@@ -144,6 +144,13 @@ def sparse_attention_path(backend, device: torch.device, *, block_size: int, hea
     return Path(name, name, reason)
 
 
+def indexer_loss_path(backend, device: torch.device, *, block_size: int, head_dim: int,
+                      index_dim: int) -> Path:
+    """The path of :func:`msattn.msa_indexer_loss` (``attention`` names the backend that runs it)."""
+    name, reason = _kernel(backend, device, block_size, (head_dim, index_dim), "block_size, D or Di")
+    return Path(name, name, reason)
+
+
 def dense_possible(backend, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether :func:`attention_path` may pick the dense path (then it needs ``max_seqlen_k``)."""
     return backend == "auto" and dense.available(device, dtype, head_dim)

@@ -159,6 +159,24 @@ def _check_index_matches(q, qi, ki, layout_main: _Layout, layout_index: _Layout,
     check_same_device(q=q, qi=qi)
 
 
+def _index_inputs(q, k, qi, ki, cu_q, cu_k, layout: _Layout):
+    """Check the index branch's inputs against the main branch's (already in the varlen layout);
+    return ``(qi [total_q, G, Di], ki [total_k, Di])``."""
+    if isinstance(qi, torch.Tensor) and (qi.dim() == 4) != (layout.batch is not None):
+        raise ValueError("q and qi must use the same layout (both batched 4-D or both varlen 3-D), got "
+                         f"q with {4 if layout.batch is not None else 3} dims and qi with {qi.dim()}")
+    varlen = layout.batch is None
+    if varlen and isinstance(qi, torch.Tensor) and qi.dim() == 3 and qi.shape[0] != q.shape[0]:
+        raise ValueError(f"qi must have one row per query token ({q.shape[0]}), got {qi.shape[0]}")
+    if varlen and isinstance(ki, torch.Tensor) and ki.dim() == 2 and ki.shape[0] != k.shape[0]:
+        raise ValueError(f"ki must have one row per key token ({k.shape[0]}), got {ki.shape[0]}")
+    qi, ki, _, _, layout_index = _to_varlen_index(
+        qi, ki, cu_q if varlen else None, cu_k if varlen else None,
+        layout.max_seqlen_q if varlen else None, layout.max_seqlen_k if varlen else None)
+    _check_index_matches(q, qi, ki, layout, layout_index, k)
+    return qi, ki
+
+
 def _check_indices(indices, num_groups: int, total_q: int, layout: _Layout) -> torch.Tensor:
     """Check ``indices`` and return it in the varlen layout ``[G, total_q, topk]``."""
     if layout.batch is not None:
@@ -278,18 +296,7 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
     check_selection_params(topk, init_blocks, local_blocks)
     q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                        max_seqlen_q, max_seqlen_k)
-    if isinstance(qi, torch.Tensor) and (qi.dim() == 4) != (layout.batch is not None):
-        raise ValueError("q and qi must use the same layout (both batched 4-D or both varlen 3-D), got "
-                         f"q with {4 if layout.batch is not None else 3} dims and qi with {qi.dim()}")
-    if layout.batch is None and isinstance(qi, torch.Tensor) and qi.dim() == 3 and qi.shape[0] != q.shape[0]:
-        raise ValueError(f"qi must have one row per query token ({q.shape[0]}), got {qi.shape[0]}")
-    if layout.batch is None and isinstance(ki, torch.Tensor) and ki.dim() == 2 and ki.shape[0] != k.shape[0]:
-        raise ValueError(f"ki must have one row per key token ({k.shape[0]}), got {ki.shape[0]}")
-    varlen = layout.batch is None
-    qi, ki, _, _, layout_index = _to_varlen_index(
-        qi, ki, cu_q if varlen else None, cu_k if varlen else None,
-        layout.max_seqlen_q if varlen else None, layout.max_seqlen_k if varlen else None)
-    _check_index_matches(q, qi, ki, layout, layout_index, k)
+    qi, ki = _index_inputs(q, k, qi, ki, cu_q, cu_k, layout)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     path = dispatch.attention_path(backend, q.device, q.dtype, block_size=block_size, topk=topk,
                                    head_dim=q.shape[-1], index_dim=qi.shape[-1],
@@ -307,3 +314,49 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
             deterministic=bool(deterministic))
     o, lse = _attention_out(o, lse, layout)
     return (o, lse) if return_lse else o
+
+
+def msa_indexer_loss(q, k, qi, ki, indices, *, block_size=128, cu_seqlens_q=None, cu_seqlens_k=None,
+                     max_seqlen_q=None, max_seqlen_k=None, lse=None, softmax_scale=None,
+                     backend="auto"):
+    """The index branch's distillation loss: mean over (query token, group) of ``KL(P || Q)``.
+
+    ``P`` is the main branch's attention probabilities averaged over the heads of the group, over
+    the causal keys of the selected blocks; ``Q`` is the softmax of ``qi . ki * Di**-0.5`` over the
+    same keys (docs/MSA.md, Training). ``P`` is a constant: gradients reach ``qi`` and ``ki`` only.
+
+    Args:
+        q, k: the main branch's queries and keys, as :func:`msa_sparse_attention` (no gradient).
+        qi, ki: index queries and keys, as :func:`msa_select`.
+        indices: the selection, as :func:`msa_select` returns it, or None for the dense warm-up
+            (every causal key; the teacher is dense attention).
+        lse: float32 ``[total_q, H]`` (or ``[B, T, H]``), the main branch's log-sum-exp over the
+            same keys (``return_lse=True``), which saves recomputing the teacher's normaliser.
+        block_size, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            backend: as :func:`msa_attention` (:func:`msattn.dispatch.indexer_loss_path`).
+    Returns:
+        A 0-d float32 tensor.
+    """
+    check_block_size(block_size)
+    q, k, _, cu_q, cu_k, layout = _to_varlen_attention(q, k, k, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k)
+    qi, ki = _index_inputs(q, k, qi, ki, cu_q, cu_k, layout)
+    if indices is not None:
+        indices = _check_indices(indices, k.shape[1], q.shape[0], layout)
+        check_same_device(q=q, indices=indices)
+    if lse is not None:
+        batched = layout.batch is not None
+        check_tensor("lse", lse, 3 if batched else 2, "[B, T, H]" if batched else "[total_q, H]",
+                     dtypes=(torch.float32,))
+        lse = lse.reshape(-1, lse.shape[-1])
+        if tuple(lse.shape) != tuple(q.shape[:2]):
+            raise ValueError(f"lse must have one row per query token and head {tuple(q.shape[:2])}, "
+                             f"got {tuple(lse.shape)}")
+        check_same_device(q=q, lse=lse)
+        lse = lse.detach()
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    path = dispatch.indexer_loss_path(backend, q.device, block_size=block_size,
+                                      head_dim=q.shape[-1], index_dim=qi.shape[-1])
+    return path.attention_impl().indexer_loss(
+        q.detach(), k.detach(), qi, ki, indices, cu_q, cu_k, block_size=block_size,
+        softmax_scale=scale, lse=lse, max_seqlen_k=layout.max_seqlen_k)

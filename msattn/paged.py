@@ -186,7 +186,7 @@ class MSAPagedWrapper:
         self._plan = None
 
     def plan(self, cu_seqlens_q: torch.Tensor, max_pages: int, *, dtype: torch.dtype = torch.bfloat16,
-             index_dtype: torch.dtype = torch.bfloat16, selection_config: dict | None = None) -> None:
+             index_dtype: torch.dtype = torch.bfloat16, selection_config=None) -> None:
         """Fix the batch layout and allocate the workspaces (call outside graph capture).
 
         Args:
@@ -194,8 +194,8 @@ class MSAPagedWrapper:
                 1..``DECODE_MAX_QUERY_LEN`` each; fixed until the next ``plan()``.
             max_pages: width of the ``block_table`` that ``run()`` will get.
             dtype: dtype of q and the K/V caches; index_dtype: of the index cache (fp8 allowed).
-            selection_config: indexer launch configuration entries over the tuned ones (keys of
-                :data:`msattn.ops.indexer.CUDA_CONFIG`), for tuning.
+            selection_config: an :class:`msattn.ops.indexer.IndexerConfig` instead of the tuned
+                one, for tuning.
         """
         from msattn.ops import paged_attention
         from msattn.ops.indexer import plan_selection

@@ -1,31 +1,72 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one script (the device tool's lease is short):
-#   scripts/device_run.sh test    GPU tests + compute-sanitizer memcheck of every kernel
-#   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi)
+#   scripts/device_run.sh test [PYTEST_ARGS...]   GPU tests, then compute-sanitizer memcheck of every kernel
+#   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi, train, hf)
 #   scripts/device_run.sh tune WHAT [options]     kernel profile / launch-config sweep (msattn.bench.tune)
-# Logs and results go to $OUT (or ./device_out when OUT is unset).
+#   scripts/device_run.sh all [BENCH_ARGS...]      test, then the prefill and decode benches
+# Whole logs and results go to $OUT (or ./device_out when OUT is unset); a summary of every step
+# is printed last. The exit status is nonzero when any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+SUMMARY=()
+FAILED=0
+
+# step NAME LOG COMMAND...: run COMMAND with its whole output in $OUT/LOG, record its status.
+step() {
+  local name=$1 log=$2
+  shift 2
+  local start=$SECONDS
+  "$@" > "$OUT/$log" 2>&1
+  local status=$?
+  local tail_line
+  tail_line=$(grep -v '^\s*$' "$OUT/$log" | tail -n 1 | cut -c1-160)
+  SUMMARY+=("$(printf '%-9s %-4s %5ss  %s' "$name" "$([ $status -eq 0 ] && echo ok || echo FAIL:$status)" $((SECONDS - start)) "$tail_line")")
+  [ $status -eq 0 ] || FAILED=1
+  return 0
+}
+
+run_tests() {
+  step pytest pytest.log python3 -m pytest -q -rs tests "$@"
+  # Memcheck: the small-shape kernel tests (every kernel and launch path) under compute-sanitizer.
+  step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
+      tests/test_indexer.py tests/test_sparse_attention.py tests/test_paged.py \
+      tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py -k "not gpu"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+  | tee "$OUT/gpu.txt"
 mode=${1:-test}
 shift || true
 case "$mode" in
   test)
-    python3 -m pytest -q tests 2>&1 | tail -n 40 | tee "$OUT/pytest.log"
-    # Memcheck: the small-shape kernel tests (every kernel and launch path) under compute-sanitizer.
-    compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
-        tests/test_indexer.py tests/test_sparse_attention.py tests/test_paged.py -k "not gpu" 2>&1 | tail -n 15 | tee "$OUT/memcheck.log"
+    run_tests "$@"
     ;;
   bench)
     suite=${1:-prefill}
     shift || true
-    python3 -m msattn.bench.cli bench "$suite" --out "$OUT" "$@" 2>&1 | tee "$OUT/bench-$suite.log"
+    step "$suite" "bench-$suite.log" python3 -m msattn.bench.cli bench "$suite" --out "$OUT" "$@"
     ;;
   tune)
-    python3 -m msattn.bench.tune "$@" --out "$OUT" 2>&1 | tee -a "$OUT/tune.log"
+    step tune "tune-${1:-profile}.log" python3 -m msattn.bench.tune "$@" --out "$OUT"
+    ;;
+  all)
+    run_tests
+    step prefill bench-prefill.log python3 -m msattn.bench.cli bench prefill --out "$OUT" "$@"
+    step decode bench-decode.log python3 -m msattn.bench.cli bench decode --out "$OUT" "$@"
+    ;;
+  *)
+    echo "unknown mode $mode (test, bench, tune, all)" >&2
+    exit 2
     ;;
 esac
+for log in "$OUT"/*.log; do  # the end of each log, then the summary
+  echo "==> $(basename "$log") (last 25 lines)"
+  tail -n 25 "$log"
+done
+echo "==> summary"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUT/summary.txt"
+exit $FAILED

@@ -346,7 +346,7 @@ def test_decode_multi_on_cpu(tmp_path, capsys, no_cuda):
 
 
 @needs_paged
-@pytest.mark.skipif(not decode.backends.triton_available(torch.device("cpu")),
+@pytest.mark.skipif(not decode.dispatch.TRITON.available(torch.device("cpu")),
                     reason="needs TRITON_INTERPRET=1 and triton")
 def test_wrapper_path_in_interpreter(tmp_path, capsys, no_cuda):
     """The Triton wrapper (plan once, eager runs) through the interpreter, checked against the

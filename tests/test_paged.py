@@ -192,6 +192,13 @@ def test_wrapper_run_matches_functional_and_is_reusable():
             *args, c["cu_q"], seq_lens, return_lse=True, backend="triton", **kwargs)
         o, lse = wrapper.run(*args, seq_lens, return_lse=True)
         assert torch.equal(o, expected_o) and torch.equal(lse, expected_lse)
+    # Caller buffers (one plan for every layer): written in place, the wrapper's left alone.
+    out, lse_out = torch.full_like(o, float("nan")), torch.full_like(lse, float("nan"))
+    own_o = wrapper.o.clone()
+    got = wrapper.run(*args, seq_lens, out=out, lse=lse_out, return_lse=True)
+    assert got[0] is out and got[1] is lse_out
+    assert torch.equal(out, expected_o) and torch.equal(lse_out, expected_lse)
+    assert torch.equal(wrapper.o, own_o)
 
 
 def test_wrapper_rejects_long_query_runs():
@@ -201,6 +208,16 @@ def test_wrapper_rejects_long_query_runs():
         wrapper.plan(cu_seqlens([1, 17]), 8)
     with pytest.raises(RuntimeError, match="plan"):
         wrapper.run(*([None] * 7))
+
+
+@pytest.mark.gpu
+def test_wrapper_plan_refuses_graph_capture():
+    wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
+                                     page_size=16, device="cuda", backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="before graph capture"):
+        with torch.cuda.graph(graph):
+            wrapper.plan(cu_seqlens([1, 1], "cuda"), 8)
 
 
 def test_decode_token_by_token_equals_prefill_rows():

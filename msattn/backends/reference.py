@@ -38,3 +38,9 @@ def paged_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq
 
 
 paged_decode_attention = paged_attention
+
+
+def indexer_loss(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, *, block_size, softmax_scale,
+                 lse=None, max_seqlen_k=None):
+    return reference.indexer_loss(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k,
+                                  block_size=block_size, softmax_scale=softmax_scale, lse=lse)

@@ -67,3 +67,12 @@ def paged_decode_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens
     return decode.run_paged_attention(plan, q, k_cache, v_cache, indices, block_table,
                                       cu_seqlens_q, seq_lens, softmax_scale=softmax_scale,
                                       out=(o, lse))
+
+
+def indexer_loss(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, *, block_size, softmax_scale,
+                 lse=None, max_seqlen_k=None):
+    from msattn.ops.indexer_loss import indexer_loss as triton_indexer_loss
+
+    return triton_indexer_loss(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k,
+                               block_size=block_size, softmax_scale=softmax_scale, lse=lse,
+                               max_seqlen_k=max_seqlen_k)

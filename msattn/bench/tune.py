@@ -94,12 +94,13 @@ def profile(lengths, out: list) -> None:
         release_memory(torch.device("cuda"))
 
 
-def sweep_attention(length: int, configs: list[dict], chunk_rows_list, out: list) -> None:
+def sweep_attention(length: int, configs: list, chunk_rows_list, out: list) -> None:
     x = _inputs(length)
     flops = metrics.sparse_attention_flops(CONFIG, length)
     expected, _ = _attend(x)
     for config, chunk_rows in itertools.product(configs, chunk_rows_list):
-        row = {"kind": "attention", "seq_len": length, "config": config, "chunk_rows": chunk_rows}
+        row = {"kind": "attention", "seq_len": length, "config": dataclasses.asdict(config),
+               "chunk_rows": chunk_rows}
         try:
             got, _ = _attend(x, config, chunk_rows)
             row["max_abs_diff"] = max((got[i:i + 65536].float() - expected[i:i + 65536].float())
@@ -114,12 +115,12 @@ def sweep_attention(length: int, configs: list[dict], chunk_rows_list, out: list
         release_memory(torch.device("cuda"))
 
 
-def sweep_indexer(length: int, configs: list[dict], out: list) -> None:
+def sweep_indexer(length: int, configs: list, out: list) -> None:
     x = _inputs(length)
     flops = metrics.indexer_flops(CONFIG, length)
     expected = x.indices.sort(-1).values
     for config in configs:
-        row = {"kind": "indexer", "seq_len": length, "config": config}
+        row = {"kind": "indexer", "seq_len": length, "config": dataclasses.asdict(config)}
         try:
             got = _select(x, config).sort(-1).values
             row["rows_differing"] = int((got != expected).any(-1).sum())
@@ -167,11 +168,12 @@ def sweep_decode(lengths, configs: list[dict], out: list) -> None:
                 row = {"kind": "decode", "seq_len": length, "index_dtype": index_dtype,
                        "config": config}
                 try:
-                    selection_config = dict(config or {})
-                    attention_pdl = selection_config.pop("attention_pdl", None)
+                    entries = dict(config or {})
+                    attention_pdl = entries.pop("attention_pdl", None)
+                    default = indexer.launch_config(CONFIG.num_kv_heads, is_cuda=True)
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
                                  index_dtype=decode.INDEX_DTYPES[index_dtype],
-                                 selection_config=selection_config)
+                                 selection_config=dataclasses.replace(default, **entries))
                     if attention_pdl is not None:
                         wrapper.attention_plan = dataclasses.replace(wrapper.attention_plan,
                                                                      pdl=attention_pdl)
@@ -210,10 +212,11 @@ def _profile_us(step, calls: int = 20) -> dict:
 DECODE_INDEXER_CONFIGS = [{"fan_in": 16}, {"fan_in": 8, "num_stages": 2},
                           {"fan_in": 8, "num_stages": 3}, {"attention_pdl": False}]
 ATTENTION_CONFIGS = [
-    {"block_m": m, "num_warps": 4, "num_stages": s, "tiles_per_program": 16, "combine_warps": c}
-    for m, s, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
-INDEXER_CONFIGS = [{"block_r": r, "num_warps": w, "num_stages": s}
-                   for r, w, s in ((256, 16, 2), (256, 16, 3), (512, 16, 2), (128, 8, 3))]
+    sparse_attention.AttentionConfig(block_m=m, num_warps=4, num_stages=st, tiles_per_program=16,
+                                     combine_warps=c)
+    for m, st, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
+INDEXER_CONFIGS = [indexer.IndexerConfig(block_r=r, num_warps=w, num_stages=st)
+                   for r, w, st in ((256, 16, 2), (256, 16, 3), (512, 16, 2), (128, 8, 3))]
 
 
 def main(argv=None) -> int:

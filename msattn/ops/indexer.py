@@ -35,11 +35,28 @@ MAX_SPLITS = 512
 # Elements (rows x candidates) of one merge step's tile: bounds the merging program's registers.
 MERGE_TILE = 4096
 
-# Launch configuration on CUDA (rows per program, warps, pipeline stages), tuned on an H100
-# (benchmarks/results/tuning/).
-# Key-range splitting, the same for every launch configuration (see _launch_config).
-_SPLIT_CONFIG = {"splits_per_sm": 2, "fan_in": FAN_IN}
-CUDA_CONFIG = {"block_r": 256, "num_warps": 16, "num_stages": 2, **_SPLIT_CONFIG}
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    """Launch configuration of the indexer.
+
+    Attributes:
+        block_r: flattened (token, group) rows per program; num_warps, num_stages: as in Triton.
+        splits_per_sm: key-range splits per multiprocessor when the query tiles cannot fill the
+            GPU (H200, 1M-token decode: 2 beats 1 and 4 by about 20%).
+        fan_in: splits per first-level merge.
+    """
+
+    block_r: int = 256
+    num_warps: int = 16
+    num_stages: int = 2
+    splits_per_sm: int = 2
+    fan_in: int = FAN_IN
+
+
+# Prefill on CUDA (256-row tiles), tuned on an H100 (benchmarks/results/tuning/).
+CUDA_CONFIG = IndexerConfig()
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)
@@ -250,7 +267,10 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
         block_lo = split * blocks_per_split
         block_hi = tl.minimum(block_end, block_lo + blocks_per_split)
         unmasked_end = tl.maximum(tl.minimum(block_hi, first_position // BLOCK_SIZE), block_lo)
-        page_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_block_table
+        if PAGED:
+            page_row_ptr = block_table_ptr + batch.to(tl.int64) * stride_block_table
+        else:
+            page_row_ptr = block_table_ptr  # None: contiguous keys
         vals, ids = _empty_lists(BLOCK_R, TOPK, TOPK_PAD)
         threshold = tl.full([BLOCK_R], float("-inf"), tl.float32)
         single_from = block_lo
@@ -415,25 +435,21 @@ def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: tor
     return max(1, min(triton.cdiv(splits_per_sm * sms, num_tiles), max_blocks // 4, MAX_SPLITS))
 
 
-def _launch_config(rows_per_sequence: int, is_cuda: bool) -> dict:
-    """Rows per program and warps: 256-row tiles for prefill, small tiles for decode rows.
-
-    ``splits_per_sm``: key-range splits per multiprocessor when the query tiles cannot fill the
-    GPU; ``fan_in``: splits per first-level merge."""
+def launch_config(rows_per_sequence: int, is_cuda: bool) -> IndexerConfig:
+    """The tuned configuration: 256-row tiles for prefill, small tiles for decode rows."""
     if not is_cuda:
-        return {"block_r": 32 if rows_per_sequence > 16 else 16, "num_warps": 4, "num_stages": 1,
-                **_SPLIT_CONFIG}
+        return IndexerConfig(block_r=32 if rows_per_sequence > 16 else 16, num_warps=4, num_stages=1)
     if rows_per_sequence > 128:
         return CUDA_CONFIG
-    return {"block_r": max(16, triton.next_power_of_2(rows_per_sequence)), "num_warps": 4,
-            "num_stages": 4, **_SPLIT_CONFIG}
+    return IndexerConfig(block_r=max(16, triton.next_power_of_2(rows_per_sequence)), num_warps=4,
+                         num_stages=4)
 
 
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int, init_blocks: int,
                   local_blocks: int, max_seqlen_q: int | None = None,
                   max_seqlen_k: int | None = None, num_splits: int | None = None,
-                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, config: IndexerConfig | None = None) -> torch.Tensor:
     """Triton version of :func:`msattn.reference.select_blocks` (same arguments and result).
 
     Args:
@@ -443,7 +459,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
             the ``cu_seqlens``: one host sync).
         num_splits: key-range splits (default: chosen from the grid size).
         out: optional int32 ``[G, total_q, topk]`` buffer to write into.
-        config: launch configuration entries (keys of :data:`CUDA_CONFIG`) over the tuned ones.
+        config: the launch configuration (default: :func:`launch_config`).
     Returns:
         int32 ``[G, total_q, topk]``.
     """
@@ -466,7 +482,7 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
                         init_blocks: int, local_blocks: int, index_scale: torch.Tensor | None = None,
                         max_len_q: int | None = None, num_splits: int | None = None,
-                        out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, config: IndexerConfig | None = None) -> torch.Tensor:
     """Selection against a paged index-key cache (one page per key block).
 
     Args:
@@ -475,7 +491,7 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
             ``index_scale [num_pages, page_size]`` float32 (key = value x scale).
         block_table: int32 ``[B, max_pages]``; cu_seqlens_q int32 ``[B + 1]``; seq_lens int32 ``[B]``.
         max_len_q: the longest query run (default: read from ``cu_seqlens_q``, a host sync).
-        config: launch configuration entries (keys of :data:`CUDA_CONFIG`) over the tuned ones.
+        config: the launch configuration (default: :func:`launch_config`).
     Returns:
         int32 ``[G, total_q, topk]``, block ids relative to each request.
     """
@@ -509,7 +525,7 @@ class SelectionPlan:
     num_tiles: int
     num_splits: int
     blocks_per_split: int
-    config: dict
+    config: IndexerConfig
     fan_in: int  # splits per first-level merge group (all of them for a one-level merge)
     merge_shape: tuple[int, int]  # (rows, padded candidates) of a first-level merge step
     level_merge_shape: tuple[int, int]  # the same for the merge of the group lists
@@ -526,7 +542,7 @@ def _merge_shape(num_lists: int, topk_pad: int, block_r: int, rows_per_sequence:
 
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                    topk: int, device: torch.device, num_splits: int | None = None,
-                   config: dict | None = None) -> SelectionPlan:
+                   config: IndexerConfig | None = None) -> SelectionPlan:
     """Size the grid (query tiles x B x key splits) and the split workspace.
 
     The workspace (partial lists, counters) serves one launch at a time: launches of one plan
@@ -534,23 +550,23 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
 
     Args:
         max_len_q: longest query run of a sequence; max_blocks: most key blocks of a sequence.
-        config: launch configuration (the keys of :data:`CUDA_CONFIG`) to use instead of the
-            tuned one.
+        config: the launch configuration (default: :func:`launch_config`).
     """
     rows_per_sequence = max(1, max_len_q * num_groups)
-    config = {**_launch_config(rows_per_sequence, device.type == "cuda"), **(config or {})}
-    num_tiles = triton.cdiv(rows_per_sequence, config["block_r"])
+    if config is None:
+        config = launch_config(rows_per_sequence, device.type == "cuda")
+    num_tiles = triton.cdiv(rows_per_sequence, config.block_r)
     topk_pad = max(4, triton.next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
     max_blocks = max(1, max_blocks)
     if num_splits is None:
-        num_splits = _num_splits(num_tiles * batch, max_blocks, config["splits_per_sm"], device)
+        num_splits = _num_splits(num_tiles * batch, max_blocks, config.splits_per_sm, device)
     num_splits = max(1, min(num_splits, max_blocks, MAX_SPLITS))
     blocks_per_split = triton.cdiv(max_blocks, num_splits)
     num_splits = triton.cdiv(max_blocks, blocks_per_split)
-    fan_in = num_splits if num_splits <= 2 * config["fan_in"] else config["fan_in"]
+    fan_in = num_splits if num_splits <= 2 * config.fan_in else config.fan_in
     num_split_groups = triton.cdiv(num_splits, fan_in)
-    merge_shape = _merge_shape(fan_in, topk_pad, config["block_r"], rows_per_sequence)
-    level_merge_shape = _merge_shape(num_split_groups, topk_pad, config["block_r"], rows_per_sequence)
+    merge_shape = _merge_shape(fan_in, topk_pad, config.block_r, rows_per_sequence)
+    level_merge_shape = _merge_shape(num_split_groups, topk_pad, config.block_r, rows_per_sequence)
     partial_keys = level_keys = counters = None
     if num_splits > 1:
         rows = total_q * num_groups * topk_pad
@@ -580,29 +596,28 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
     if qi.stride(-1) != 1:
         qi = qi.contiguous()
     paged = block_table is not None
-    if paged:
-        if keys.stride(-1) != 1:
-            keys = keys.contiguous()
-        stride_key_token, stride_key_page = keys.stride(1), keys.stride(0)
-        if index_scale is not None and index_scale.stride(-1) != 1:
-            index_scale = index_scale.contiguous()
-    else:
-        stride_key_token, stride_key_page = keys.stride(0), 0
-        block_table = cu_seqlens_q  # unused
-    key_scale = index_scale if index_scale is not None else key_lengths  # unused without scale
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    if index_scale is not None and index_scale.stride(-1) != 1:
+        index_scale = index_scale.contiguous()
     split = plan.num_splits > 1
-    partial_keys = plan.partial_keys if split else out  # unused when not split
-    level_keys = plan.level_keys if plan.level_keys is not None else partial_keys
-    counters = plan.counters if split else out
-    total_rows = plan.total_q * plan.num_groups
     index_dim = qi.shape[-1]
     _indexer_kernel[(plan.num_tiles, plan.batch, plan.num_splits)](
-        qi, keys, key_scale, block_table, cu_seqlens_q, key_lengths, out, partial_keys,
-        level_keys, counters, qi.stride(0), qi.stride(1), stride_key_token, stride_key_page,
-        key_scale.stride(0), block_table.stride(0), out.stride(0), out.stride(1),
-        index_dim ** -0.5, plan.blocks_per_split, total_rows,
+        qi_ptr=qi, ki_ptr=keys, key_scale_ptr=index_scale, block_table_ptr=block_table,
+        cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths, out_ptr=out,
+        partial_keys_ptr=plan.partial_keys if split else None,
+        level_keys_ptr=plan.level_keys if split and plan.level_keys is not None else None,
+        counters_ptr=plan.counters if split else None,
+        stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
+        stride_ki_token=keys.stride(1) if paged else keys.stride(0),
+        stride_ki_page=keys.stride(0) if paged else 0,
+        stride_scale_page=index_scale.stride(0) if index_scale is not None else 0,
+        stride_block_table=block_table.stride(0) if paged else 0,
+        stride_out_group=out.stride(0), stride_out_token=out.stride(1),
+        scale=index_dim ** -0.5, blocks_per_split=plan.blocks_per_split,
+        total_rows=plan.total_q * plan.num_groups,
         NUM_GROUPS=plan.num_groups, INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim),
-        BLOCK_R=plan.config["block_r"], BLOCK_N=min(block_size, 128), BLOCK_SIZE=block_size,
+        BLOCK_R=plan.config.block_r, BLOCK_N=min(block_size, 128), BLOCK_SIZE=block_size,
         TOPK=plan.topk, TOPK_PAD=plan.topk_pad, INIT_BLOCKS=init_blocks,
         LOCAL_BLOCKS=local_blocks, SPLIT=split, PAGED=paged, KEY_SCALE=index_scale is not None,
         # Two blocks a step where the keys are contiguous (prefill) and fit in shared memory.
@@ -611,6 +626,6 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
         MERGE_ROWS=plan.merge_shape[0], CANDIDATES_PAD=plan.merge_shape[1],
         LEVEL_MERGE_ROWS=plan.level_merge_shape[0], LEVEL_CANDIDATES_PAD=plan.level_merge_shape[1],
         PDL_TRIGGER=programmatic_launch(qi.device),
-        **dot_options(qi.dtype), num_warps=plan.config["num_warps"],
-        num_stages=plan.config["num_stages"])
+        **dot_options(qi.dtype), num_warps=plan.config.num_warps,
+        num_stages=plan.config.num_stages)
     return out

@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.sparse_attention import LN2, LOG2E, merge_slot_partials
-from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_wait, mma,
-                              programmatic_launch)
+from msattn.ops.sparse_attention import merge_slot_partials
+from msattn.ops.utils import (LOG2E, arrive_last, device_sm_count, dot_options, finish_softmax,
+                              gdc_wait, mma, programmatic_launch)
 
 
 # One program: query token ``t`` of request ``b`` (program_id(0) = b * max_len_q + t) x one group
@@ -87,10 +87,8 @@ def _paged_attention_kernel(
                 row_sum = row_sum * correction + tl.sum(p, axis=1)
                 acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
                 row_max = new_max
+        out, lse = finish_softmax(acc, row_max, row_sum)
         has_keys = row_sum > 0
-        out = acc / tl.where(has_keys, row_sum, 1.0)[:, None]
-        lse = tl.where(has_keys, (row_max + tl.log2(tl.where(has_keys, row_sum, 1.0))) * LN2,
-                       float("-inf"))
         if SPLIT:
             flat = (token * num_heads + heads) * TOPK + split
             tl.store(partial_lse_ptr + flat, lse, mask=head_mask & has_keys)
@@ -158,15 +156,18 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
         return o, lse
     page_size = k_cache.shape[1]
     group_size = plan.num_heads // plan.num_groups
-    unused = lse
     _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
-        q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, o, lse,
-        plan.partial_o if plan.split else unused, plan.partial_lse if plan.split else unused,
-        plan.counters if plan.split else unused,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), indices.stride(0),
-        indices.stride(1), block_table.stride(0), o.stride(0), o.stride(1),
-        plan.max_len_q, plan.num_heads, softmax_scale * LOG2E,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, indices_ptr=indices, block_table_ptr=block_table,
+        cu_seqlens_q_ptr=cu_seqlens_q, seq_lens_ptr=seq_lens, o_ptr=o, lse_ptr=lse,
+        partial_o_ptr=plan.partial_o, partial_lse_ptr=plan.partial_lse,
+        counters_ptr=plan.counters,  # None unless split
+        stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_k_page=k_cache.stride(0),
+        stride_k_token=k_cache.stride(1), stride_k_group=k_cache.stride(2),
+        stride_v_page=v_cache.stride(0), stride_v_token=v_cache.stride(1),
+        stride_v_group=v_cache.stride(2), stride_indices_group=indices.stride(0),
+        stride_indices_token=indices.stride(1), stride_block_table=block_table.stride(0),
+        stride_o_token=o.stride(0), stride_o_head=o.stride(1), max_len_q=plan.max_len_q,
+        num_heads=plan.num_heads, scale_log2=softmax_scale * LOG2E,
         GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=plan.topk,
         HEAD_DIM=plan.head_dim, BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size,
         SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), PDL=plan.pdl,

@@ -14,22 +14,41 @@ Pipeline for a chunk of query rows (chunks bound the memory of the partial resul
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import build_block_csr
-from msattn.ops.utils import dot_options, mma
+from msattn.ops.utils import LOG2E, dot_options, finish_softmax, mma
 
-LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)
 # Memory for the partial outputs of one chunk of query rows.
 PARTIAL_BUDGET_BYTES = 1 << 30
-# Launch configuration on CUDA for 16-bit inputs (float32 needs smaller tiles to fit shared memory).
-# ``tiles_per_program`` row tiles of one (group, key block) bucket go to one program: amortises
-# the program's K/V load and lets the pipeliner overlap the next tile's loads with this tile's math.
-CUDA_CONFIG = {"block_m": 64, "num_warps": 4, "num_stages": 1, "tiles_per_program": 16,
-               "combine_warps": 8}
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch configuration of the KV-outer sparse attention.
+
+    Attributes:
+        block_m: gathered (entry, head) rows per tile (fewer for blocks above 128 keys).
+        num_warps, num_stages: of the block kernel.
+        tiles_per_program: row tiles of one (group, key block) bucket per program: amortises the
+            program's K/V load and lets the pipeliner overlap the next tile's loads with this
+            tile's math.
+        combine_warps: warps of the combine kernel (H100, 1M tokens: 8 beat 4, 477 -> 453 ms).
+    """
+
+    block_m: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+    tiles_per_program: int = 16
+    combine_warps: int = 8
+
+
+# On CUDA for 16-bit inputs, tuned on an H100 (benchmarks/results/tuning/).
+CUDA_CONFIG = AttentionConfig()
 
 
 # One program: one (group, key block) bucket x up to TILES_PER_PROGRAM tiles of BLOCK_M gathered
@@ -92,10 +111,7 @@ def _block_attention_kernel(
             p = tl.exp2(scores - row_max[:, None])
             row_sum = tl.sum(p, axis=1)
             out = mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-            has_keys = row_sum > 0
-            out = out / tl.where(has_keys, row_sum, 1.0)[:, None]
-            lse = tl.where(has_keys, (row_max + tl.log2(tl.where(has_keys, row_sum, 1.0))) * LN2,
-                           float("-inf"))
+            out, lse = finish_softmax(out, row_max, row_sum)
             flat = (row.to(tl.int64) * num_heads + head) * TOPK + slot
             tl.store(partial_lse_ptr + flat, lse, mask=row_mask)
             tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
@@ -166,11 +182,9 @@ def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_pt
                         TOPK_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
 
 
-def _launch_config(q: torch.Tensor) -> dict:
-    """The tuned launch configuration for q's device and dtype."""
-    if not q.is_cuda:
-        return {**CUDA_CONFIG, "block_m": 16}
-    return CUDA_CONFIG
+def launch_config(q: torch.Tensor) -> AttentionConfig:
+    """The tuned launch configuration for q's device (16-row tiles in the CPU interpreter)."""
+    return CUDA_CONFIG if q.is_cuda else replace(CUDA_CONFIG, block_m=16)
 
 
 class _Workspace:
@@ -222,7 +236,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, block_size: int,
                      softmax_scale: float, chunk_rows: int | None = None,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_table: torch.Tensor | None = None, config: dict | None = None
+                     block_table: torch.Tensor | None = None, config: AttentionConfig | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`msattn.reference.sparse_attention` (same arguments and result).
 
@@ -236,7 +250,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             to the unwritten output rows, then to a buffer of at most 1 GiB; see ``_Workspace``).
         out: optional ``(o, lse)`` buffers to write into (o contiguous).
         block_table: int32 ``[B, max_pages]``: page of each key block, for paged K/V.
-        config: launch configuration (keys of :data:`CUDA_CONFIG`) instead of the tuned one.
+        config: the launch configuration (default: :func:`launch_config`).
     Returns:
         o ``[total_q, H, D]`` in q's dtype, lse ``[total_q, H]`` float32.
     """
@@ -258,9 +272,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         k_strides = (k.stride(0), k.stride(1), k.stride(2))
         v_strides = (v.stride(0), v.stride(1), v.stride(2))
     if config is None:
-        config = _launch_config(q)
+        config = launch_config(q)
     # A program holds a whole K/V block: fewer query rows per tile for large blocks.
-    block_m = max(16, min(config["block_m"], config["block_m"] * 128 // block_size))
+    block_m = max(16, min(config.block_m, config.block_m * 128 // block_size))
     block_d = triton.next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
     for row_start, row_end, partial_o, partial_lse in workspace.chunks():
@@ -268,19 +282,25 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                               total_k=k.shape[0], row_start=row_start, row_end=row_end,
                               group_size=group_size, block_m=block_m,
-                              tiles_per_program=config["tiles_per_program"], block_table=block_table)
+                              tiles_per_program=config.tiles_per_program, block_table=block_table)
         num_buckets = num_groups * csr.num_blocks
         _block_attention_kernel[(csr.max_programs,)](
-            q, k, v, partial_o, partial_lse, csr.entries, csr.bucket_start, csr.program_start,
-            csr.program_bucket, csr.block_key_start, csr.block_position, csr.block_num_keys, csr.row_position,
-            q.stride(0), q.stride(1), *k_strides, *v_strides,
-            row_start, rows, num_heads, num_buckets, csr.num_blocks, softmax_scale * LOG2E,
+            q_ptr=q, k_ptr=k, v_ptr=v, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,
+            entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
+            program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
+            block_key_start_ptr=csr.block_key_start, block_position_ptr=csr.block_position,
+            block_num_keys_ptr=csr.block_num_keys, row_position_ptr=csr.row_position,
+            stride_q_token=q.stride(0), stride_q_head=q.stride(1),
+            stride_k_block=k_strides[0], stride_k_token=k_strides[1], stride_k_group=k_strides[2],
+            stride_v_block=v_strides[0], stride_v_token=v_strides[1], stride_v_group=v_strides[2],
+            row_start=row_start, rows=rows, num_heads=num_heads, num_buckets=num_buckets,
+            num_blocks=csr.num_blocks, scale_log2=softmax_scale * LOG2E,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-            BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config["tiles_per_program"],
-            **dot_options(q.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"])
+            BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config.tiles_per_program,
+            **dot_options(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
         combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
                          row_start=row_start, rows=rows, block_size=block_size,
-                         num_warps=config["combine_warps"])
+                         num_warps=config.combine_warps)
     return o, lse
 
 
@@ -297,8 +317,10 @@ def combine_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, indices
     _, num_heads, head_dim = o.shape
     group_size = num_heads // num_groups
     _combine_kernel[(rows, num_groups)](
-        partial_o, partial_lse, indices, row_position, o, lse,
-        indices.stride(0), indices.stride(1), o.stride(0), o.stride(1), row_start, num_heads,
-        GROUP_SIZE=group_size, BLOCK_H=triton.next_power_of_2(group_size), TOPK=topk,
-        TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim,
+        partial_o_ptr=partial_o, partial_lse_ptr=partial_lse, indices_ptr=indices,
+        row_position_ptr=row_position, o_ptr=o, lse_ptr=lse,
+        stride_indices_group=indices.stride(0), stride_indices_token=indices.stride(1),
+        stride_o_token=o.stride(0), stride_o_head=o.stride(1), row_start=row_start,
+        num_heads=num_heads, GROUP_SIZE=group_size, BLOCK_H=triton.next_power_of_2(group_size),
+        TOPK=topk, TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=num_warps)

@@ -9,6 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634  # scores are scaled by this to run the softmax in exp2
+LN2 = tl.constexpr(0.6931471805599453)
+
 
 @functools.lru_cache(maxsize=None)
 def _pdl_supported(index: int) -> bool:
@@ -88,3 +91,15 @@ def gdc_wait():
 def gdc_launch_dependents():
     """Let the kernel launched after this one (with ``launch_pdl``) start."""
     tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def finish_softmax(acc, row_max, row_sum):
+    """Normalise an exp2-domain softmax accumulation: ``acc [R, D]`` (sum of p * v), ``row_max``
+    and ``row_sum [R]`` (base-2 max and sum of ``p``). Returns ``(out [R, D], lse [R])`` with the
+    natural-log LSE; rows that saw no key get 0 and ``-inf``."""
+    has_keys = row_sum > 0
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
+    return out, lse
