@@ -16,11 +16,13 @@ from msattn.ops.sparse_attention_bwd import (INTERPRETER_CONFIG, BackwardConfig,
 from tests.kernel_cases import DEVICE, cu_seqlens, index_inputs, random_tensor
 
 # lens_q, lens_k, heads, groups, head_dim, block_size, topk
+# (CPU-interpreter sized: the query-outer dQ and the forward's combine run a program per
+# (token, group), so tokens x groups stay small.)
 CASES = {
-    "group1": ([100], [100], 4, 4, 32, 16, 3),
-    "varlen_group3_partial": ([40, 70, 0, 5], [90, 70, 9, 37], 6, 2, 16, 32, 3),
-    "t_lt_s_group6": ([48], [200], 12, 2, 32, 64, 2),
-    "group16": ([40], [75], 16, 1, 16, 16, 4),
+    "group1": ([40], [40], 2, 2, 32, 16, 3),
+    "varlen_group3_partial": ([16, 24, 0, 3], [60, 24, 9, 37], 6, 2, 16, 32, 3),
+    "t_lt_s_group6": ([24], [150], 12, 2, 32, 64, 2),
+    "group16": ([30], [75], 16, 1, 16, 16, 4),
 }
 
 
@@ -75,9 +77,12 @@ def _poisoned(*tensors):
     return tuple(torch.full_like(t, float("nan")) for t in tensors)
 
 
-def _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, *, block_size, scale, **kwargs):
-    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
-                              softmax_scale=scale)
+def _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, *, block_size, scale,
+                  triton_forward=False, **kwargs):
+    """The Triton backward (into NaN-filled outputs) of the forward's (o, lse): the Triton
+    forward's, or (faster in the interpreter) the reference's in the same dtypes."""
+    forward = sparse_attention if triton_forward else reference.sparse_attention
+    o, lse = forward(q, k, v, indices, cu_q, cu_k, block_size=block_size, softmax_scale=scale)
     return sparse_attention_backward(do, q, k, v, o, lse, indices, cu_q, cu_k,
                                      block_size=block_size, softmax_scale=scale, dlse=dlse,
                                      out=_poisoned(q, k, v), **kwargs)
@@ -127,9 +132,10 @@ def test_backward_matches_reference_fp32(name, dq_mode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_backward_16bit(dtype):
-    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([60, 30], [100, 30], 6, 2, 32, 32, 3, dtype,
+    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([30, 10], [100, 10], 6, 2, 32, 32, 3, dtype,
                                                      seed=3)
-    grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32, scale=32 ** -0.5)
+    grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32, scale=32 ** -0.5,
+                          triton_forward=dtype == torch.bfloat16)
     assert all(g.dtype == dtype for g in grads)
     expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32,
                                 scale=32 ** -0.5)
@@ -137,23 +143,22 @@ def test_backward_16bit(dtype):
 
 
 def test_split_buckets_and_key_tiles():
-    """Every token selects block 0: its buckets take many programs (float32 atomics); 16-key
-    tiles of 64-key blocks (four programs a bucket); both dq modes."""
-    lens = [120]
-    q, k, v, do, dlse, _, cu_q, cu_k = _inputs(lens, lens, 4, 2, 16, 64, 2, torch.float32, seed=4)
-    indices = torch.full((2, 120, 2), -1, dtype=torch.int32, device=DEVICE)
+    """Every token selects block 0: its bucket takes many programs (float32 atomics for dK, dV
+    and dQ); 16-key tiles of 64-key blocks (four programs a bucket)."""
+    lens = [80]
+    q, k, v, do, dlse, _, cu_q, cu_k = _inputs(lens, lens, 2, 1, 16, 64, 2, torch.float32, seed=4)
+    indices = torch.full((1, 80, 2), -1, dtype=torch.int32, device=DEVICE)
     indices[:, :, 0] = 0
     indices[:, 64:, 1] = 1
-    config = _config(block_m=16, block_n=16, tiles_per_program=1)
-    csr = build_block_csr(indices, cu_q, cu_k, block_size=64, total_k=120, row_start=0,
-                          row_end=120, group_size=2, block_m=16, tiles_per_program=1)
+    config = _config(block_m=16, block_n=16, tiles_per_program=1, dq_mode="atomic")
+    csr = build_block_csr(indices, cu_q, cu_k, block_size=64, total_k=80, row_start=0,
+                          row_end=80, group_size=2, block_m=16, tiles_per_program=1)
     programs = csr.program_start[1:] - csr.program_start[:-1]
-    assert int(programs.max()) == 15  # 120 tokens x 2 heads / 16 rows
+    assert programs[:2].tolist() == [10, 2]  # 80 tokens x 2 heads / 16 rows; 16 x 2 / 16
     expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=64, scale=0.25)
-    for dq_mode in ("atomic", "query"):
-        grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=64, scale=0.25,
-                              config=replace_config(config, dq_mode=dq_mode))
-        _check_fp32(grads, expected)
+    grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=64, scale=0.25,
+                          config=config)
+    _check_fp32(grads, expected)
 
 
 def replace_config(config, **changes):
@@ -163,14 +168,14 @@ def replace_config(config, **changes):
 def test_unselected_blocks_get_exact_zeros():
     """Blocks nobody selects, or only queries before them select, get dK = dV = 0 exactly
     (the outputs start as NaN); rows that see no key get dq = 0."""
-    q, k, v, do, dlse, _, cu_q, cu_k = _inputs([50], [80], 4, 2, 16, 16, 2, torch.float32, seed=6)
-    indices = torch.full((2, 50, 2), -1, dtype=torch.int32, device=DEVICE)
-    # Query rows 0..49 are positions 30..79; blocks 0..4 hold keys 0-15, ..., 64-79.
+    q, k, v, do, dlse, _, cu_q, cu_k = _inputs([40], [80], 4, 2, 16, 16, 2, torch.float32, seed=6)
+    indices = torch.full((2, 40, 2), -1, dtype=torch.int32, device=DEVICE)
+    # Query rows 0..39 are positions 40..79; blocks 0..4 hold keys 0-15, ..., 64-79.
     indices[0, :, 0] = 0
-    indices[0, :, 1] = 4  # visible from row 34 (position 64) on
-    indices[0, :20, 1] = 3  # visible to rows 18, 19 only (positions 48, 49)
+    indices[0, :, 1] = 4  # visible from row 24 (position 64) on
+    indices[0, :10, 1] = 3  # visible to rows 8, 9 only (positions 48, 49)
     indices[1, 10:, 0] = 2
-    indices[1, 5, 0] = 4  # position 35 < 64: invisible; rows 0..9 of group 1 see nothing
+    indices[1, 5, 0] = 4  # position 45 < 64: invisible; rows 0..9 of group 1 see nothing
     for dq_mode in ("atomic", "query"):
         dq, dk, dv = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=16,
                                    scale=0.25, config=_config(dq_mode=dq_mode))
@@ -186,7 +191,7 @@ def test_unselected_blocks_get_exact_zeros():
 
 
 def test_deterministic_is_bitwise_repeatable():
-    case = CASES["varlen_group3_partial"]
+    case = ([12, 20], [40, 20], 6, 2, 16, 32, 3)
     q, k, v, do, dlse, indices, cu_q, cu_k = _inputs(*case, torch.bfloat16, seed=7)
     runs = [_triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32, scale=0.25,
                           deterministic=True, config=_config(tiles_per_program=1))
@@ -204,7 +209,7 @@ def _autograd_loss(o, lse, do, dlse):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_autograd_function(deterministic):
     """sparse_attention_autograd: o and lse in the loss; grads of q, k, v; none for the rest."""
-    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([30, 45], [70, 45], 6, 2, 16, 16, 3,
+    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([12, 15], [40, 15], 6, 2, 16, 16, 3,
                                                      torch.float32, seed=8)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     o, lse = sparse_attention_autograd(*leaves, indices, cu_q, cu_k, block_size=16,
@@ -217,7 +222,7 @@ def test_autograd_function(deterministic):
 
 def test_lse_only_loss():
     """A loss of lse alone: o's gradient is None inside backward (delta = -dlse)."""
-    q, k, v, _, dlse, indices, cu_q, cu_k = _inputs([40], [60], 4, 2, 16, 16, 3, torch.float32,
+    q, k, v, _, dlse, indices, cu_q, cu_k = _inputs([20], [60], 4, 1, 16, 16, 3, torch.float32,
                                                     seed=9)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     _, lse = sparse_attention_autograd(*leaves, indices, cu_q, cu_k, block_size=16,
@@ -235,7 +240,7 @@ def test_requires_grad_subset(which, monkeypatch):
     """Only the inputs that require grad get one, and the backward skips the others."""
     from msattn.ops import sparse_attention_bwd as module
 
-    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([35], [50], 4, 2, 16, 16, 3, torch.float32,
+    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([20], [50], 4, 1, 16, 16, 3, torch.float32,
                                                      seed=10)
     seen = []
     original = module.sparse_attention_backward
@@ -259,7 +264,7 @@ def test_requires_grad_subset(which, monkeypatch):
 
 
 def test_no_grad_forward():
-    q, k, v, _, _, indices, cu_q, cu_k = _inputs([30], [40], 4, 2, 16, 16, 2, torch.float32, seed=11)
+    q, k, v, _, _, indices, cu_q, cu_k = _inputs([16], [40], 4, 1, 16, 16, 2, torch.float32, seed=11)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     with torch.no_grad():
         o, lse = sparse_attention_autograd(*leaves, indices, cu_q, cu_k, block_size=16,
@@ -292,9 +297,9 @@ def test_reference_gradcheck():
                            dtype=torch.int32, device=DEVICE)
     cu_q, cu_k = cu_seqlens([6]), cu_seqlens([9])
 
-    def function(q, k, v):
+    def function(q, k, v):  # o only: the reference returns lse in float32 even for float64
         return reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=4,
-                                          softmax_scale=0.5)
+                                          softmax_scale=0.5)[0]
 
     leaves = [t.requires_grad_() for t in (q, k, v)]
     assert torch.autograd.gradcheck(function, leaves)
@@ -348,7 +353,7 @@ def _chunked_reference_backward(q, k, v, indices, cu_q, cu_k, do, dlse, *, block
 
 def test_chunked_reference_backward_matches_autograd():
     """The explicit backward the GPU tests use equals autograd through the reference."""
-    case = CASES["varlen_group3_partial"]
+    case = ([16, 24, 0, 3], [60, 24, 9, 37], 6, 2, 16, 32, 3)
     q, k, v, do, dlse, indices, cu_q, cu_k = _inputs(*case, torch.float32, seed=13)
     expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32, scale=0.25)
     actual = _chunked_reference_backward(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32,
