@@ -176,9 +176,10 @@ def test_unselected_blocks_get_exact_zeros():
     indices[0, :10, 1] = 3  # visible to rows 8, 9 only (positions 48, 49)
     indices[1, 10:, 0] = 2
     indices[1, 5, 0] = 4  # position 45 < 64: invisible; rows 0..9 of group 1 see nothing
-    for dq_mode in ("atomic", "query"):
+    for dq_mode, deterministic in (("atomic", False), ("query", False), ("query", True)):
         dq, dk, dv = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=16,
-                                   scale=0.25, config=_config(dq_mode=dq_mode))
+                                   scale=0.25, config=_config(dq_mode=dq_mode),
+                                   deterministic=deterministic)
         expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=16,
                                     scale=0.25)
         _check_fp32((dq, dk, dv), expected)

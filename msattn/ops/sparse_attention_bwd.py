@@ -179,7 +179,7 @@ def _block_backward_kernel(
         GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
-        COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+        COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
@@ -231,7 +231,7 @@ def _block_backward_kernel(
             p = tl.where(visible, tl.exp2(scores - lse2[:, None]), 0.0)
             if COMPUTE_DV:
                 dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_UPCAST)
-            if COMPUTE_DK or COMPUTE_DQ:
+            if NEED_DS:  # COMPUTE_DK or COMPUTE_DQ
                 delta = tl.load(delta_ptr + row_flat, mask=row_mask, other=0.0)
                 dp = mma(do, v_t, DOT_PRECISION, DOT_UPCAST)
                 ds = p * (dp - delta[:, None])
@@ -241,7 +241,7 @@ def _block_backward_kernel(
                     dq = mma(ds.to(k.dtype), k, DOT_PRECISION, DOT_UPCAST) * scale
                     tl.atomic_add(dq_acc_ptr + row_flat[:, None] * HEAD_DIM + dim[None, :], dq,
                                   mask=row_dim_mask, sem="relaxed")
-        split_slot = 0
+        split_slot = bucket * 0  # int32; its slot among the split buckets (CAN_SPLIT)
         if CAN_SPLIT:
             split_slot = tl.load(split_slot_ptr + bucket)
         if COMPUTE_DK:
@@ -270,31 +270,27 @@ def _finish_kernel(
     num_keys = tl.load(block_num_keys_ptr + block)
     if (programs != 1) & (num_keys > 0):
         key_start = tl.load(block_key_start_ptr + block)
-        split_slot = 0
-        if CAN_SPLIT:
-            split_slot = tl.maximum(tl.load(split_slot_ptr + bucket), 0)
         dim = tl.arange(0, BLOCK_D)
         dim_mask = dim < HEAD_DIM
-        split = (tl.zeros([BLOCK_N], tl.int32) + programs) > 1
         for start in tl.static_range(0, BLOCK_SIZE, BLOCK_N):
             key_offs = start + tl.arange(0, BLOCK_N)
             mask = (key_offs < num_keys)[:, None] & dim_mask[None, :]
-            split_mask = mask & split[:, None]
             out = ((key_start + key_offs).to(tl.int64)[:, None] * num_groups + group) * HEAD_DIM \
                 + dim[None, :]
-            acc = (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None] * HEAD_DIM + dim[None, :]
+            dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            if CAN_SPLIT:  # programs > 1: the bucket's float32 sums; 0: zeros
+                split_slot = tl.maximum(tl.load(split_slot_ptr + bucket), 0).to(tl.int64)
+                acc = (split_slot * BLOCK_SIZE + key_offs)[:, None] * HEAD_DIM + dim[None, :]
+                split_mask = mask & ((tl.zeros([BLOCK_N], tl.int32) + programs) > 1)[:, None]
+                if HAS_DK:
+                    dk = tl.load(dk_acc_ptr + acc, mask=split_mask, other=0.0)
+                if HAS_DV:
+                    dv = tl.load(dv_acc_ptr + acc, mask=split_mask, other=0.0)
             if HAS_DK:
-                if CAN_SPLIT:
-                    tile = tl.load(dk_acc_ptr + acc, mask=split_mask, other=0.0)
-                else:
-                    tile = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-                tl.store(dk_ptr + out, tile.to(dk_ptr.dtype.element_ty), mask=mask)
+                tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=mask)
             if HAS_DV:
-                if CAN_SPLIT:
-                    tile = tl.load(dv_acc_ptr + acc, mask=split_mask, other=0.0)
-                else:
-                    tile = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-                tl.store(dv_ptr + out, tile.to(dv_ptr.dtype.element_ty), mask=mask)
+                tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=mask)
 
 
 # One program: one query token x one group, the group's heads as the BLOCK_H rows of its tiles;
@@ -406,7 +402,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
     if do is None:
         do = torch.zeros_like(o)
     do = _last_dim_contiguous(do)
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs 16
     dots = dot_options(q.dtype)
     scale_log2 = softmax_scale * LOG2E
 
@@ -472,7 +468,8 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             scale=softmax_scale, scale_log2=scale_log2,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
-            COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv, **dots,
+            COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
+            NEED_DS=need_dk or dq_atomic, **dots,
             num_warps=config.num_warps, num_stages=config.num_stages)
         # 3. Zeros for unselected blocks, casts of split buckets.
         _finish_kernel[(num_buckets,)](
