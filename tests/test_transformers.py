@@ -137,12 +137,18 @@ def test_unsupported_masks_raise(model, name):
                                logits(model, name, ids[:, :-3])[0], rtol=1e-5, atol=2e-5)
 
 
-def test_from_config_registration_and_unregister(name):
+def test_from_config_from_pretrained_registration_and_unregister(name, tmp_path):
     cfg = tiny_config(num_hidden_layers=2, layer_types=["full_attention", "minimax_m3_sparse"],
                       mlp_layer_types=["dense", "dense"])
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=name)
     assert isinstance(model, MiniMaxM3VLForCausalLM)
     assert model.config._attn_implementation == name
+    model.save_pretrained(tmp_path)
+    loaded = MiniMaxM3VLForCausalLM.from_pretrained(tmp_path, attn_implementation=name).eval()
+    assert loaded.config._attn_implementation == name
+    ids = torch.randint(3, 128, (1, 40))
+    torch.testing.assert_close(logits(loaded, name, ids), logits(loaded, "sdpa", ids),
+                               rtol=1e-5, atol=2e-5)
     mc = msattn_tf.msa_config(cfg)
     assert (mc.block_size, mc.topk, mc.local_blocks, mc.init_blocks) == (BLOCK, TOPK, 1, 0)
     assert m3.MiniMaxM3VLIndexer.forward is msattn_tf._indexer_forward
