@@ -127,11 +127,28 @@ def _sparse_attention_fake(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, block_s
     return o, lse
 
 
+def _autograd_dispatch():
+    """Autograd back on inside an op's implementation.
+
+    A custom op's implementation runs below the Autograd dispatch key (torch.library's autograd
+    kernel excludes the autograd keys from the thread-local dispatch state), so ops inside it
+    record no graph even under ``torch.enable_grad()`` (and under a TorchDispatchMode such as
+    opcheck's schema check, ADInplaceOrView is excluded too). This guard takes these keys out of
+    the exclude set for its body (the state is restored on exit); torch's own higher-order ops
+    use the same guard to run autograd inside their implementations."""
+    keys = torch._C.DispatchKey
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor,
+                keys.ADInplaceOrView):  # views and in-place ops under autograd need the last
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 def _reference_backward(impl, do, dlse, q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
                         block_size, softmax_scale):
     """dq, dk, dv by torch autograd through the backend's (differentiable) forward."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    with torch.enable_grad():
+    with _autograd_dispatch(), torch.enable_grad():
         o, lse = impl.sparse_attention(*leaves, indices, cu_seqlens_q, cu_seqlens_k,
                                        block_size=block_size, softmax_scale=softmax_scale)
         outputs, grads = [], []
