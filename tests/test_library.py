@@ -237,29 +237,39 @@ _ALL_BUT_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_di
 # torch.compile(fullgraph=True)
 # ----------------------------------------------------------------------------------------------
 
-def _model(c, use):
+def _model(c, use, wrappers=False):
     block_size, topk, scale = c["block_size"], c["topk"], c["scale"]
     max_q, max_k, backend = c["max_q"], c["max_k"], c["backend"]
 
     def fn(q, k, v, qi, ki, cu_q, cu_k, w_o, w_lse):
-        indices = torch.ops.msattn.select(qi, ki, cu_q, cu_k, block_size, topk, 0, 1, max_q,
-                                          max_k, backend)
-        o, lse = torch.ops.msattn.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size,
-                                                   scale, max_q, max_k, False, backend)
+        if wrappers:  # as a model would call them (module docstring of msattn.library)
+            indices = lib.select(qi, ki, cu_q, cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                                 block_size=block_size, topk=topk, backend=backend)
+            o, lse = lib.sparse_attention(q, k, v, indices, cu_q, cu_k, max_seqlen_q=max_q,
+                                          max_seqlen_k=max_k, block_size=block_size,
+                                          backend=backend)
+        else:
+            indices = torch.ops.msattn.select(qi, ki, cu_q, cu_k, block_size, topk, 0, 1, max_q,
+                                              max_k, backend)
+            o, lse = torch.ops.msattn.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size,
+                                                       scale, max_q, max_k, False, backend)
         return _loss(o, lse, w_o, w_lse, use), o, indices
 
     return fn
 
 
-COMPILE_CASES = [("reference", "eager", ("o", "lse")), ("reference", "aot_eager", ("o", "lse")),
-                 ("reference", "aot_eager", ("o",)),
-                 pytest.param("triton", "aot_eager", ("o", "lse"), marks=BACKENDS[1].marks)]
+# backend, compiler, what the loss uses, the wrappers (else torch.ops), dynamic shapes
+COMPILE_CASES = [("reference", "eager", ("o", "lse"), True, False),
+                 ("reference", "aot_eager", ("o", "lse"), False, False),
+                 ("reference", "aot_eager", ("o",), True, True),
+                 pytest.param("triton", "aot_eager", ("o", "lse"), False, False,
+                              marks=BACKENDS[1].marks)]
 
 
-@pytest.mark.parametrize("backend, compiler, use", COMPILE_CASES)
-def test_compile_fullgraph_matches_eager(backend, compiler, use):
+@pytest.mark.parametrize("backend, compiler, use, wrappers, dynamic", COMPILE_CASES)
+def test_compile_fullgraph_matches_eager(backend, compiler, use, wrappers, dynamic):
     c = _inputs(backend)
-    fn = _model(c, use)
+    fn = _model(c, use, wrappers)
     o_shape = c["q"].shape
     w_o, w_lse = _weights(torch.empty(o_shape), torch.empty(o_shape[:2]))
     w_o, w_lse = w_o.to(DEVICE), w_lse.to(DEVICE)
@@ -272,7 +282,7 @@ def test_compile_fullgraph_matches_eager(backend, compiler, use):
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler, dynamic=dynamic)
     eager_leaves, compiled_leaves = _leaves(c), _leaves(c)
     loss, o, indices = fn(*eager_leaves, *rest)
     loss_c, o_c, indices_c = compiled(*compiled_leaves, *rest)
@@ -286,7 +296,7 @@ def test_compile_fullgraph_matches_eager(backend, compiler, use):
 
     # One graph, the ops in it as single nodes (fullgraph=True already raises on a break).
     torch._dynamo.reset()
-    torch.compile(fn, fullgraph=True, backend=counting)(*_leaves(c), *rest)
+    torch.compile(fn, fullgraph=True, backend=counting, dynamic=dynamic)(*_leaves(c), *rest)
     assert len(graphs) == 1
     targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert {torch.ops.msattn.select.default, torch.ops.msattn.sparse_attention.default} <= targets \
