@@ -252,10 +252,11 @@ def _block_backward_kernel(
                             kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT)
 
 
-# One program: one (group, key block) bucket. Grid: (G * num_blocks,). For a bucket nobody chose
-# (no program), writes zeros into its key rows of dk, dv [total_k, G, D]; for a split bucket
-# (CAN_SPLIT), writes its float32 sums dk_acc, dv_acc [num_split, BLOCK_SIZE, D] cast to dk's
-# dtype. Unsplit buckets were stored by the KV-outer kernel. dk / dv may be None (HAS_DK, HAS_DV).
+# One program: one (group, key block) bucket, BLOCK_N keys a step. Grid: (G * num_blocks,).
+# For a bucket nobody chose (no program), writes zeros into its key rows of dk, dv
+# [total_k, G, D]; for a split bucket (CAN_SPLIT), writes its float32 sums dk_acc, dv_acc
+# [num_split, BLOCK_SIZE, D] cast to dk's dtype. Unsplit buckets were stored by the KV-outer
+# kernel. dk / dv may be None (HAS_DK, HAS_DV).
 @triton.jit
 def _finish_kernel(
         dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr, program_start_ptr, split_slot_ptr,
@@ -477,7 +478,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             program_start_ptr=csr.program_start, split_slot_ptr=split_slot,
             block_key_start_ptr=csr.block_key_start, block_num_keys_ptr=csr.block_num_keys,
             num_groups=num_groups, num_blocks=csr.num_blocks, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split, HAS_DK=need_dk,
+            BLOCK_N=min(32, block_size), BLOCK_SIZE=block_size, CAN_SPLIT=can_split, HAS_DK=need_dk,
             HAS_DV=need_dv, num_warps=config.finish_warps)
         if dq_atomic and dq_acc is not dq:
             dq.copy_(dq_acc)
