@@ -426,3 +426,21 @@ def test_gpu_float32_and_random_selection():
         expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=64,
                                     scale=0.125)
         _check_fp32(grads, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_no_host_synchronisation(deterministic):
+    """Forward and backward through the autograd Function never synchronise with the host
+    (torch raises on a synchronising call in sync debug mode "error")."""
+    q, k, v, do, dlse, indices, cu_q, cu_k = _m3_inputs([3000, 5000], [3000, 9000], seed=3)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o, lse = sparse_attention_autograd(*leaves, indices, cu_q, cu_k, block_size=128,
+                                           softmax_scale=128 ** -0.5, deterministic=deterministic)
+        torch.autograd.backward((o, lse), (do, dlse))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
