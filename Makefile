@@ -26,7 +26,7 @@ setup:
 setup-test: setup
 	@$(PYTHON) -c "import pytest, hypothesis" 2>/dev/null || $(PIP) pytest hypothesis $(KEEP_TORCH)
 	@# transformers: for the tests of the transformers integration (they skip without it).
-	@$(PYTHON) -c "import transformers" 2>/dev/null || $(PIP) "transformers>=5.0" $(KEEP_TORCH)
+	@$(PYTHON) -c "import transformers" 2>/dev/null || $(PIP) "transformers>=5.17" $(KEEP_TORCH)
 
 setup-bench: setup
 	@$(PYTHON) -c "import matplotlib" 2>/dev/null || $(PIP) matplotlib $(KEEP_TORCH) || true

@@ -73,6 +73,7 @@ from typing import Optional
 import torch
 
 from msattn import dispatch
+from msattn.paged import run_paged_attention
 
 NAMESPACE = "msattn"
 OPS = ("select", "sparse_attention", "sparse_attention_backward", "paged_select",
@@ -239,19 +240,12 @@ def _paged_attention_impl(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tens
                           seq_lens: torch.Tensor, topk: int, init_blocks: int, local_blocks: int,
                           softmax_scale: float, index_scale: Optional[torch.Tensor],
                           max_seqlen_q: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    path = dispatch.paged_path(backend, q.device, page_size=k_cache.shape[1],
-                               index_dim=qi.shape[2], head_dim=q.shape[2],
-                               max_seqlen_q=max_seqlen_q)
     with torch.no_grad():
-        indices = path.select_impl().paged_select(
-            qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-            init_blocks=init_blocks, local_blocks=local_blocks, index_scale=index_scale,
-            max_seqlen_q=max_seqlen_q)
-        impl = path.attention_impl()
-        attend = (impl.paged_decode_attention if path.attention == "triton-decode"
-                  else impl.paged_attention)
-        o, lse = attend(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
-                        softmax_scale=softmax_scale, max_seqlen_q=max_seqlen_q)
+        o, lse = run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table,
+                                     cu_seqlens_q, seq_lens, topk=topk, init_blocks=init_blocks,
+                                     local_blocks=local_blocks, softmax_scale=softmax_scale,
+                                     index_scale=index_scale, max_seqlen_q=max_seqlen_q,
+                                     backend=backend)
     return o, lse
 
 

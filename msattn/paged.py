@@ -133,6 +133,20 @@ def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_se
     max_seqlen_q = _check_lengths(q.shape[0], block_table, cu_seqlens_q, seq_lens,
                                   k_cache.shape[1], k_cache.shape[0], max_seqlen_q)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    o, lse = run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
+                                 seq_lens, topk=topk, init_blocks=init_blocks,
+                                 local_blocks=local_blocks, softmax_scale=scale,
+                                 index_scale=index_scale, max_seqlen_q=max_seqlen_q,
+                                 backend=backend)
+    return (o, lse) if return_lse else o
+
+
+def run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q, seq_lens,
+                        *, topk: int, init_blocks: int, local_blocks: int, softmax_scale: float,
+                        index_scale, max_seqlen_q: int, backend: str):
+    """:func:`msa_paged_attention` on checked inputs (no checks, no host sync): the selection,
+    then the decode or the KV-outer attention, on the path of :func:`msattn.dispatch.paged_path`.
+    Returns ``(o, lse)``; shared by the custom op of :mod:`msattn.library`."""
     path = dispatch.paged_path(backend, q.device, page_size=k_cache.shape[1], index_dim=qi.shape[2],
                                head_dim=q.shape[2], max_seqlen_q=max_seqlen_q)
     indices = path.select_impl().paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
@@ -141,9 +155,8 @@ def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_se
                                               max_seqlen_q=max_seqlen_q)
     impl = path.attention_impl()
     attend = impl.paged_decode_attention if path.attention == "triton-decode" else impl.paged_attention
-    o, lse = attend(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
-                    softmax_scale=scale, max_seqlen_q=max_seqlen_q)
-    return (o, lse) if return_lse else o
+    return attend(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
+                  softmax_scale=softmax_scale, max_seqlen_q=max_seqlen_q)
 
 
 class MSAPagedWrapper:

@@ -1,4 +1,4 @@
-"""Exact PyTorch reference of MiniMax Sparse Attention (the contract in MSA_SPEC.md).
+"""Exact PyTorch reference of MiniMax Sparse Attention (the contract in docs/MSA.md).
 
 Everything here is plain PyTorch that runs on any device. Scores and softmax accumulate in
 float32 (float64 when the inputs are float64). Queries are processed in chunks so that memory

@@ -1,4 +1,4 @@
-"""A deliberately naive float64 implementation of MSA, written from MSA_SPEC.md alone.
+"""A deliberately naive float64 implementation of MSA, written from docs/MSA.md alone.
 
 It shares no code with :mod:`msattn.reference`: plain Python loops over sequences, query tokens,
 groups and blocks, float64 arithmetic, and its own top-k (repeated arg-max, lowest id on ties).

@@ -1,11 +1,13 @@
 """The fused Triton indexer against the exact reference (interpreter on CPU, kernels on a GPU)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 import msattn
 from msattn import reference
-from msattn.ops.indexer import plan_selection, run_selection, select_blocks
+from msattn.ops.indexer import launch_config, plan_selection, run_selection, select_blocks
 from tests.kernel_cases import DEVICE, assert_selection_matches, cu_seqlens, index_inputs
 
 # lens_q, lens_k, groups, index_dim, block_size, topk, init_blocks, local_blocks, dtype, integer, splits
@@ -55,7 +57,7 @@ def test_two_level_split_merge(splits, fan_in):
     kwargs = dict(block_size=16, topk=6, init_blocks=1, local_blocks=1)
     expected = reference.select_blocks(qi, ki, cu_q, cu_k, **kwargs)
     plan = plan_selection(qi.shape[0], 2, 2, 40, 200, topk=6, device=qi.device, num_splits=splits,
-                          config={"block_r": 32, "fan_in": fan_in})
+                          config=replace(launch_config(80, qi.is_cuda), block_r=32, fan_in=fan_in))
     assert plan.num_splits == splits and plan.level_keys is not None
     for _ in range(2):  # the second launch of the plan finds its counters reset
         out = torch.full_like(expected, 12345)

@@ -5,6 +5,7 @@ poisoned (NaN) and block tables padded with -1, so a read of a wrong page or slo
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import msattn
 from msattn import dispatch, reference
 from msattn.backends import triton as triton_backend
 from msattn.cache import dequantize_index_keys, gather_paged, quantize_index_keys, write_paged_cache
-from msattn.ops.indexer import select_blocks_paged
+from msattn.ops.indexer import launch_config, select_blocks_paged
 from msattn.ops.paged_attention import plan_paged_attention, run_paged_attention
 from tests.kernel_cases import (DEVICE, assert_selection_matches, cu_seqlens, paginate,
                                 random_tensor)
@@ -440,7 +441,8 @@ def test_gpu_decode_selection_long_context(fp8, fan_in):
                                            c["cu_k"], block_size=128, **kwargs)
         out = torch.full_like(expected, 12345)
         select_blocks_paged(c["qi"], c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
-                            index_scale=c["index_scale"], out=out, config={"fan_in": fan_in},
+                            index_scale=c["index_scale"], out=out,
+                            config=replace(launch_config(max(lens_q) * 4, True), fan_in=fan_in),
                             **kwargs)
         assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
                                  block_size=128, rel_tol=0.0 if fp8 else 1e-5)

@@ -1,4 +1,4 @@
-"""The exact PyTorch reference (backend="reference") against the contract in MSA_SPEC.md.
+"""The exact PyTorch reference (backend="reference") against the contract in docs/MSA.md.
 
 The oracle is tests/spec_float64.py, a naive float64 implementation written from the spec alone,
 and (for short sequences, where MSA must equal it) dense causal attention through torch SDPA.

@@ -21,7 +21,7 @@ request uses an explicit bottom-right causal mask (queries are the last position
 also the flash kernel's own causal mode, which aligns the mask that way when ``T < S``. The
 fastest candidate is the baseline; every candidate's time and every failure are recorded.
 
-Achieved bandwidth uses the byte model of ``MSA_SPEC.md`` (see :func:`msa_bytes`,
+Achieved bandwidth uses the byte model of ``docs/MSA.md`` (see :func:`msa_bytes`,
 :func:`dense_bytes`) against a measured bandwidth ceiling (:func:`bandwidth_ceiling_gbps`).
 """
 
