@@ -388,9 +388,9 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
     if not (need_dk or need_dv):  # the KV-outer kernel would run only for dq
         config = replace(config, dq_mode="query")
     out = out if out is not None else (None, None, None)
-    dq = (out[0] if out[0] is not None else torch.empty_like(q, memory_format=torch.contiguous_format)) if need_dq else None
-    dk = (out[1] if out[1] is not None else torch.empty_like(k, memory_format=torch.contiguous_format)) if need_dk else None
-    dv = (out[2] if out[2] is not None else torch.empty_like(v, memory_format=torch.contiguous_format)) if need_dv else None
+    dq, dk, dv = (
+        (given if given is not None else torch.empty_like(t, memory_format=torch.contiguous_format))
+        if need else None for t, given, need in zip((q, k, v), out, needs))
     if not (need_dq or need_dk or need_dv):
         return dq, dk, dv
     if total_q == 0:
