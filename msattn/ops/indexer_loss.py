@@ -120,6 +120,8 @@ def _indexer_loss_fwd_kernel(
         num_steps = TOPK
         index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
 
+    # Masked loads rather than a branch per block (a -1 slot or a block after the query loads
+    # nothing): the loop body has no control flow for the software pipeliner to stop at.
     if HAS_LSE:
         lse2 = tl.load(lse_ptr + token * stride_lse_token + heads, mask=head_mask,
                        other=0.0) * LOG2E
@@ -131,18 +133,18 @@ def _indexer_loss_fwd_kernel(
                 block = step
             else:
                 block = tl.load(index_row + step)
-            if (block >= 0) & (block * BLOCK_SIZE <= position):
-                key = block * BLOCK_SIZE + offs
-                key_mask = key <= position
-                k = tl.load(k_ptr + (key_start + key)[:, None] * stride_k_token
-                            + group * stride_k_group + dim[None, :],
-                            mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-                scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-                scores = tl.where(key_mask[None, :], scores, float("-inf"))
-                new_max = tl.maximum(head_max, tl.max(scores, axis=1))
-                head_sum = (head_sum * tl.exp2(head_max - new_max)
-                            + tl.sum(tl.exp2(scores - new_max[:, None]), axis=1))
-                head_max = new_max
+            key = block * BLOCK_SIZE + offs
+            key_mask = (key >= 0) & (key <= position)  # a negative block id: keys < 0
+            k = tl.load(k_ptr + (key_start + key)[:, None] * stride_k_token
+                        + group * stride_k_group + dim[None, :],
+                        mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+            scores = tl.where(key_mask[None, :], scores, float("-inf"))
+            new_max = tl.maximum(head_max, tl.max(scores, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            head_sum = (head_sum * tl.exp2(head_max - safe_max)
+                        + tl.sum(tl.exp2(scores - safe_max[:, None]), axis=1))
+            head_max = new_max
         has_keys = head_sum > 0
         lse2 = tl.where(has_keys, head_max + tl.log2(tl.where(has_keys, head_sum, 1.0)),
                         float("-inf"))
@@ -158,27 +160,27 @@ def _indexer_loss_fwd_kernel(
             block = step
         else:
             block = tl.load(index_row + step)
-        if (block >= 0) & (block * BLOCK_SIZE <= position):
-            key = block * BLOCK_SIZE + offs
-            key_mask = key <= position
-            k = tl.load(k_ptr + (key_start + key)[:, None] * stride_k_token
-                        + group * stride_k_group + dim[None, :],
-                        mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-            ki = tl.load(ki_ptr + (key_start + key)[:, None] * stride_ki_token + idim[None, :],
-                         mask=key_mask[:, None] & idim_mask[None, :], other=0.0)
-            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-            p = tl.where(head_mask[:, None] & key_mask[None, :],
-                         tl.exp2(scores - lse2[:, None]), 0.0)
-            p = tl.sum(p, axis=0) / GROUP_SIZE  # [BLOCK_SIZE]
-            s = tl.sum(mma(qi, tl.trans(ki), DOT_PRECISION, DOT_UPCAST), axis=0) * index_scale_log2
-            p_s += tl.sum(tl.where(key_mask, p * s, 0.0), axis=0)
-            s = tl.where(key_mask, s, float("-inf"))
-            new_max = tl.maximum(student_max, tl.max(s, axis=0))
-            student_sum = student_sum * tl.exp2(student_max - new_max) + tl.sum(
-                tl.exp2(s - new_max), axis=0)
-            student_max = new_max
-            p_log_p += tl.sum(tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
-            mass += tl.sum(p, axis=0)
+        key = block * BLOCK_SIZE + offs
+        key_mask = (key >= 0) & (key <= position)
+        k = tl.load(k_ptr + (key_start + key)[:, None] * stride_k_token
+                    + group * stride_k_group + dim[None, :],
+                    mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+        ki = tl.load(ki_ptr + (key_start + key)[:, None] * stride_ki_token + idim[None, :],
+                     mask=key_mask[:, None] & idim_mask[None, :], other=0.0)
+        scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+        p = tl.where(head_mask[:, None] & key_mask[None, :],
+                     tl.exp2(scores - lse2[:, None]), 0.0)
+        p = tl.sum(p, axis=0) / GROUP_SIZE  # [BLOCK_SIZE]
+        s = tl.sum(mma(qi, tl.trans(ki), DOT_PRECISION, DOT_UPCAST), axis=0) * index_scale_log2
+        p_s += tl.sum(tl.where(key_mask, p * s, 0.0), axis=0)
+        s = tl.where(key_mask, s, float("-inf"))
+        new_max = tl.maximum(student_max, tl.max(s, axis=0))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        student_sum = student_sum * tl.exp2(student_max - safe_max) + tl.sum(
+            tl.exp2(s - safe_max), axis=0)
+        student_max = new_max
+        p_log_p += tl.sum(tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
+        mass += tl.sum(p, axis=0)
     has_keys = student_sum > 0
     student_lse2 = tl.where(has_keys, student_max + tl.log2(tl.where(has_keys, student_sum, 1.0)),
                             0.0)
