@@ -1,10 +1,16 @@
-"""Command line: ``msattn bench [prefill|cpu|decode|decode-multi|decode-cpu] [options]``.
+"""Command line: ``msattn bench [prefill|cpu|decode|decode-multi|decode-cpu|train|train-cpu|hf|hf-cpu]
+[options]``.
 
 Bare ``msattn bench`` runs the prefill suite on the GPU when CUDA is available, else the CPU
 suite: the reference backend at CPU-sized inputs, with selection statistics. ``decode`` times one
 decode step (batch 1, one query token, bf16 and fp8 index keys) against paged caches as CUDA-graph
 replays; ``decode-multi`` does so for batches of 8/32/64 requests with 1 and 8 query tokens each;
 ``decode-cpu`` runs the decode pipeline on the CPU with the reference backend (a smoke test).
+``train`` times one training step of the attention (selection, sparse attention forward and
+backward, indexer loss forward and backward) against dense causal attention forward + backward;
+``train-cpu`` runs it on the CPU (reference backend, tiny shapes). ``hf`` times an M3-shaped
+transformers ``MiniMaxM3VLForCausalLM`` (prefill and ``generate()``) with ``"sdpa"`` against
+``"msattn"``; ``hf-cpu`` at tiny sizes on the CPU.
 Results go to a table on stdout and a JSON file (plus a speedup plot when matplotlib imports)
 under ``--out``.
 """
@@ -22,7 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from msattn.dispatch import NAMES as BACKENDS
-from msattn.bench import decode, prefill, report
+from msattn.bench import decode, hf, prefill, report, train
 from msattn.bench.timing import matmul_tflops
 from msattn.config import MSAConfig
 
@@ -59,6 +65,16 @@ def positive_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
 
 
+def _impls(text: str) -> tuple[str, ...]:
+    """Comma-separated attention implementations among ``hf.IMPLS``."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    bad = [name for name in names if name not in hf.IMPLS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"bad implementation(s) {', '.join(map(repr, bad))}: "
+                                         f"expected some of {', '.join(hf.IMPLS)}")
+    return names
+
+
 def index_dtypes(text: str) -> tuple[str, ...]:
     """Comma-separated index-key dtypes among ``decode.INDEX_DTYPES``: ``"bf16,fp8"``."""
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
@@ -92,6 +108,13 @@ class Suite:
     index_dtypes: tuple[str, ...] = ()
     graphs: bool = False
     copy_mib: int = 0  # buffer of the copy-bandwidth ceiling
+    # The transformers suites (kind "hf") only:
+    gen_lengths: tuple[int, ...] = ()
+    new_tokens: int = 0
+    hidden_size: int = 0
+    layers: int = 0
+    vocab_size: int = 0
+    mlp_size: int = 0
 
 
 SUITES = {
@@ -128,7 +151,38 @@ SUITES = {
                         warmup=1, repeats=5, time_budget_s=2.0, out="benchmarks/results/local",
                         matmul_size=0, columns=report.DECODE_COLUMNS, kind="decode",
                         index_dtypes=("bf16", "fp8"), copy_mib=256),
+    # One training step of M3's attention (select, sparse attention fwd + bwd, indexer loss
+    # fwd + bwd) against dense causal attention fwd + bwd.
+    "train": Suite(op="train", device="cuda", config=MSAConfig(),
+                   lengths=parse_lengths("8k,16k,32k,64k,128k,256k,512k"), dtype="bf16",
+                   backend="triton", warmup=3, repeats=10, time_budget_s=5.0,
+                   out="benchmarks/results", matmul_size=8192, columns=train.COLUMNS, kind="train"),
+    # The training step on the CPU: reference backend, tiny shapes (a smoke test).
+    "train-cpu": Suite(op="train-cpu", device="cpu",
+                       config=MSAConfig(num_heads=4, num_kv_heads=2, num_index_heads=2,
+                                        head_dim=32, index_dim=32, block_size=64, topk=3),
+                       lengths=parse_lengths("512,1k,2k"), dtype="fp32", backend="reference",
+                       warmup=1, repeats=3, time_budget_s=2.0, out="benchmarks/results/local",
+                       matmul_size=512, columns=train.CPU_COLUMNS, kind="train"),
+    # transformers' MiniMaxM3VLForCausalLM with M3's attention (random weights, tiny MLPs):
+    # prefill and generate(), "sdpa" against "msattn".
+    "hf": Suite(op="hf", device="cuda", config=MSAConfig(),
+                lengths=parse_lengths("8k,16k,32k,64k,128k"), dtype="bf16", backend="triton",
+                warmup=1, repeats=5, time_budget_s=3.0, out="benchmarks/results", matmul_size=0,
+                columns=hf.COLUMNS, kind="hf", gen_lengths=parse_lengths("16k,64k"),
+                new_tokens=32, hidden_size=6144, layers=4, vocab_size=1024, mlp_size=256),
+    # The same on the CPU at tiny sizes (reference backend; a smoke test).
+    "hf-cpu": Suite(op="hf-cpu", device="cpu",
+                    config=MSAConfig(num_heads=4, num_kv_heads=2, num_index_heads=2, head_dim=32,
+                                     index_dim=32, block_size=16, topk=2),
+                    lengths=parse_lengths("64,128"), dtype="fp32", backend="reference",
+                    warmup=1, repeats=2, time_budget_s=1.0, out="benchmarks/results/local",
+                    matmul_size=0, columns=hf.COLUMNS, kind="hf", gen_lengths=(96,),
+                    new_tokens=4, hidden_size=64, layers=3, vocab_size=128, mlp_size=32),
 }
+# The CPU counterpart of each GPU suite (named when a GPU suite is asked for without CUDA).
+_CPU_SUITES = {"prefill": "cpu", "decode": "decode-cpu", "decode-multi": "decode-cpu",
+               "train": "train-cpu", "hf": "hf-cpu"}
 
 # Command-line option -> MSAConfig field(s).
 _CONFIG_OPTIONS = {
@@ -153,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefill: M3 shape on the GPU; cpu: reference backend at CPU sizes "
                             "(default: prefill with CUDA, else cpu); decode, decode-multi: M3 "
                             "decode against paged caches on the GPU; decode-cpu: the decode "
-                            "pipeline on the CPU")
+                            "pipeline on the CPU; train, train-cpu: one training step of the "
+                            "attention; hf, hf-cpu: transformers' MiniMax-M3, sdpa vs msattn")
     shape = bench.add_argument_group("shape (defaults: the suite's)")
     shape.add_argument("--lengths", type=parse_lengths, help="e.g. 8k,16k,32k,1m")
     shape.add_argument("--batch", type=positive_int, help="sequences per call (default 1)")
@@ -174,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"index-key cache dtypes, some of {','.join(decode.INDEX_DTYPES)}")
     dec.add_argument("--no-graphs", action="store_true",
                      help="time eager calls instead of CUDA-graph replays")
+    tf = bench.add_argument_group("hf suites only")
+    tf.add_argument("--gen-lengths", type=parse_lengths,
+                    help="prompt lengths of the generate() measurements, e.g. 16k,64k")
+    tf.add_argument("--new-tokens", type=positive_int, help="tokens generate() produces")
+    tf.add_argument("--hidden-size", type=positive_int, help="model width (default M3's 6144)")
+    tf.add_argument("--layers", type=positive_int,
+                    help="decoder layers: layer 0 full attention, the others MSA (>= 2)")
+    tf.add_argument("--impls", type=_impls, help="attention implementations, some of "
+                    f"{','.join(hf.IMPLS)}")
     run = bench.add_argument_group("run")
     run.add_argument("--backend", choices=BACKENDS, help="msattn backend of the MSA calls")
     run.add_argument("--warmup", type=positive_int, help="warm-up calls per measurement (at most)")
@@ -265,9 +329,11 @@ def _decode_series(row: dict, *, several: bool) -> str:
 
 
 def _record(args: argparse.Namespace, suite_name: str, command: list[str], env: dict, settings,
-            ceilings: dict, rows: Iterator[dict], header: str, *, cells=None, series=None) -> int:
+            ceilings: dict, rows: Iterator[dict], header: str, *, cells=None, series=None,
+            table=None) -> int:
     """Collect the rows into the JSON document (rewritten after each row, so that a crash keeps
-    what was measured), then print the header and the table and write the plot."""
+    what was measured), then print the header and the table and write the plot. ``table(rows)``
+    formats the table when given (else :func:`report.format_table` with ``cells``)."""
     suite = SUITES[suite_name]
     out = args.out or Path(suite.out)
     stem = report.output_stem(settings.op, env)
@@ -278,7 +344,8 @@ def _record(args: argparse.Namespace, suite_name: str, command: list[str], env: 
         document["rows"].append(row)
         report.write_json(json_path, document)
     print(header)
-    print(report.format_table(document["rows"], suite.columns, cells))
+    print(table(document["rows"]) if table else
+          report.format_table(document["rows"], suite.columns, cells))
     print(f"results: {json_path}")
     plot_path = out / f"{stem}.png"
     title = f"MSA {settings.op} speedup, {env['device']}"
@@ -309,22 +376,89 @@ def bench_decode(args: argparse.Namespace, parser: argparse.ArgumentParser, comm
                                   or len(settings.q_tokens) > 1))
 
 
+def bench_train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
+                suite_name: str) -> int:
+    """Run a training suite (see :mod:`msattn.bench.train`); returns the exit code."""
+    suite = SUITES[suite_name]
+    settings = _settings(args, suite, parser)
+    try:
+        train.executed_path(settings)
+    except (ImportError, ValueError) as error:
+        parser.error(f"backend {settings.backend!r} cannot run on {settings.device.type}: {error} "
+                     "(--backend reference times the PyTorch reference)")
+    env = report.environment(settings.device)
+    progress = report.Progress(len(settings.lengths) + 1)
+    progress.step("matmul ceiling")
+    ceiling = matmul_tflops(settings.device, settings.dtype, suite.matmul_size, **settings.timing())
+    return _record(args, suite_name, command, env, settings,
+                   {"matmul_tflops": ceiling, "matmul_size": suite.matmul_size},
+                   train.run(settings, progress),
+                   train.header(env, settings, ceiling, suite.matmul_size), cells=train.CELLS)
+
+
+def _hf_settings(args: argparse.Namespace, suite: Suite, parser) -> hf.HFSettings:
+    config = _config(args, suite, parser)
+    if args.batch not in (None, 1):
+        parser.error("the hf suites run batch 1 only")
+    if args.no_dense or args.dense_max_len is not None:
+        parser.error("--no-dense, --dense-max-len: not for the hf suites (use --impls)")
+    pick = partial(_pick, args, suite)
+    layers = pick("layers")
+    if layers < 2:
+        parser.error("--layers: at least 2 (layer 0 full attention, then MSA layers)")
+    return hf.HFSettings(
+        op=suite.op, device=torch.device(suite.device), config=config, lengths=pick("lengths"),
+        gen_lengths=pick("gen_lengths"), new_tokens=pick("new_tokens"),
+        hidden_size=pick("hidden_size"), num_layers=layers, vocab_size=suite.vocab_size,
+        mlp_size=suite.mlp_size, dtype=DTYPES[pick("dtype")], backend=pick("backend"),
+        warmup=pick("warmup"), repeats=pick("repeats"), time_budget_s=pick("time_budget_s"),
+        impls=args.impls or hf.IMPLS, seed=args.seed)
+
+
+def bench_hf(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
+             suite_name: str) -> int:
+    """Run a transformers suite (see :mod:`msattn.bench.hf`); returns the exit code."""
+    settings = _hf_settings(args, SUITES[suite_name], parser)
+    try:
+        import transformers
+        import msattn.integrations.transformers  # noqa: F401
+        hf.text_config(settings)
+    except (ImportError, ValueError) as error:
+        parser.error(f"the {suite_name} suite cannot run: {error}")
+    env = {**report.environment(settings.device), "transformers": transformers.__version__}
+    progress = report.Progress(1 + len(settings.lengths) + len(settings.gen_lengths))
+    return _record(args, suite_name, command, env, settings, {}, hf.run(settings, progress),
+                   hf.header(env, settings), series=lambda row: row["mode"],
+                   table=hf.format_table)
+
+
 def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str]) -> int:
     """Run a suite, print its table, write its JSON (and plot); returns the exit code."""
     suite_name = args.suite or ("prefill" if torch.cuda.is_available() else "cpu")
     suite = SUITES[suite_name]
     if suite.device == "cuda" and not torch.cuda.is_available():
-        cpu_suite = "decode-cpu" if suite.kind == "decode" else "cpu"
+        cpu_suite = _CPU_SUITES.get(suite_name, "cpu")
         parser.error(f"the {suite_name} suite needs a CUDA GPU; `msattn bench {cpu_suite}` runs "
                      f"its CPU counterpart (`msattn bench` without a suite runs the CPU suite)")
     if suite.kind == "decode":
         return bench_decode(args, parser, command, suite_name)
+    hf_only = [option for option, value in (("--gen-lengths", args.gen_lengths),
+                                             ("--new-tokens", args.new_tokens),
+                                             ("--hidden-size", args.hidden_size),
+                                             ("--layers", args.layers),
+                                             ("--impls", args.impls)) if value]
+    if hf_only and suite.kind != "hf":
+        parser.error(f"{', '.join(hf_only)}: only for the hf suites")
+    if suite.kind == "hf":
+        return bench_hf(args, parser, command, suite_name)
     decode_only = [option for option, value in (("--batches", args.batches),
                                                  ("--q-tokens", args.q_tokens),
                                                  ("--index-dtypes", args.index_dtypes),
                                                  ("--no-graphs", args.no_graphs)) if value]
     if decode_only:
         parser.error(f"{', '.join(decode_only)}: only for the decode suites")
+    if suite.kind == "train":
+        return bench_train(args, parser, command, suite_name)
     settings = _settings(args, suite, parser)
     try:
         prefill.executed_path(settings)
