@@ -215,10 +215,11 @@ def test_wrapper_rejects_long_query_runs():
 def test_wrapper_plan_refuses_graph_capture():
     wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
                                      page_size=16, device="cuda", backend="triton")
+    cu = cu_seqlens([1, 1], "cuda")
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="before graph capture"):
         with torch.cuda.graph(graph):
-            wrapper.plan(cu_seqlens([1, 1], "cuda"), 8)
+            wrapper.plan(cu, 8)
 
 
 def test_decode_token_by_token_equals_prefill_rows():
