@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one script (the device tool's lease is short):
 #   scripts/device_run.sh test [PYTEST_ARGS...]   GPU tests, then compute-sanitizer memcheck of every kernel
+#   scripts/device_run.sh memcheck                the memcheck step alone
 #   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi, train, hf)
 #   scripts/device_run.sh tune WHAT [options]     kernel profile / launch-config sweep (msattn.bench.tune)
 #   scripts/device_run.sh all [BENCH_ARGS...]      test, then the prefill and decode benches
@@ -28,12 +29,19 @@ step() {
   return 0
 }
 
+# Memcheck: small-shape tests of every kernel and launch path under compute-sanitizer (the
+# forward kernels, then the backward and indexer-loss kernels).
+run_memcheck() {
+  step memcheck-fwd memcheck-fwd.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      python3 -m pytest -q -x tests/test_indexer.py tests/test_sparse_attention.py tests/test_paged.py -k "not gpu"
+  step memcheck-bwd memcheck-bwd.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      python3 -m pytest -q -x tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py \
+      -k "backward_matches_reference_fp32 or backward_16bit or split_buckets or exact_zeros or bitwise or triton_matches_reference"
+}
+
 run_tests() {
   step pytest pytest.log python3 -m pytest -q -rs tests "$@"
-  # Memcheck: the small-shape kernel tests (every kernel and launch path) under compute-sanitizer.
-  step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
-      tests/test_indexer.py tests/test_sparse_attention.py tests/test_paged.py \
-      tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py -k "not gpu"
+  run_memcheck
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -44,6 +52,9 @@ shift || true
 case "$mode" in
   test)
     run_tests "$@"
+    ;;
+  memcheck)
+    run_memcheck
     ;;
   bench)
     suite=${1:-prefill}
@@ -59,7 +70,7 @@ case "$mode" in
     step decode bench-decode.log python3 -m msattn.bench.cli bench decode --out "$OUT" "$@"
     ;;
   *)
-    echo "unknown mode $mode (test, bench, tune, all)" >&2
+    echo "unknown mode $mode (test, memcheck, bench, tune, all)" >&2
     exit 2
     ;;
 esac
