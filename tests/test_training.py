@@ -8,9 +8,10 @@ The model: token embedding, 2 blocks (pre-norm, attention from the parameters of
 detaches q and k itself) trains only the index projections and norms, and the LM loss never
 reaches them (the selection is integer-valued). The objective is ``lm_loss + indexer_loss``.
 
-Task: a random segment of ``PERIOD`` tokens repeated to fill the sequence; every token after the
-first period is a copy of the token ``PERIOD`` positions back, so the LM loss can fall from
-``ln(vocab)`` towards ``ln(vocab) / repeats`` -- if the selected blocks hold an earlier copy.
+Task (:func:`periodic_batch`): a random segment of ``period`` tokens, a walk in which every token
+has 2 possible successors, repeated to fill the sequence. The LM loss falls from ``ln(vocab)``
+to ``ln 2`` by learning the successors (MLP, no attention needed), and below by copying the token
+``period`` positions back, which needs the selected blocks to hold an earlier copy.
 """
 
 import math
@@ -86,8 +87,20 @@ class ToyLM(nn.Module):
         return [p for block in self.blocks for p in block.attn.indexer.parameters()]
 
 
+SUCCESSORS = 2  # the segment is a random walk in which every token has 2 possible successors
+
+
 def periodic_batch(batch, length, period, vocab, generator, device):
-    segment = torch.randint(0, vocab, (batch, period), generator=generator)
+    """``[batch, length]`` token ids: a random segment of ``period`` tokens, repeated. The
+    segment is a walk on a fixed random graph (token ``x`` is followed by one of
+    ``SUCCESSORS`` tokens, ``(x * 7 + 1 + j * 5) % vocab``), so the next token is partly
+    predictable from the current one (a bigram, ``ln 2`` nats) and, after the first period,
+    exactly predictable by copying the token ``period`` positions back."""
+    segment = torch.empty(batch, period, dtype=torch.long)
+    segment[:, 0] = torch.randint(0, vocab, (batch,), generator=generator)
+    for t in range(1, period):
+        step = torch.randint(0, SUCCESSORS, (batch,), generator=generator)
+        segment[:, t] = (segment[:, t - 1] * 7 + 1 + step * 5) % vocab
     return segment.repeat(1, math.ceil(length / period))[:, :length].to(device)
 
 

@@ -440,8 +440,6 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
         cpu_suite = _CPU_SUITES.get(suite_name, "cpu")
         parser.error(f"the {suite_name} suite needs a CUDA GPU; `msattn bench {cpu_suite}` runs "
                      f"its CPU counterpart (`msattn bench` without a suite runs the CPU suite)")
-    if suite.kind == "decode":
-        return bench_decode(args, parser, command, suite_name)
     hf_only = [option for option, value in (("--gen-lengths", args.gen_lengths),
                                              ("--new-tokens", args.new_tokens),
                                              ("--hidden-size", args.hidden_size),
@@ -449,14 +447,16 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
                                              ("--impls", args.impls)) if value]
     if hf_only and suite.kind != "hf":
         parser.error(f"{', '.join(hf_only)}: only for the hf suites")
-    if suite.kind == "hf":
-        return bench_hf(args, parser, command, suite_name)
+    if suite.kind == "decode":
+        return bench_decode(args, parser, command, suite_name)
     decode_only = [option for option, value in (("--batches", args.batches),
                                                  ("--q-tokens", args.q_tokens),
                                                  ("--index-dtypes", args.index_dtypes),
                                                  ("--no-graphs", args.no_graphs)) if value]
     if decode_only:
         parser.error(f"{', '.join(decode_only)}: only for the decode suites")
+    if suite.kind == "hf":
+        return bench_hf(args, parser, command, suite_name)
     if suite.kind == "train":
         return bench_train(args, parser, command, suite_name)
     settings = _settings(args, suite, parser)
