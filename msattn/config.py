@@ -16,6 +16,15 @@ _HF_SPARSE_KEYS = {
     "sparse_local_block": "local_blocks",
     "sparse_score_type": "score_type",
 }
+# transformers 5.x (``MiniMaxM3VLTextConfig``) keeps them as flat attributes of the text config;
+# it has no attention-sink (init) blocks.
+_HF_FLAT_KEYS = {
+    "index_head_dim": "index_dim",
+    "index_n_heads": "num_index_heads",
+    "index_topk_blocks": "topk",
+    "index_block_size": "block_size",
+    "index_local_blocks": "local_blocks",
+}
 _HF_MODEL_KEYS = {
     "num_attention_heads": "num_heads",
     "num_key_value_heads": "num_kv_heads",
@@ -62,15 +71,24 @@ class MSAConfig:
     @classmethod
     def from_hf(cls, config) -> "MSAConfig":
         """Read a MiniMax-M3 config: a path to ``config.json`` (or its folder), a dict, or an object
-        with attributes (a ``transformers`` config). Uses ``text_config`` when present."""
+        with attributes (a ``transformers`` config: ``MiniMaxM3VLConfig`` or its text config, whose
+        flat ``index_*`` attributes are read). Uses ``text_config`` when present."""
         if isinstance(config, (str, os.PathLike)):
             path = os.path.join(config, "config.json") if os.path.isdir(config) else config
             with open(path) as f:
                 config = json.load(f)
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
         text = _get(config, "text_config", None) or config
         sparse = _get(text, "sparse_attention_config", None)
-        if sparse is None:
-            raise ValueError("config has no text_config.sparse_attention_config: not an MSA (MiniMax-M3) config")
+        if sparse is not None:
+            sparse_keys = _HF_SPARSE_KEYS
+        elif _get(text, "index_topk_blocks", None) is not None:
+            sparse, sparse_keys = text, _HF_FLAT_KEYS
+        else:
+            raise ValueError("config has no text_config.sparse_attention_config (nor the index_* "
+                             "attributes of transformers' MiniMaxM3VLTextConfig): not an MSA "
+                             "(MiniMax-M3) config")
         values = {}
         for hf_key, field in _HF_MODEL_KEYS.items():
             value = _get(text, hf_key, None)
@@ -78,7 +96,7 @@ class MSAConfig:
                 values[field] = value
         if "head_dim" not in values and "num_heads" in values and _get(text, "hidden_size", None):
             values["head_dim"] = _get(text, "hidden_size", None) // values["num_heads"]
-        for hf_key, field in _HF_SPARSE_KEYS.items():
+        for hf_key, field in sparse_keys.items():
             value = _get(sparse, hf_key, None)
             if value is not None:
                 values[field] = value

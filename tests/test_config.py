@@ -172,3 +172,18 @@ def test_selection_kwargs_work_with_msa_select_and_msa_attention():
     o = msattn.msa_attention(q, k, v, qi, ki, **cfg.selection_kwargs(), backend="reference")
     o2, _ = msattn.msa_sparse_attention(q, k, v, idx, block_size=cfg.block_size, backend="reference")
     assert torch.equal(o, o2)
+
+
+def test_from_hf_reads_transformers_text_config():
+    """transformers 5.x's MiniMaxM3VLTextConfig keeps the sparse parameters as flat index_*
+    attributes (no sparse_attention_config); from_hf reads them, from the text config or the
+    composite config."""
+    transformers = pytest.importorskip("transformers")
+    text = transformers.MiniMaxM3VLTextConfig(index_topk_blocks=8, index_block_size=64,
+                                              index_local_blocks=2)
+    cfg = MSAConfig.from_hf(text)
+    assert (cfg.topk, cfg.block_size, cfg.local_blocks, cfg.init_blocks) == (8, 64, 2, 0)
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.index_dim) == (
+        text.num_attention_heads, text.num_key_value_heads, text.index_head_dim)
+    composite = transformers.MiniMaxM3VLConfig(text_config=text.to_dict())
+    assert MSAConfig.from_hf(composite) == cfg

@@ -139,16 +139,10 @@ def msa_config(config) -> msattn.MSAConfig:
     """The :class:`msattn.MSAConfig` of a ``MiniMaxM3VLTextConfig`` (or ``MiniMaxM3VLConfig``).
 
     transformers 5.x keeps the sparse parameters as flat ``index_*`` attributes (it drops
-    ``sparse_attention_config``), which :meth:`msattn.MSAConfig.from_hf` does not read; and it has
-    no ``init`` (attention-sink) blocks, so ``init_blocks = 0``.
+    ``sparse_attention_config``) and has no ``init`` (attention-sink) blocks, so ``init_blocks = 0``
+    (:meth:`msattn.MSAConfig.from_hf` reads both forms).
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return msattn.MSAConfig(
-        num_heads=text.num_attention_heads, num_kv_heads=text.num_key_value_heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        index_dim=text.index_head_dim, num_index_heads=text.index_n_heads,
-        block_size=text.index_block_size, topk=text.index_topk_blocks, init_blocks=0,
-        local_blocks=text.index_local_blocks)
+    return msattn.MSAConfig.from_hf(config)
 
 
 # ----------------------------------------------------------------------------------------------
