@@ -34,6 +34,14 @@ def check_tensor(name: str, tensor, ndim: int, shape_text: str, dtypes=FLOAT_DTY
         raise TypeError(f"{name} must have dtype in ({names}), got {dtype_name(tensor.dtype)}")
 
 
+def check_dtype_choice(name: str, dtype, choices) -> None:
+    """``dtype`` (a ``torch.dtype``) among ``choices``."""
+    if dtype not in choices:
+        names = ", ".join(dtype_name(d) for d in choices)
+        got = dtype_name(dtype) if isinstance(dtype, torch.dtype) else repr(dtype)
+        raise TypeError(f"{name} must be one of {names}, got {got}")
+
+
 def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int], shape_text: str) -> None:
     if tuple(tensor.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {shape_text} = {tuple(expected)}, got {tuple(tensor.shape)}")

@@ -22,14 +22,13 @@ of one or more layers and hands out pages.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import torch
 
 from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, check_any_rank,
-                            check_batch_layout, check_batch_layout_values, check_index_scale,
-                            check_int, check_same_device, check_shape, check_tensor, dtype_name,
+                            check_batch_layout, check_batch_layout_values, check_dtype_choice,
+                            check_index_scale, check_int, check_same_device, check_shape, check_tensor, dtype_name,
                             request_pages)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
@@ -212,11 +211,8 @@ class MSAPagedCache:
                             ("num_layers", num_layers)):
             check_int(name, value, 1)
         check_int("page_size (the MSA block size)", page_size, 1, power_of_two=True)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
-        if index_dtype not in INDEX_DTYPES:
-            raise TypeError(f"index_dtype must be one of float16, bfloat16, float32, float8_e4m3fn, "
-                            f"got {index_dtype}")
+        check_dtype_choice("dtype", dtype, FLOAT_DTYPES)
+        check_dtype_choice("index_dtype", index_dtype, INDEX_DTYPES)
         self.num_pages, self.page_size, self.num_layers = num_pages, page_size, num_layers
         self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
         self.dtype, self.index_dtype = dtype, index_dtype

@@ -52,7 +52,7 @@ class MSAConfig:
     score_type: str = "max"
 
     def __post_init__(self):
-        from msattn.interface import check_block_size, check_selection_params
+        from msattn._checks import check_block_size, check_selection_params
 
         if self.num_index_heads is None:  # frozen dataclass: set the derived default directly
             object.__setattr__(self, "num_index_heads", self.num_kv_heads)

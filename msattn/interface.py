@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from msattn import dispatch
-from msattn._checks import (FLOAT_DTYPES, check_block_size, check_cu_seqlens,
+from msattn._checks import (check_block_size, check_cu_seqlens,
                             check_optional_int, check_same_device, check_selection_params,
                             check_tensor, softmax_scale_or_default)
 from msattn.ops import dense

@@ -15,8 +15,8 @@ import torch
 
 from msattn import dispatch
 from msattn._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_batch_layout,
-                            check_batch_layout_values, check_block_size, check_index_scale,
-                            check_optional_int, check_same_device, check_selection_params,
+                            check_batch_layout_values, check_block_size, check_dtype_choice,
+                            check_index_scale, check_optional_int, check_same_device, check_selection_params,
                             check_tensor, softmax_scale_or_default)
 from msattn.dispatch import DECODE_MAX_QUERY_LEN
 
@@ -217,10 +217,8 @@ class MSAPagedWrapper:
             raise RuntimeError("MSAPagedWrapper.plan() allocates and reads cu_seqlens_q on the "
                                "host: call it before graph capture, then capture run()")
         check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]", dtypes=(torch.int32,))
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-        if index_dtype not in INDEX_DTYPES:
-            raise TypeError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype}")
+        check_dtype_choice("dtype", dtype, FLOAT_DTYPES)
+        check_dtype_choice("index_dtype", index_dtype, INDEX_DTYPES)
         cu = cu_seqlens_q.tolist()
         lengths = [y - x for x, y in zip(cu, cu[1:])]
         if not lengths or cu[0] != 0 or min(lengths) < 0:
