@@ -4,6 +4,7 @@
     python3 -m msattn.bench.tune attention --length 128k          # sparse-attention configs
     python3 -m msattn.bench.tune indexer --length 256k            # indexer configs
     python3 -m msattn.bench.tune decode --lengths 64k,1m          # decode: profile + indexer configs
+    python3 -m msattn.bench.tune backward --length 128k           # sparse-attention backward configs
 
 M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs (decode: one
 query token against a random paged cache, bf16 and fp8 index keys, CUDA-graph replays of
@@ -132,6 +133,43 @@ def sweep_indexer(length: int, configs: list, out: list) -> None:
         out.append(row)
 
 
+def sweep_backward(length: int, configs: list, out: list) -> None:
+    """The sparse-attention backward with each launch configuration: time, peak memory above
+    the inputs, and the largest gradient difference from the first configuration."""
+    from msattn.ops import sparse_attention_bwd as bwd
+
+    x = _inputs(length)
+    o, lse = _attend(x)
+    do = torch.randn_like(o)
+    scale = CONFIG.head_dim ** -0.5
+
+    def run(y, config):
+        return bwd.sparse_attention_backward(do, y.q, y.k, y.v, o, lse, y.indices, y.cu_seqlens,
+                                             y.cu_seqlens, block_size=CONFIG.block_size,
+                                             softmax_scale=scale, config=config)
+
+    expected = None
+    for config in configs:
+        row = {"kind": "backward", "seq_len": length, "config": dataclasses.asdict(config)}
+        try:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            grads = run(x, config)
+            torch.cuda.synchronize()
+            row["extra_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
+            if expected is None:
+                expected = grads
+            row["max_abs_diff"] = [float((g.float() - e.float()).abs().max()) for g, e in zip(grads, expected)]
+            del grads
+            row["ms"] = _time(lambda y: run(y, config), x)
+        except Exception as error:  # a config that does not compile or fit is reported, not fatal
+            row["error"] = str(error).splitlines()[0][:200]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        release_memory(torch.device("cuda"))
+
+
 def _decode_settings(length: int) -> decode.DecodeSettings:
     return decode.DecodeSettings(
         op="tune-decode", device=torch.device("cuda"), config=CONFIG, lengths=(length,),
@@ -215,6 +253,14 @@ ATTENTION_CONFIGS = [
     sparse_attention.AttentionConfig(block_m=m, num_warps=4, num_stages=st, tiles_per_program=16,
                                      combine_warps=c)
     for m, st, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
+def _backward_configs() -> list:
+    from msattn.ops.sparse_attention_bwd import CUDA_CONFIG as default
+
+    return [default, dataclasses.replace(default, dq_mode="query"),
+            dataclasses.replace(default, block_m=128), dataclasses.replace(default, num_warps=4),
+            dataclasses.replace(default, tiles_per_program=16)]
+
+
 INDEXER_CONFIGS = [indexer.IndexerConfig(block_r=r, num_warps=w, num_stages=st)
                    for r, w, st in ((256, 16, 2), (256, 16, 3), (512, 16, 2), (128, 8, 3))]
 
@@ -222,7 +268,7 @@ INDEXER_CONFIGS = [indexer.IndexerConfig(block_r=r, num_warps=w, num_stages=st)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m msattn.bench.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("profile", "attention", "indexer", "decode"))
+    parser.add_argument("what", choices=("profile", "attention", "indexer", "decode", "backward"))
     parser.add_argument("--lengths", type=parse_lengths, default=(128 << 10,))
     parser.add_argument("--length", type=parse_length, default=128 << 10)
     parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
@@ -240,6 +286,8 @@ def main(argv=None) -> int:
         profile(args.lengths, rows)
     elif args.what == "decode":
         sweep_decode(args.lengths, [] if args.profile_only else DECODE_INDEXER_CONFIGS, rows)
+    elif args.what == "backward":
+        sweep_backward(args.length, _backward_configs(), rows)
     elif args.what == "attention":
         chunks = [int(c) or None for c in args.chunk_rows.split(",")]
         configs = [sparse_attention.CUDA_CONFIG] if args.default_config else ATTENTION_CONFIGS
