@@ -65,24 +65,25 @@ def positive_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
 
 
+def _some_of(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    """Comma-separated names among ``allowed``, without repeats; ``what`` names them in the error
+    (``"bad <what>(s) ...: expected some of ..."``)."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    bad = [name for name in names if name not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"bad {what}(s) {', '.join(map(repr, bad))}: expected "
+                                         f"some of {', '.join(allowed)}")
+    return names
+
+
 def _impls(text: str) -> tuple[str, ...]:
     """Comma-separated attention implementations among ``hf.IMPLS``."""
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
-    bad = [name for name in names if name not in hf.IMPLS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"bad implementation(s) {', '.join(map(repr, bad))}: "
-                                         f"expected some of {', '.join(hf.IMPLS)}")
-    return names
+    return _some_of(text, hf.IMPLS, "implementation")
 
 
 def index_dtypes(text: str) -> tuple[str, ...]:
     """Comma-separated index-key dtypes among ``decode.INDEX_DTYPES``: ``"bf16,fp8"``."""
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
-    bad = [name for name in names if name not in decode.INDEX_DTYPES]
-    if bad:
-        raise argparse.ArgumentTypeError(f"bad index dtype(s) {', '.join(map(repr, bad))}: expected "
-                                         f"some of {', '.join(decode.INDEX_DTYPES)}")
-    return names
+    return _some_of(text, decode.INDEX_DTYPES, "index dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,13 +377,15 @@ def bench_decode(args: argparse.Namespace, parser: argparse.ArgumentParser, comm
                                   or len(settings.q_tokens) > 1))
 
 
-def bench_train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
-                suite_name: str) -> int:
-    """Run a training suite (see :mod:`msattn.bench.train`); returns the exit code."""
+def _bench_lengths(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
+                   suite_name: str, *, executed_path, run, header, cells=None) -> int:
+    """Run a suite of one row per length against the matmul ceiling (prefill and train):
+    ``executed_path(settings)`` checks the backend, ``run(settings, progress)`` yields the rows,
+    ``header(env, settings, ceiling, matmul_size)`` heads the table of ``cells``."""
     suite = SUITES[suite_name]
     settings = _settings(args, suite, parser)
     try:
-        train.executed_path(settings)
+        executed_path(settings)
     except (ImportError, ValueError) as error:
         parser.error(f"backend {settings.backend!r} cannot run on {settings.device.type}: {error} "
                      "(--backend reference times the PyTorch reference)")
@@ -392,8 +395,22 @@ def bench_train(args: argparse.Namespace, parser: argparse.ArgumentParser, comma
     ceiling = matmul_tflops(settings.device, settings.dtype, suite.matmul_size, **settings.timing())
     return _record(args, suite_name, command, env, settings,
                    {"matmul_tflops": ceiling, "matmul_size": suite.matmul_size},
-                   train.run(settings, progress),
-                   train.header(env, settings, ceiling, suite.matmul_size), cells=train.CELLS)
+                   run(settings, progress), header(env, settings, ceiling, suite.matmul_size),
+                   cells=cells)
+
+
+def bench_train(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
+                suite_name: str) -> int:
+    """Run a training suite (see :mod:`msattn.bench.train`); returns the exit code."""
+    return _bench_lengths(args, parser, command, suite_name, executed_path=train.executed_path,
+                          run=train.run, header=train.header, cells=train.CELLS)
+
+
+def bench_prefill(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
+                  suite_name: str) -> int:
+    """Run a prefill suite (see :mod:`msattn.bench.prefill`); returns the exit code."""
+    return _bench_lengths(args, parser, command, suite_name, executed_path=prefill.executed_path,
+                          run=prefill.run, header=_header)
 
 
 def _hf_settings(args: argparse.Namespace, suite: Suite, parser) -> hf.HFSettings:
@@ -459,20 +476,7 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
         return bench_hf(args, parser, command, suite_name)
     if suite.kind == "train":
         return bench_train(args, parser, command, suite_name)
-    settings = _settings(args, suite, parser)
-    try:
-        prefill.executed_path(settings)
-    except (ImportError, ValueError) as error:
-        parser.error(f"backend {settings.backend!r} cannot run on {settings.device.type}: {error} "
-                     "(--backend reference times the PyTorch reference)")
-
-    env = report.environment(settings.device)
-    progress = report.Progress(len(settings.lengths) + 1)
-    progress.step("matmul ceiling")
-    ceiling = matmul_tflops(settings.device, settings.dtype, suite.matmul_size, **settings.timing())
-    return _record(args, suite_name, command, env, settings,
-                   {"matmul_tflops": ceiling, "matmul_size": suite.matmul_size},
-                   prefill.run(settings, progress), _header(env, settings, ceiling, suite.matmul_size))
+    return bench_prefill(args, parser, command, suite_name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

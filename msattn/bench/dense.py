@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from msattn.bench.timing import Timing, num_input_sets, release_memory
+from msattn.bench.timing import Timing, add_input_sets, release_memory
 from msattn.config import MSAConfig
 
 # The kernels raced on each device type, by the name recorded in the results.
@@ -34,6 +34,17 @@ class DenseResult:
     backend: str | None = None
     candidates_ms: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+
+
+def row_fields(status: str, dense: DenseResult | None) -> dict:
+    """The dense fields of a JSON row: its status ("measured", "failed", "off", "skipped"), the
+    winning kernel, every candidate's median time and the failures (``dense`` None: not run)."""
+    return {
+        "dense_status": status,
+        "dense_backend": dense.backend if dense else None,
+        "dense_candidates_ms": dense.candidates_ms if dense else {},
+        "dense_failures": dense.failures if dense else {},
+    }
 
 
 def _sdpa(qkv, *, kernel: SDPBackend, gqa: bool):
@@ -78,8 +89,7 @@ def measure_dense(config: MSAConfig, *, batch: int, seq_len: int, dtype: torch.d
         return q, k, torch.randn_like(k)
 
     sets = [make_set()]
-    set_bytes = sum(t.numel() * t.element_size() for t in sets[0])
-    sets += [make_set() for _ in range(num_input_sets(set_bytes, l2_bytes) - 1)]
+    add_input_sets(sets, make_set, l2_bytes, sum(t.numel() * t.element_size() for t in sets[0]))
     result = DenseResult()
     for name, kernel in CANDIDATES[device.type].items():
         try:

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from msattn.bench.report import dtype_name, format_length
+from msattn.bench.report import dtype_name, format_length, grid_lines, number_cell
 from msattn.bench.timing import Timing, release_memory, synchronize, time_ms
 from msattn.config import MSAConfig
 
@@ -282,15 +282,8 @@ def header(env: dict, settings: HFSettings) -> str:
 # Table
 # ----------------------------------------------------------------------------------------------
 
-def _num(key: str, spec: str, suffix: str = "") -> Callable[[dict], str]:
-    def cell(row: dict) -> str:
-        value = row.get(key)
-        return "-" if value is None else f"{value:{spec}}{suffix}"
-    return cell
-
-
 def _ms(row: dict) -> str:
-    return _num("ms", ",.1f")(row) if row["status"] == "ok" else row["status"]
+    return number_cell("ms", ",.1f")(row) if row["status"] == "ok" else row["status"]
 
 
 CELLS: dict[str, Callable[[dict], str]] = {
@@ -298,22 +291,18 @@ CELLS: dict[str, Callable[[dict], str]] = {
     "length": lambda row: format_length(row["seq_len"]),
     "impl": lambda row: row["impl"],
     "ms": _ms,
-    "tokens/s": _num("tokens_per_s", ",.0f"),
-    "ms/token": _num("decode_ms_per_token", ".2f"),
-    "peak GiB": _num("peak_gib", ".2f"),
-    "speedup": _num("speedup", ".3g", "x"),
-    "decode speedup": _num("decode_speedup", ".3g", "x"),
+    "tokens/s": number_cell("tokens_per_s", ",.0f"),
+    "ms/token": number_cell("decode_ms_per_token", ".2f"),
+    "peak GiB": number_cell("peak_gib", ".2f"),
+    "speedup": number_cell("speedup", ".3g", suffix="x"),
+    "decode speedup": number_cell("decode_speedup", ".3g", suffix="x"),
 }
 COLUMNS = tuple(CELLS)
 
 
 def format_table(rows, columns=COLUMNS) -> str:
     """Right-aligned text table; a note under it for every row that failed."""
-    table = [[CELLS[name](row) for name in columns] for row in rows]
-    widths = [max([len(name), *(len(r[i]) for r in table)]) for i, name in enumerate(columns)]
-    lines = ["  ".join(name.rjust(w) for name, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
+    lines = grid_lines(rows, columns, CELLS)
     lines += [f"{row['mode']} {format_length(row['seq_len'])} {row['impl']}: {row['status']}: "
               f"{row['error']}" for row in rows if row["status"] != "ok"]
     lines.append("prefill tokens/s: prompt tokens per second; generate tokens/s and ms/token: the "

@@ -16,9 +16,10 @@ import torch
 import msattn
 from msattn import dispatch
 from msattn.bench import metrics
-from msattn.bench.dense import measure_dense
+from msattn.bench.dense import measure_dense, row_fields
 from msattn.bench.report import dtype_name, format_length
-from msattn.bench.timing import l2_cache_bytes, num_input_sets, release_memory, synchronize, time_ms
+from msattn.bench.timing import (add_input_sets, l2_cache_bytes, release_memory, synchronize,
+                                 time_ms)
 from msattn.config import MSAConfig
 
 GIB = 1 << 30
@@ -141,19 +142,24 @@ def _dense_skipped(settings: PrefillSettings, seq_len: int) -> str | None:
     return None
 
 
+def start_length(settings: PrefillSettings, seq_len: int) -> tuple[int, Callable]:
+    """Seed the random inputs of ``seq_len``; returns the device's L2 size and ``measure(fn,
+    sets)``, :func:`msattn.bench.timing.time_ms` with the timing of ``settings``."""
+    torch.manual_seed(settings.seed + seq_len)
+    return (l2_cache_bytes(settings.device),
+            partial(time_ms, device=settings.device, **settings.timing()))
+
+
 @torch.inference_mode()
 def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[str], None]) -> dict:
     """Measure one sequence length; returns the JSON row."""
     device, config, batch = settings.device, settings.config, settings.batch
-    l2_bytes = l2_cache_bytes(device)
-    measure = partial(time_ms, device=device, **settings.timing())
-    torch.manual_seed(settings.seed + seq_len)
+    l2_bytes, measure = start_length(settings, seq_len)
 
     progress("peak memory")
     sets = [make_inputs(settings, seq_len)]
     peak_gib, extra_gib = _peak_memory_gib(settings, sets[0])
-    sets += [make_inputs(settings, seq_len)
-             for _ in range(num_input_sets(sets[0].nbytes, l2_bytes) - 1)]
+    add_input_sets(sets, partial(make_inputs, settings, seq_len), l2_bytes, sets[0].nbytes)
     progress("indexer")
     indexer = measure(partial(_select, settings), sets)
     for x in sets:
@@ -194,10 +200,7 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
                                            attention.ms),
         "dense_tflops": metrics.tflops(metrics.dense_attention_flops(config, seq_len, batch),
                                        dense_ms),
-        "dense_status": dense_status,
-        "dense_backend": dense.backend if dense else None,
-        "dense_candidates_ms": dense.candidates_ms if dense else {},
-        "dense_failures": dense.failures if dense else {},
+        **row_fields(dense_status, dense),
         "peak_memory_gib": peak_gib,
         "extra_memory_gib": extra_gib,
         "selection": selection,
@@ -206,10 +209,16 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
     }
 
 
-def run(settings: PrefillSettings, progress) -> Iterator[dict]:
-    """Measure every length of ``settings`` in turn, yielding each row as soon as it is measured;
-    ``progress`` is a :class:`msattn.bench.report.Progress`."""
+def run_lengths(settings: PrefillSettings, progress, measure_length: Callable) -> Iterator[dict]:
+    """``measure_length(settings, seq_len, progress)`` for every length of ``settings`` in turn,
+    yielding each row as soon as it is measured; ``progress`` is a
+    :class:`msattn.bench.report.Progress`."""
     for seq_len in settings.lengths:
         progress.step(f"N={format_length(seq_len)}")
         yield measure_length(settings, seq_len, progress)
         release_memory(settings.device)
+
+
+def run(settings: PrefillSettings, progress) -> Iterator[dict]:
+    """Measure every length of ``settings`` in turn (see :func:`run_lengths`)."""
+    yield from run_lengths(settings, progress, measure_length)

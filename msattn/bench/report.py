@@ -49,8 +49,9 @@ class Progress:
 # Table
 # ----------------------------------------------------------------------------------------------
 
-def _number(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[dict], str]:
-    """Cell of ``row[key]`` formatted with ``spec``; "-" for None."""
+def number_cell(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[dict], str]:
+    """Cell of ``row[key]`` (times ``scale``) formatted with ``spec``, then ``suffix``; "-" for
+    None."""
     def cell(row: dict) -> str:
         value = row.get(key)
         return "-" if value is None else f"{value * scale:{spec}}{suffix}"
@@ -58,25 +59,26 @@ def _number(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callab
 
 
 def _selection(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[dict], str]:
-    number = _number(key, spec, scale, suffix)
+    number = number_cell(key, spec, scale, suffix)
     return lambda row: number(row["selection"])
 
 
-def _dense_ms(row: dict) -> str:
-    return _number("dense_ms", ".2f")(row) if row["dense_status"] == "measured" else row["dense_status"]
+def dense_ms_cell(row: dict) -> str:
+    """``dense_ms`` when dense was measured, else the dense status ("off", "skipped", ...)."""
+    return number_cell("dense_ms", ".2f")(row) if row["dense_status"] == "measured" else row["dense_status"]
 
 
 CELLS: dict[str, Callable[[dict], str]] = {
     "length": lambda row: format_length(row["seq_len"]),
-    "indexer ms": _number("indexer_ms", ".2f"),
-    "attention ms": _number("attention_ms", ".2f"),
-    "MSA ms": _number("msa_ms", ".2f"),
-    "dense ms": _dense_ms,
+    "indexer ms": number_cell("indexer_ms", ".2f"),
+    "attention ms": number_cell("attention_ms", ".2f"),
+    "MSA ms": number_cell("msa_ms", ".2f"),
+    "dense ms": dense_ms_cell,
     "dense kernel": lambda row: row["dense_backend"] or "-",
-    "speedup": _number("speedup", ".3g", suffix="x"),
-    "indexer TFLOP/s": _number("indexer_tflops", ".1f"),
-    "attention TFLOP/s": _number("attention_tflops", ".1f"),
-    "peak extra GiB": _number("extra_memory_gib", ".2f"),
+    "speedup": number_cell("speedup", ".3g", suffix="x"),
+    "indexer TFLOP/s": number_cell("indexer_tflops", ".1f"),
+    "attention TFLOP/s": number_cell("attention_tflops", ".1f"),
+    "peak extra GiB": number_cell("extra_memory_gib", ".2f"),
     "full rows": _selection("full_row_fraction", ".1f", 100, "%"),
     "blocks selected": _selection("selected_block_fraction", ".1f", 100, "%"),
     "distinct/qblock": _selection("distinct_blocks_per_query_block", ".1f"),
@@ -100,7 +102,7 @@ def _significant(key: str) -> Callable[[dict], str]:
     return cell
 
 
-def _decode_dense_ms(row: dict) -> str:
+def _decodedense_ms_cell(row: dict) -> str:
     return _significant("dense_ms")(row) if row["dense_status"] == "measured" else row["dense_status"]
 
 
@@ -111,14 +113,14 @@ DECODE_CELLS: dict[str, Callable[[dict], str]] = {
     "q": lambda row: str(row["q_tokens"]),
     "index": lambda row: row["index_dtype"],
     "MSA ms": _significant("msa_ms"),
-    "dense ms": _decode_dense_ms,
+    "dense ms": _decodedense_ms_cell,
     "MSA GB/s": _significant("msa_gbps"),
     "dense GB/s": _significant("dense_gbps"),
-    "MSA % bw": _number("msa_bandwidth_fraction", ".0f", 100, "%"),
-    "dense % bw": _number("dense_bandwidth_fraction", ".0f", 100, "%"),
-    "us/token": _number("ms_per_query_token", ".2f", 1e3),
-    "tokens/s": _number("tokens_per_s", ",.0f"),
-    "vs q=1": _number("tokens_per_s_vs_1q", ".2f", suffix="x"),
+    "MSA % bw": number_cell("msa_bandwidth_fraction", ".0f", 100, "%"),
+    "dense % bw": number_cell("dense_bandwidth_fraction", ".0f", 100, "%"),
+    "us/token": number_cell("ms_per_query_token", ".2f", 1e3),
+    "tokens/s": number_cell("tokens_per_s", ",.0f"),
+    "vs q=1": number_cell("tokens_per_s_vs_1q", ".2f", suffix="x"),
     "timing": lambda row: row["msa_method"],
 }
 
@@ -134,17 +136,24 @@ _NOTES = {
 }
 
 
+def grid_lines(rows: Sequence[dict], columns: Sequence[str],
+               cells: dict[str, Callable[[dict], str]]) -> list[str]:
+    """The lines of a right-aligned text table: the header, a rule, one line per row;
+    ``cells[name](row)`` formats the cell of column ``name``."""
+    table = [[cells[name](row) for name in columns] for row in rows]
+    widths = [max(len(name), *(len(r[i]) for r in table)) for i, name in enumerate(columns)]
+    lines = ["  ".join(name.rjust(w) for name, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
+    return lines
+
+
 def format_table(rows: Sequence[dict], columns: Sequence[str],
                  cells: dict[str, Callable[[dict], str]] | None = None) -> str:
     """Right-aligned text table of ``rows``, then a note for each dense status that needs one.
 
     ``cells`` maps a column name to its formatter (default :data:`CELLS`)."""
-    formatters = CELLS if cells is None else cells
-    table = [[formatters[name](row) for name in columns] for row in rows]
-    widths = [max(len(name), *(len(r[i]) for r in table)) for i, name in enumerate(columns)]
-    lines = ["  ".join(name.rjust(w) for name, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table]
+    lines = grid_lines(rows, columns, CELLS if cells is None else cells)
     statuses = dict.fromkeys(row["dense_status"] for row in rows)
     lines += [_NOTES[s] for s in statuses if s in _NOTES]
     return "\n".join(lines)

@@ -55,6 +55,13 @@ def num_input_sets(set_bytes: int, l2_bytes: int) -> int:
     return max(1, min(MAX_INPUT_SETS, math.ceil(2 * l2_bytes / set_bytes)))
 
 
+def add_input_sets(sets: list, make: Callable[[], Any], l2_bytes: int, set_bytes: int) -> list:
+    """Append ``make()`` sets to ``sets`` (which holds the first one, of ``set_bytes`` bytes) up to
+    :func:`num_input_sets` sets in all; returns ``sets``."""
+    sets += [make() for _ in range(num_input_sets(set_bytes, l2_bytes) - 1)]
+    return sets
+
+
 def _cuda_interval(fn: Callable, x: Any) -> Callable[[], float]:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -38,11 +38,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import msattn
 from msattn import dispatch
 from msattn.bench import metrics
-from msattn.bench.dense import CANDIDATES, DenseResult, _first_line
-from msattn.bench.prefill import PrefillSettings, _dense_skipped
-from msattn.bench.report import dtype_name, format_length
-from msattn.bench.timing import (Timing, l2_cache_bytes, num_input_sets, release_memory,
-                                 synchronize, time_ms)
+from msattn.bench.dense import CANDIDATES, DenseResult, _first_line, row_fields
+from msattn.bench.prefill import PrefillSettings, _dense_skipped, run_lengths, start_length
+from msattn.bench.report import dense_ms_cell, dtype_name, format_length, number_cell
+from msattn.bench.timing import add_input_sets, release_memory, synchronize
 
 GIB = 1 << 30
 MSA_STAGES = ("select", "attention_fwd", "attention_bwd", "loss_fwd", "loss_bwd")
@@ -230,8 +229,7 @@ def _dense_sets(settings: TrainSettings, seq_len: int, l2_bytes: int) -> list[tu
         return q, k, v, torch.randn_like(q)
 
     sets = [make_set()]
-    sets += [make_set() for _ in range(num_input_sets(_nbytes(*sets[0]), l2_bytes) - 1)]
-    return sets
+    return add_input_sets(sets, make_set, l2_bytes, _nbytes(*sets[0]))
 
 
 def dense_step(qkv_do, *, kernel: SDPBackend, gqa: bool, clock: StageClock | None = None):
@@ -320,9 +318,7 @@ def header(env: dict, settings: TrainSettings, ceiling: float, matmul_size: int)
 def measure_length(settings: TrainSettings, seq_len: int, progress: Callable[[str], None]) -> dict:
     """Measure one sequence length; returns the JSON row."""
     device, config, batch = settings.device, settings.config, settings.batch
-    l2_bytes = l2_cache_bytes(device)
-    measure = partial(time_ms, device=device, **settings.timing())
-    torch.manual_seed(settings.seed + seq_len)
+    l2_bytes, measure = start_length(settings, seq_len)
 
     progress("first step and peak memory")
     sets = [make_inputs(settings, seq_len)]
@@ -332,8 +328,7 @@ def measure_length(settings: TrainSettings, seq_len: int, progress: Callable[[st
     selection = metrics.selection_stats(indices, seq_len=seq_len, block_size=config.block_size)
     del first, indices
     peak_gib, extra_gib = _peak_memory_gib(settings, seq_len, sets[0])
-    sets += [make_inputs(settings, seq_len)
-             for _ in range(num_input_sets(sets[0].nbytes, l2_bytes) - 1)]
+    add_input_sets(sets, partial(make_inputs, settings, seq_len), l2_bytes, sets[0].nbytes)
     progress("training step")
     clock = StageClock(device)
     total = measure(lambda x: msa_step(settings, seq_len, x, clock), sets)
@@ -374,10 +369,7 @@ def measure_length(settings: TrainSettings, seq_len: int, progress: Callable[[st
         "tokens_per_s": tokens / (total.ms / 1e3),
         "dense_tokens_per_s": tokens / (dense_ms / 1e3) if dense_ms else None,
         "indexer_loss": loss_value,
-        "dense_status": dense_status,
-        "dense_backend": dense.backend if dense else None,
-        "dense_candidates_ms": dense.candidates_ms if dense else {},
-        "dense_failures": dense.failures if dense else {},
+        **row_fields(dense_status, dense),
         "peak_memory_gib": peak_gib,
         "extra_memory_gib": extra_gib,
         "selection": selection,
@@ -386,44 +378,29 @@ def measure_length(settings: TrainSettings, seq_len: int, progress: Callable[[st
 
 
 def run(settings: TrainSettings, progress) -> Iterator[dict]:
-    """Measure every length of ``settings`` in turn, yielding each row as soon as it is measured;
-    ``progress`` is a :class:`msattn.bench.report.Progress`."""
-    for seq_len in settings.lengths:
-        progress.step(f"N={format_length(seq_len)}")
-        yield measure_length(settings, seq_len, progress)
-        release_memory(settings.device)
+    """Measure every length of ``settings`` in turn (see :func:`msattn.bench.prefill.run_lengths`)."""
+    yield from run_lengths(settings, progress, measure_length)
 
 
 # ----------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------
 
-def _cell(key: str, spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[dict], str]:
-    def cell(row: dict) -> str:
-        value = row.get(key)
-        return "-" if value is None else f"{value * scale:{spec}}{suffix}"
-    return cell
-
-
-def _dense_cell(row: dict) -> str:
-    return _cell("dense_ms", ".2f")(row) if row["dense_status"] == "measured" else row["dense_status"]
-
-
 CELLS: dict[str, Callable[[dict], str]] = {
     "length": lambda row: format_length(row["seq_len"]),
-    "select": _cell("select_ms", ".2f"),
-    "attn fwd": _cell("attention_fwd_ms", ".2f"),
-    "attn bwd": _cell("attention_bwd_ms", ".2f"),
-    "loss fwd": _cell("loss_fwd_ms", ".2f"),
-    "loss bwd": _cell("loss_bwd_ms", ".2f"),
-    "MSA ms": _cell("msa_ms", ".2f"),
-    "dense ms": _dense_cell,
+    "select": number_cell("select_ms", ".2f"),
+    "attn fwd": number_cell("attention_fwd_ms", ".2f"),
+    "attn bwd": number_cell("attention_bwd_ms", ".2f"),
+    "loss fwd": number_cell("loss_fwd_ms", ".2f"),
+    "loss bwd": number_cell("loss_bwd_ms", ".2f"),
+    "MSA ms": number_cell("msa_ms", ".2f"),
+    "dense ms": dense_ms_cell,
     "dense kernel": lambda row: row["dense_backend"] or "-",
-    "speedup": _cell("speedup", ".3g", suffix="x"),
-    "bwd TFLOP/s": _cell("sparse_bwd_tflops", ".1f"),
-    "Mtok/s": _cell("tokens_per_s", ".3g", 1e-6),
-    "peak GiB": _cell("peak_memory_gib", ".2f"),
-    "extra GiB": _cell("extra_memory_gib", ".2f"),
+    "speedup": number_cell("speedup", ".3g", suffix="x"),
+    "bwd TFLOP/s": number_cell("sparse_bwd_tflops", ".1f"),
+    "Mtok/s": number_cell("tokens_per_s", ".3g", 1e-6),
+    "peak GiB": number_cell("peak_memory_gib", ".2f"),
+    "extra GiB": number_cell("extra_memory_gib", ".2f"),
     "key sparsity": lambda row: f"{row['selection']['key_sparsity'] * 100:.1f}%",
 }
 
