@@ -104,6 +104,18 @@ def block_scores(qi: torch.Tensor, ki: torch.Tensor, positions: torch.Tensor,
     return scores.view(*scores.shape[:2], num_blocks, block_size).amax(dim=-1)
 
 
+def fp8_index_queries(qi: torch.Tensor) -> torch.Tensor:
+    """Index queries as the fp8 index path scores them against fp8 index keys (a native
+    fp8 x fp8 dot): each (token, group) row ``qi [total_q, G, Di]`` divided by ``scale =
+    max|row| / 448`` (1 for an all-zero row), rounded to float8_e4m3fn (to nearest, even), and
+    multiplied back. Returns float32 ``[total_q, G, Di]``; selections on these queries and the
+    dequantised keys are what the fp8 path selects, float near-ties aside."""
+    q = qi.float()
+    row_abs_max = q.abs().amax(-1, keepdim=True)
+    scale = torch.where(row_abs_max > 0, row_abs_max / 448.0, torch.ones_like(row_abs_max))
+    return (q / scale).to(torch.float8_e4m3fn).float() * scale
+
+
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int, init_blocks: int,
                   local_blocks: int) -> torch.Tensor:

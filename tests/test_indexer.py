@@ -7,8 +7,9 @@ import torch
 
 import msattn
 from msattn import reference
-from msattn.ops.indexer import launch_config, plan_selection, run_selection, select_blocks
-from tests.kernel_cases import DEVICE, assert_selection_matches, cu_seqlens, index_inputs
+from msattn.ops.indexer import (BlockTopkPlan, PageTopkConfig, launch_config, plan_selection,
+                                run_selection, select_blocks, select_blocks_paged)
+from tests.kernel_cases import DEVICE, assert_selection_matches, cu_seqlens, index_inputs, paginate
 
 # lens_q, lens_k, groups, index_dim, block_size, topk, init_blocks, local_blocks, dtype, integer, splits
 CASES = [
@@ -105,3 +106,119 @@ def test_gpu_varlen_chunked_prefill_and_long_sequence():
     select_blocks(qi, ki, cu_q, cu_k, out=out, **kwargs)
     assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, block_size=128)
     assert cu_seqlens(lens_q).equal(cu_q)
+
+
+# ------------------------------------------------------------------------------------------------
+# The decode selection: block-score kernel, then top-k (query runs of at most 16 tokens)
+# ------------------------------------------------------------------------------------------------
+
+def _paged_index_case(lens_q, lens_k, groups, index_dim, page_size, dtype, *, integer, seed, fp8=False):
+    """Index inputs, their keys scattered over pages in random order (``-1``-padded table), and
+    for ``fp8`` the e4m3 keys with per-token power-of-two scales (so the dequantised keys are
+    ``ki`` exactly when ``integer``)."""
+    qi, ki, cu_q, cu_k = index_inputs(lens_q, lens_k, groups, index_dim, dtype, integer=integer,
+                                      seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    key_scale = None
+    if fp8:
+        key_scale = 2.0 ** torch.randint(-3, 4, (ki.shape[0],), generator=generator).float().to(ki.device)
+        values = (ki.float() / key_scale[:, None]).to(torch.float8_e4m3fn)
+        ki = values.float() * key_scale[:, None]
+        cache, table = paginate(values, cu_k, page_size, generator=torch.Generator().manual_seed(seed), fill=0.0)
+        key_scale, _ = paginate(key_scale, cu_k, page_size, generator=torch.Generator().manual_seed(seed))
+    else:
+        cache, table = paginate(ki, cu_k, page_size, generator=torch.Generator().manual_seed(seed))
+    seq_lens = (cu_k[1:] - cu_k[:-1]).to(torch.int32)
+    return qi, ki, cu_q, cu_k, cache, table, seq_lens, key_scale
+
+
+# lens_q, lens_k, groups, index_dim, page_size, topk, init_blocks, local_blocks, dtype, integer, segment
+DECODE_CASES = [
+    ([1, 1, 1], [300, 17, 64], 2, 16, 16, 4, 0, 1, torch.float32, False, 1024),
+    ([4, 16, 1, 7], [200, 90, 500, 7], 4, 32, 16, 5, 1, 2, torch.float32, True, 1024),  # ties
+    ([1, 3], [2500, 129], 3, 16, 16, 6, 1, 1, torch.bfloat16, False, 32),  # 5 segments
+    ([2, 1], [1000, 40], 1, 16, 32, 8, 0, 1, torch.float16, True, 8),  # ties across segments
+    ([16], [33], 6, 16, 16, 16, 2, 2, torch.float32, True, 1024),  # topk > blocks, group 6
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[f"case{i}" for i in range(len(DECODE_CASES))])
+def test_decode_selection_matches_reference(case):
+    """The block-score + top-k path on paged keys (random page order, -1 padded table), 1-16
+    tokens per request: equal sets, own block last; a plan launched twice (counters reset)."""
+    lens_q, lens_k, groups, index_dim, page_size, topk, init_blocks, local_blocks, dtype, integer, segment = case
+    qi, ki, cu_q, cu_k, cache, table, seq_lens, _ = _paged_index_case(
+        lens_q, lens_k, groups, index_dim, page_size, dtype, integer=integer, seed=len(lens_q) + topk)
+    kwargs = dict(topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
+    expected = reference.select_blocks(qi, ki, cu_q, cu_k, block_size=page_size, **kwargs)
+    plan = plan_selection(qi.shape[0], len(lens_q), groups, max(lens_q), table.shape[1], topk=topk,
+                          device=qi.device, config=PageTopkConfig(segment=segment))
+    assert isinstance(plan, BlockTopkPlan) and plan.num_segments == -(-table.shape[1] // min(segment, 1 << (table.shape[1] - 1).bit_length()))
+    for _ in range(2):
+        out = torch.full_like(expected, 12345)  # poison: every element must be written
+        run_selection(plan, qi, cache, cu_q, seq_lens, block_size=page_size, block_table=table,
+                      init_blocks=init_blocks, local_blocks=local_blocks, out=out)
+        assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, block_size=page_size,
+                                 rel_tol=0.0 if integer else 1e-5)
+    if plan.counters is not None:
+        assert not plan.counters.any()
+
+
+def test_decode_selection_is_the_default_for_short_query_runs():
+    plan = plan_selection(8, 2, 4, 16, 100, topk=16, device=torch.device(DEVICE))
+    assert isinstance(plan, BlockTopkPlan)
+    assert not isinstance(plan_selection(8, 2, 4, 17, 100, topk=16, device=torch.device(DEVICE)),
+                          BlockTopkPlan)
+    assert not isinstance(plan_selection(8, 2, 4, 4, 100, topk=16, device=torch.device(DEVICE),
+                                         num_splits=2), BlockTopkPlan)
+
+
+@pytest.mark.parametrize("integer", [True, False], ids=["exact", "random"])
+def test_decode_selection_fp8_keys_and_queries(integer):
+    """fp8 keys are scored against fp8 queries (one scale per (token, group) row): the selection
+    is the reference's on those queries (:func:`msattn.reference.fp8_index_queries`) and the
+    dequantised keys, exactly on small integers, within float near-ties on random data."""
+    lens_q, lens_k = [1, 8, 3], [700, 129, 2000]
+    qi, ki, cu_q, cu_k, cache, table, seq_lens, key_scale = _paged_index_case(
+        lens_q, lens_k, 4, 32, 16, torch.bfloat16, integer=integer, seed=5, fp8=True)
+    kwargs = dict(topk=6, init_blocks=1, local_blocks=1)
+    rounded = reference.fp8_index_queries(qi)
+    if integer:  # small integers x 224 or 448 are e4m3 values: quantising loses nothing
+        assert torch.equal(rounded, qi.float())
+    expected = reference.select_blocks(rounded, ki, cu_q, cu_k, block_size=16, **kwargs)
+    out = torch.full_like(expected, 12345)
+    select_blocks_paged(qi, cache, table, cu_q, seq_lens, index_scale=key_scale, out=out,
+                        config=PageTopkConfig(segment=32), **kwargs)
+    assert_selection_matches(out, expected, rounded, ki, cu_q, cu_k, block_size=16,
+                             rel_tol=0.0 if integer else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_decode_selection_long_context_and_graph_replay(fp8):
+    """M3 index shape: batch-1 decode at 300K tokens (segments merged) and 4 requests of 1-16
+    tokens; a captured plan replays after the lengths change."""
+    for lens_q, lens_k in (([1], [300_000]), ([1, 16, 3, 8], [70_000, 150_000, 2_000, 40_000])):
+        qi, ki, cu_q, cu_k, cache, table, seq_lens, key_scale = _paged_index_case(
+            lens_q, lens_k, 4, 128, 128, torch.bfloat16, integer=True, seed=len(lens_q), fp8=fp8)
+        kwargs = dict(topk=16, init_blocks=0, local_blocks=1)
+        plan = plan_selection(qi.shape[0], len(lens_q), 4, max(lens_q), table.shape[1], topk=16,
+                              device=qi.device)
+        out = torch.full((4, qi.shape[0], 16), 12345, dtype=torch.int32, device=qi.device)
+        lengths = seq_lens.clone()
+        launch = lambda: run_selection(plan, qi, cache, cu_q, lengths, block_size=128,  # noqa: E731
+                                       block_table=table, index_scale=key_scale, out=out, **kwargs)
+        launch()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch()
+        for shorter in (0, 300):
+            lengths.copy_(seq_lens - shorter)
+            out.fill_(12345)
+            graph.replay()
+            cu_k_now = torch.cat([cu_k[:1], lengths.cumsum(0)]).to(torch.int32)
+            keys = torch.cat([ki[int(cu_k[b]):int(cu_k[b]) + int(lengths[b])] for b in range(len(lens_q))])
+            expected = reference.select_blocks(reference.fp8_index_queries(qi) if fp8 else qi, keys,
+                                               cu_q, cu_k_now, block_size=128, **kwargs)
+            torch.cuda.synchronize()
+            assert_selection_matches(out, expected, qi, keys, cu_q, cu_k_now, block_size=128)

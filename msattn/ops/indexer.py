@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_launch_dependents,
-                              mma, programmatic_launch)
+                              gdc_wait, interpreted, mma, programmatic_launch)
 
 # Split programs merge in a two-level tree: groups of fan_in splits, then the group lists; up to
 # 2 * fan_in splits merge in one level. (H200, 1M-token decode: fan-in 8 and 16 within 2%.)
@@ -427,6 +427,186 @@ def _merge_splits(partial_keys_ptr, level_keys_ptr, counters_ptr, out_ptr, vals,
                              LEVEL_MERGE_ROWS, LEVEL_CANDIDATES_PAD)
 
 
+# ----------------------------------------------------------------------------------------------
+# Decode (query runs of at most PAGE_TOPK_MAX_QUERY_LEN tokens): block scores, then an exact top-k.
+#
+# Decode has a few (token, group) rows against a long key range, so the fused kernel above must
+# split the keys and merge partial lists, a serial tail on every step. Instead, one kernel
+# streams the index keys across the whole GPU and writes only each row's float32 block maxima
+# (32 KiB per row at 1M tokens), and a second one selects the top-k of each row, one program per
+# (row, segment of blocks), the last segment of a row merging the segments' lists (one level).
+# Both are chained with programmatic dependent launch, and so is the attention after them.
+# ----------------------------------------------------------------------------------------------
+
+PAGE_TOPK_MAX_QUERY_LEN = 16
+
+
+@dataclass(frozen=True)
+class PageTopkConfig:
+    """Launch configuration of the decode selection (block scores, then top-k).
+
+    Attributes:
+        programs_per_sm: score programs per multiprocessor the key blocks are spread over.
+        block_n: keys per score tile; score_warps, score_stages: as in Triton.
+        segment: most blocks of a row one top-k program ranks (a power of two); rows with more
+            blocks are ranked in segments whose lists the row's last segment merges.
+        topk_warps: warps of a top-k program.
+    """
+
+    programs_per_sm: int = 4
+    block_n: int = 64
+    score_warps: int = 4
+    score_stages: int = 3
+    segment: int = 1024
+    topk_warps: int = 4
+
+
+@triton.jit
+def _quantize_rows_fp8(q, EMULATE: tl.constexpr):
+    """Rows of ``q [R, Di]`` as float8_e4m3fn values ``q / scale`` (rounded to nearest, even)
+    and the float32 ``scale [R]`` (the row's largest magnitude maps to 448; 1 for an all-zero
+    row). ``EMULATE`` (the interpreter, whose float32 -> e4m3 conversion drops the carry into
+    the exponent, 124.9 -> 64) rounds in float32 instead and returns float32 values on e4m3's
+    grid: 3 mantissa bits for normals, multiples of 2^-9 below 2^-6."""
+    q32 = q.to(tl.float32)
+    row_abs_max = tl.max(tl.abs(q32), axis=1)
+    row_scale = tl.where(row_abs_max > 0, row_abs_max / 448.0, 1.0)
+    x = q32 / row_scale[:, None]
+    if EMULATE:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # 23 -> 3 mantissa bits
+        subnormal = (x + 24576.0) - 24576.0  # 1.5 * 2^14: float32's spacing there is 2^-9
+        return tl.where(tl.abs(x) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True)), row_scale
+    return x.to(tl.float8e4nv), row_scale
+
+
+# One program: the rows of one tile of request ``batch`` (its flattened (token, group) rows)
+# x ``blocks_per_program`` consecutive key blocks. Grid: (block chunks, B, row tiles).
+# qi [total_q, G, Di]; keys ki [total_k, Di] or paged [num_pages, page_size, Di] (fp8 with
+# key_scale [num_pages, page_size]); writes block_scores [total_q * G, max_blocks] float32:
+# the scaled max score of each causal block, +inf for forced blocks, -inf past the row's own
+# block (blocks past the request's last are not written).
+@triton.jit
+def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q_ptr,
+                         key_lengths_ptr, scores_ptr, stride_qi_token, stride_qi_group,
+                         stride_ki_token, stride_ki_page, stride_scale_page, stride_block_table,
+                         stride_scores_row, scale, blocks_per_program,
+                         NUM_GROUPS: tl.constexpr, INDEX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+                         PAGED: tl.constexpr, KEY_SCALE: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    chunk = tl.program_id(0)
+    batch = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start, len_q, k_start, len_k, row_mask, token, group, position = _tile_rows(
+        cu_seqlens_q_ptr, key_lengths_ptr, batch, tile, NUM_GROUPS, BLOCK_R, PAGED)
+    block_lo = chunk * blocks_per_program
+    block_hi = tl.minimum(block_lo + blocks_per_program, tl.cdiv(len_k, BLOCK_SIZE))
+    if PDL_TRIGGER:  # the top-k kernel may launch now; it waits for this grid to finish
+        gdc_launch_dependents()
+    if (tile * BLOCK_R < len_q * NUM_GROUPS) & (block_lo < block_hi):
+        dim = tl.arange(0, BLOCK_D)
+        dim_mask = dim < INDEX_DIM
+        q = tl.load(qi_ptr + (q_start + token).to(tl.int64)[:, None] * stride_qi_token
+                    + group[:, None] * stride_qi_group + dim[None, :],
+                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        row_scale = tl.full([BLOCK_R], scale, tl.float32)
+        if KEY_SCALE:  # fp8 keys: fp8 queries too, so that the dot is a native fp8 MMA
+            q, query_scale = _quantize_rows_fp8(q, DOT_UPCAST)
+            row_scale = row_scale * query_scale
+        position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
+        own_block = position // BLOCK_SIZE
+        rows = (q_start * NUM_GROUPS + tile * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_ptr = scores_ptr + rows * stride_scores_row
+        for block in range(block_lo, block_hi):
+            if PAGED:
+                page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table + block).to(tl.int64)
+                block_base = page * stride_ki_page
+            else:
+                block_base = (k_start + block * BLOCK_SIZE).to(tl.int64) * stride_ki_token
+            block_max = tl.full([BLOCK_R], float("-inf"), tl.float32)
+            for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
+                offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+                keys = block * BLOCK_SIZE + offs
+                key_mask = keys < len_k
+                k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
+                            mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+                if KEY_SCALE:
+                    if DOT_UPCAST:  # the interpreter: exact float32 products of the fp8 values
+                        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                                        input_precision="ieee")
+                    else:
+                        scores = tl.dot(q, tl.trans(k))
+                    key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs,
+                                        mask=key_mask, other=0.0)
+                    scores = scores * key_scale[None, :]
+                else:
+                    scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
+                scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
+                block_max = tl.maximum(block_max, tl.max(scores, axis=1))
+            # max commutes with the positive row scale: scale the maxima, not the scores.
+            block_max = block_max * row_scale
+            block_max = tl.where(_forced(block, own_block, INIT_BLOCKS, LOCAL_BLOCKS),
+                                 float("inf"), block_max)
+            tl.store(row_ptr + block, block_max, mask=row_mask)
+
+
+# One program: one (token, group) row x one segment of SEGMENT key blocks; program_id(0) =
+# b * max_len_q + t (the tokens of a request adjacent). Grid: (B * max_len_q, G, segments).
+# Reads block_scores [total_q * G, max_blocks]; one segment: writes the row's selection into
+# indices [G, total_q, TOPK]; several: writes its list (int64 keys, candidates
+# [total_q * G, segments, TOPK_PAD]) and the last segment of the row (counters [total_q * G])
+# merges them into the selection.
+@triton.jit
+def _block_topk_kernel(scores_ptr, cu_seqlens_q_ptr, key_lengths_ptr, out_ptr, candidates_ptr,
+                       counters_ptr, stride_scores_row, stride_out_group, stride_out_token,
+                       max_len_q, NUM_GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       SEGMENT: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                       CANDIDATES_PAD: tl.constexpr, TOPK: tl.constexpr,
+                       TOPK_PAD: tl.constexpr, PAGED: tl.constexpr, PDL: tl.constexpr):
+    batch = tl.program_id(0) // max_len_q
+    query = tl.program_id(0) % max_len_q
+    group = tl.program_id(1)
+    segment = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + batch)
+    len_q = tl.load(cu_seqlens_q_ptr + batch + 1) - q_start
+    if PAGED:
+        len_k = tl.load(key_lengths_ptr + batch)
+    else:
+        len_k = tl.load(key_lengths_ptr + batch + 1) - tl.load(key_lengths_ptr + batch)
+    if query < len_q:
+        token = q_start + query
+        own_block = (len_k - len_q + query) // BLOCK_SIZE
+        row = token.to(tl.int64) * NUM_GROUPS + group
+        blocks = segment * SEGMENT + tl.arange(0, SEGMENT)
+        causal = blocks <= own_block
+        if PDL:  # launched while the score kernel drains: wait for its scores
+            gdc_wait()
+            gdc_launch_dependents()
+        scores = tl.load(scores_ptr + row * stride_scores_row + blocks, mask=causal,
+                         other=float("-inf"))
+        ids = tl.where(causal & (scores > float("-inf")), blocks, -1)
+        best = _take_best(_list_keys(scores[None, :], ids[None, :]), TOPK, TOPK_PAD)
+        token_row = tl.full([1], token, tl.int32)
+        group_row = tl.full([1], group, tl.int32)
+        own_row = tl.full([1], own_block, tl.int32)
+        row_mask = tl.full([1], 1, tl.int1)
+        if NUM_SEGMENTS == 1:
+            _store_ranked(out_ptr, stride_out_group, stride_out_token, token_row, group_row,
+                          row_mask, own_row, best, TOPK, TOPK_PAD)
+        else:
+            slots = tl.arange(0, TOPK_PAD)[None, :]
+            tl.store(candidates_ptr + (row * NUM_SEGMENTS + segment) * TOPK_PAD + slots, best)
+            if arrive_last(counters_ptr + row, NUM_SEGMENTS):
+                candidates = tl.arange(0, CANDIDATES_PAD)[None, :]
+                keys = tl.load(candidates_ptr + row * NUM_SEGMENTS * TOPK_PAD + candidates,
+                               mask=candidates < NUM_SEGMENTS * TOPK_PAD, other=_empty_key(),
+                               cache_modifier=".cg")
+                _store_ranked(out_ptr, stride_out_group, stride_out_token, token_row, group_row,
+                              row_mask, own_row, _take_best(keys, TOPK, TOPK_PAD), TOPK, TOPK_PAD)
+
+
 def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: torch.device) -> int:
     """Split the key range when the query tiles alone cannot fill the GPU."""
     sms = device_sm_count(device)
@@ -540,18 +720,117 @@ def _merge_shape(num_lists: int, topk_pad: int, block_r: int, rows_per_sequence:
     return rows, candidates_pad
 
 
+@dataclass(frozen=True)
+class BlockTopkPlan:
+    """Grids and workspace of the decode selection (block scores, then top-k), fixed for graph
+    capture."""
+
+    total_q: int
+    batch: int
+    num_groups: int
+    topk: int
+    topk_pad: int
+    max_len_q: int
+    config: PageTopkConfig
+    block_r: int  # (token, group) rows per score program
+    num_tiles: int  # row tiles of a request
+    blocks_per_program: int
+    num_chunks: int  # score programs per (request, row tile)
+    segment: int  # blocks per top-k program
+    num_segments: int
+    scores: torch.Tensor  # float32 [total_q * G, max_blocks]
+    candidates: torch.Tensor | None  # int64 [total_q * G, segments, topk_pad] (several segments)
+    counters: torch.Tensor | None  # int32 [total_q * G], zero between launches
+
+
+def _plan_block_topk(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
+                     topk: int, device: torch.device, config: PageTopkConfig) -> BlockTopkPlan:
+    rows_per_sequence = max(1, max_len_q * num_groups)
+    block_r = min(64, max(16, triton.next_power_of_2(rows_per_sequence)))
+    num_tiles = triton.cdiv(rows_per_sequence, block_r)
+    max_blocks = max(1, max_blocks)
+    programs = config.programs_per_sm * device_sm_count(device)
+    num_chunks = max(1, min(max_blocks, triton.cdiv(programs, batch * num_tiles)))
+    blocks_per_program = triton.cdiv(max_blocks, num_chunks)
+    num_chunks = triton.cdiv(max_blocks, blocks_per_program)
+    segment = min(config.segment, triton.next_power_of_2(max_blocks))
+    num_segments = triton.cdiv(max_blocks, segment)
+    topk_pad = max(4, triton.next_power_of_2(topk))
+    rows = total_q * num_groups
+    scores = torch.empty(rows, max_blocks, dtype=torch.float32, device=device)
+    candidates = counters = None
+    if num_segments > 1:
+        candidates = torch.empty(rows * num_segments * topk_pad, dtype=torch.int64, device=device)
+        counters = torch.zeros(rows, dtype=torch.int32, device=device)
+    return BlockTopkPlan(total_q, batch, num_groups, topk, topk_pad, max_len_q, config, block_r,
+                         num_tiles, blocks_per_program, num_chunks, segment, num_segments, scores,
+                         candidates, counters)
+
+
+def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *, block_size: int,
+                    init_blocks: int, local_blocks: int, block_table, index_scale, out) -> None:
+    paged = block_table is not None
+    if index_scale is not None and not paged:
+        raise ValueError("fp8 index keys (index_scale) need the paged layout (block_table)")
+    pdl = programmatic_launch(qi.device)
+    index_dim = qi.shape[-1]
+    config = plan.config
+    _block_scores_kernel[(plan.num_chunks, plan.batch, plan.num_tiles)](
+        qi_ptr=qi, ki_ptr=keys, key_scale_ptr=index_scale, block_table_ptr=block_table,
+        cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths, scores_ptr=plan.scores,
+        stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
+        stride_ki_token=keys.stride(1) if paged else keys.stride(0),
+        stride_ki_page=keys.stride(0) if paged else 0,
+        stride_scale_page=index_scale.stride(0) if index_scale is not None else 0,
+        stride_block_table=block_table.stride(0) if paged else 0,
+        stride_scores_row=plan.scores.stride(0), scale=index_dim ** -0.5,
+        blocks_per_program=plan.blocks_per_program, NUM_GROUPS=plan.num_groups,
+        INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim), BLOCK_R=plan.block_r,
+        BLOCK_N=min(block_size, config.block_n), BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks,
+        LOCAL_BLOCKS=local_blocks, PAGED=paged, KEY_SCALE=index_scale is not None,
+        PDL_TRIGGER=pdl, **_fp8_dot_options(qi.dtype, index_scale is not None),
+        num_warps=config.score_warps, num_stages=config.score_stages)
+    _block_topk_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.num_segments)](
+        scores_ptr=plan.scores, cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths,
+        out_ptr=out, candidates_ptr=plan.candidates, counters_ptr=plan.counters,
+        stride_scores_row=plan.scores.stride(0), stride_out_group=out.stride(0),
+        stride_out_token=out.stride(1), max_len_q=plan.max_len_q, NUM_GROUPS=plan.num_groups,
+        BLOCK_SIZE=block_size, SEGMENT=plan.segment, NUM_SEGMENTS=plan.num_segments,
+        CANDIDATES_PAD=triton.next_power_of_2(plan.num_segments * plan.topk_pad), TOPK=plan.topk,
+        TOPK_PAD=plan.topk_pad, PAGED=paged, PDL=pdl, num_warps=config.topk_warps,
+        **({"launch_pdl": True} if pdl else {}))
+
+
+def _fp8_dot_options(dtype: torch.dtype, fp8_keys: bool) -> dict:
+    """:func:`dot_options` of the score kernel: with fp8 keys the operands are fp8, which the
+    interpreter multiplies in float32 (exact)."""
+    options = dot_options(dtype)
+    if fp8_keys:
+        options["DOT_UPCAST"] = interpreted()
+    return options
+
+
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                    topk: int, device: torch.device, num_splits: int | None = None,
-                   config: IndexerConfig | None = None) -> SelectionPlan:
-    """Size the grid (query tiles x B x key splits) and the split workspace.
+                   config: IndexerConfig | PageTopkConfig | None = None) -> SelectionPlan | BlockTopkPlan:
+    """Choose the selection's kernels and size their grids and workspaces.
 
-    The workspace (partial lists, counters) serves one launch at a time: launches of one plan
-    must not run concurrently (on different streams).
+    Query runs of at most :data:`PAGE_TOPK_MAX_QUERY_LEN` tokens (decode) get the block-score
+    and top-k kernels (a :class:`BlockTopkPlan`); longer ones, or a given ``num_splits`` or
+    :class:`IndexerConfig`, the fused kernel (a :class:`SelectionPlan`: query tiles x B x key
+    splits). A plan's workspace serves one launch at a time: launches of one plan must not run
+    concurrently (on different streams).
 
     Args:
-        max_len_q: longest query run of a sequence; max_blocks: most key blocks of a sequence.
-        config: the launch configuration (default: :func:`launch_config`).
+        max_len_q: longest query run of a sequence; max_blocks: most key blocks of a sequence
+            (the width of the block table for paged keys).
+        num_splits: key-range splits of the fused kernel (default: chosen from the grid size).
+        config: a launch configuration (default: :func:`launch_config` or :class:`PageTopkConfig`).
     """
+    if isinstance(config, PageTopkConfig) or (
+            config is None and num_splits is None and max_len_q <= PAGE_TOPK_MAX_QUERY_LEN):
+        return _plan_block_topk(total_q, batch, num_groups, max_len_q, max_blocks, topk=topk,
+                                device=device, config=config or PageTopkConfig())
     rows_per_sequence = max(1, max_len_q * num_groups)
     if config is None:
         config = launch_config(rows_per_sequence, device.type == "cuda")
@@ -580,12 +859,12 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
                          partial_keys, level_keys, counters)
 
 
-def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
+def run_selection(plan: SelectionPlan | BlockTopkPlan, qi: torch.Tensor, keys: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, key_lengths: torch.Tensor, *, block_size: int,
                   init_blocks: int, local_blocks: int, block_table: torch.Tensor | None = None,
                   index_scale: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the indexer of a plan (it merges its splits itself); no host synchronisation.
+    """Launch the selection kernels of a plan (:func:`plan_selection`); no host synchronisation.
 
     ``keys`` is ``ki [total_k, Di]`` with ``key_lengths = cu_seqlens_k``, or, with ``block_table``,
     the paged ``index_cache [num_pages, page_size, Di]`` with ``key_lengths = seq_lens``.
@@ -600,6 +879,11 @@ def run_selection(plan: SelectionPlan, qi: torch.Tensor, keys: torch.Tensor,
         keys = keys.contiguous()
     if index_scale is not None and index_scale.stride(-1) != 1:
         index_scale = index_scale.contiguous()
+    if isinstance(plan, BlockTopkPlan):
+        _run_block_topk(plan, qi, keys, cu_seqlens_q, key_lengths, block_size=block_size,
+                        init_blocks=init_blocks, local_blocks=local_blocks,
+                        block_table=block_table, index_scale=index_scale, out=out)
+        return out
     split = plan.num_splits > 1
     index_dim = qi.shape[-1]
     _indexer_kernel[(plan.num_tiles, plan.batch, plan.num_splits)](

@@ -25,12 +25,17 @@ def _pdl_supported(index: int) -> bool:
     return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(triton_cuda, "gdc_wait")
 
 
+def interpreted() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def programmatic_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` can use programmatic dependent launch (Hopper or newer, and a
     Triton with ``launch_pdl`` and the grid-dependency intrinsics): a dependent kernel launched
     with ``launch_pdl=True`` starts while the kernel before it drains, and waits in
     ``gdc_wait()`` before it reads what that kernel wrote."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if device.type != "cuda" or interpreted():
         return False
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -54,9 +59,8 @@ def dot_options(dtype: torch.dtype) -> dict:
     bf16 ``tl.dot`` wrongly, so there the operands are upcast to float32 (bf16 products are exact
     in float32, so the result is the same).
     """
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-            "DOT_UPCAST": interpreted and dtype == torch.bfloat16}
+            "DOT_UPCAST": interpreted() and dtype == torch.bfloat16}
 
 
 @triton.jit
