@@ -3,7 +3,7 @@
     python3 -m msattn.bench.tune profile --lengths 128k,1m        # CUDA time of every kernel
     python3 -m msattn.bench.tune attention --length 128k          # sparse-attention configs
     python3 -m msattn.bench.tune indexer --length 256k            # indexer configs
-    python3 -m msattn.bench.tune decode --lengths 64k,1m          # decode: profile + indexer configs
+    python3 -m msattn.bench.tune decode --shapes 1x1x64k,4x16x128k  # decode: selection designs
     python3 -m msattn.bench.tune backward --length 128k           # sparse-attention backward configs
 
 M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs (decode: one
@@ -170,12 +170,12 @@ def sweep_backward(length: int, configs: list, out: list) -> None:
         release_memory(torch.device("cuda"))
 
 
-def _decode_settings(length: int) -> decode.DecodeSettings:
+def _decode_settings(length: int, batch: int = 1, q_tokens: int = 1) -> decode.DecodeSettings:
     return decode.DecodeSettings(
         op="tune-decode", device=torch.device("cuda"), config=CONFIG, lengths=(length,),
-        batches=(1,), q_tokens=(1,), index_dtypes=("bf16", "fp8"), dtype=torch.bfloat16,
-        backend="triton", graphs=True, warmup=10, repeats=200, time_budget_s=0.5, dense=False,
-        dense_max_len=None, bandwidth_bytes=1 << 31)
+        batches=(batch,), q_tokens=(q_tokens,), index_dtypes=("bf16", "fp8"),
+        dtype=torch.bfloat16, backend="triton", graphs=True, warmup=10, repeats=200,
+        time_budget_s=0.5, dense=False, dense_max_len=None, bandwidth_bytes=1 << 31)
 
 
 def _decode_step(wrapper, cache, queries, index_dtype):
@@ -184,47 +184,60 @@ def _decode_step(wrapper, cache, queries, index_dtype):
                                  cache.block_table, cache.seq_lens, index_scale=index_scale)
 
 
-def sweep_decode(lengths, configs: list[dict], out: list) -> None:
-    """Per length and index dtype: the CUDA time of each kernel of one decode step (default
-    configuration), then the graph-replayed step with each indexer configuration."""
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"BxTxL"``: requests x query tokens per request x context length (e.g. ``4x16x128k``)."""
+    batch, q_tokens, length = text.lower().split("x")
+    return int(batch), int(q_tokens), parse_length(length)
+
+
+def _selection_configs(rows_per_sequence: int) -> list:
+    """The decode selections raced: the fused indexer (split keys merged in the same launch)
+    and the block-score + top-k kernels with their launch variants."""
+    block_topk = indexer.PageTopkConfig()
+    variants = [dict(programs_per_sm=2), dict(programs_per_sm=8), dict(block_n=128),
+                dict(score_stages=4), dict(score_warps=8), dict(segment=512), dict(segment=2048),
+                dict(topk_warps=8)]
+    return [("fused", indexer.launch_config(rows_per_sequence, is_cuda=True)),
+            ("block-topk", block_topk),
+            *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants)]
+
+
+def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
+    """Per shape (requests x tokens x context) and index dtype: the CUDA time of each kernel of
+    one decode step and the graph-replayed step time, for each selection design and launch
+    configuration (the first is the baseline the others' selections are compared with)."""
     settings = _decode_settings(0)
     bandwidth = decode.bandwidth_ceiling_gbps(settings)
     print(f"bandwidth ceiling {bandwidth:.0f} GB/s", flush=True)
     out.append({"kind": "bandwidth", "gbps": bandwidth})
-    for length in lengths:
-        settings = _decode_settings(length)
-        cache = decode.make_cache_set(settings, length, 1)
-        queries = decode.make_queries(settings, 1, 1)
+    for batch, q_tokens, length in shapes:
+        settings = _decode_settings(length, batch, q_tokens)
+        cache = decode.make_cache_set(settings, length, batch)
+        queries = decode.make_queries(settings, batch, q_tokens)
+        configs = _selection_configs(q_tokens * CONFIG.num_kv_heads)
         for index_dtype in settings.index_dtypes:
-            step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=1, q_tokens=1,
+            step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
                                           index_dtype=index_dtype)
             wrapper = msattn.MSAPagedWrapper(
                 num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
                 head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
             expected = None
-            for config in [None, *configs]:
-                row = {"kind": "decode", "seq_len": length, "index_dtype": index_dtype,
-                       "config": config}
+            for name, config in configs[:2] if profile_only else configs:
+                row = {"kind": "decode", "batch": batch, "q_tokens": q_tokens, "seq_len": length,
+                       "index_dtype": index_dtype, "selection": name,
+                       "config": dataclasses.asdict(config)}
                 try:
-                    entries = dict(config or {})
-                    attention_pdl = entries.pop("attention_pdl", None)
-                    default = indexer.launch_config(CONFIG.num_kv_heads, is_cuda=True)
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
                                  index_dtype=decode.INDEX_DTYPES[index_dtype],
-                                 selection_config=dataclasses.replace(default, **entries))
-                    if attention_pdl is not None:
-                        wrapper.attention_plan = dataclasses.replace(wrapper.attention_plan,
-                                                                     pdl=attention_pdl)
-                    row["attention_pdl"] = wrapper.attention_plan.pdl
+                                 selection_config=config)
                     step = _decode_step(wrapper, cache, queries, index_dtype)
                     step(None)
                     torch.cuda.synchronize()
                     got = wrapper.indices.sort(-1).values.clone()
                     if expected is None:
                         expected = got
-                        row["splits"] = wrapper.selection_plan.num_splits
-                        row["kernels_us"] = _profile_us(step)
                     row["rows_differing"] = int((got != expected).any(-1).sum())
+                    row["kernels_us"] = _profile_us(step)
                     row["us"] = round(decode.measure(settings, step, [None]).timing.ms * 1e3, 2)
                     row["gbps"] = round(step_bytes / (row["us"] * 1e3), 1)
                     row["bandwidth_fraction"] = round(row["gbps"] / bandwidth, 3)
@@ -245,10 +258,6 @@ def _profile_us(step, calls: int = 20) -> dict:
     return _kernel_times(prof, calls, name_chars=60, digits=2)
 
 
-# Indexer configuration entries, plus "attention_pdl": False (the attention kernel launched
-# without programmatic dependent launch).
-DECODE_INDEXER_CONFIGS = [{"fan_in": 16}, {"fan_in": 8, "num_stages": 2},
-                          {"fan_in": 8, "num_stages": 3}, {"attention_pdl": False}]
 ATTENTION_CONFIGS = [
     sparse_attention.AttentionConfig(block_m=m, num_warps=4, num_stages=st, tiles_per_program=16,
                                      combine_warps=c)
@@ -274,8 +283,11 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
     parser.add_argument("--default-config", action="store_true",
                         help="attention: sweep only --chunk-rows with the tuned launch config")
+    parser.add_argument("--shapes", type=lambda t: [parse_shape(x) for x in t.split(",")],
+                        default=[(1, 1, 64 << 10), (1, 1, 1 << 20)],
+                        help="decode: requests x tokens x context, e.g. 1x1x64k,4x16x128k")
     parser.add_argument("--profile-only", action="store_true",
-                        help="decode: the default configuration only (kernel profile and step time)")
+                        help="decode: the two selection designs' defaults only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -285,7 +297,7 @@ def main(argv=None) -> int:
     if args.what == "profile":
         profile(args.lengths, rows)
     elif args.what == "decode":
-        sweep_decode(args.lengths, [] if args.profile_only else DECODE_INDEXER_CONFIGS, rows)
+        sweep_decode(args.shapes, rows, profile_only=args.profile_only)
     elif args.what == "backward":
         sweep_backward(args.length, _backward_configs(), rows)
     elif args.what == "attention":
