@@ -201,7 +201,7 @@ def test_gpu_decode_selection_long_context_and_graph_replay(fp8):
     for lens_q, lens_k in (([1], [300_000]), ([1, 16, 3, 8], [70_000, 150_000, 2_000, 40_000])):
         qi, ki, cu_q, cu_k, cache, table, seq_lens, key_scale = _paged_index_case(
             lens_q, lens_k, 4, 128, 128, torch.bfloat16, integer=True, seed=len(lens_q), fp8=fp8)
-        kwargs = dict(topk=16, init_blocks=0, local_blocks=1)
+        kwargs = dict(init_blocks=0, local_blocks=1)
         plan = plan_selection(qi.shape[0], len(lens_q), 4, max(lens_q), table.shape[1], topk=16,
                               device=qi.device)
         out = torch.full((4, qi.shape[0], 16), 12345, dtype=torch.int32, device=qi.device)
@@ -219,6 +219,6 @@ def test_gpu_decode_selection_long_context_and_graph_replay(fp8):
             cu_k_now = torch.cat([cu_k[:1], lengths.cumsum(0)]).to(torch.int32)
             keys = torch.cat([ki[int(cu_k[b]):int(cu_k[b]) + int(lengths[b])] for b in range(len(lens_q))])
             expected = reference.select_blocks(reference.fp8_index_queries(qi) if fp8 else qi, keys,
-                                               cu_q, cu_k_now, block_size=128, **kwargs)
+                                               cu_q, cu_k_now, block_size=128, topk=16, **kwargs)
             torch.cuda.synchronize()
             assert_selection_matches(out, expected, qi, keys, cu_q, cu_k_now, block_size=128)

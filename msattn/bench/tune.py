@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -194,9 +195,10 @@ def _selection_configs(rows_per_sequence: int) -> list:
     """The decode selections raced: the fused indexer (split keys merged in the same launch)
     and the block-score + top-k kernels with their launch variants."""
     block_topk = indexer.PageTopkConfig()
-    variants = [dict(programs_per_sm=2), dict(programs_per_sm=8), dict(block_n=128),
-                dict(score_stages=4), dict(score_warps=8), dict(segment=512), dict(segment=2048),
-                dict(topk_warps=8)]
+    variants = [dict(block_n=128), dict(block_n=128, programs_per_sm=8),
+                dict(block_n=128, programs_per_sm=2), dict(block_n=128, score_stages=4),
+                dict(block_n=128, score_stages=2), dict(block_n=128, min_block_r=64),
+                dict(block_n=128, segment=512), dict(block_n=128, segment=256)]
     return [("fused", indexer.launch_config(rows_per_sequence, is_cuda=True)),
             ("block-topk", block_topk),
             *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants)]
@@ -208,8 +210,11 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
     configuration (the first is the baseline the others' selections are compared with)."""
     settings = _decode_settings(0)
     bandwidth = decode.bandwidth_ceiling_gbps(settings)
-    print(f"bandwidth ceiling {bandwidth:.0f} GB/s", flush=True)
-    out.append({"kind": "bandwidth", "gbps": bandwidth})
+    # The harness's own floor: a graph of one tiny kernel, timed as the steps are.
+    tiny = torch.zeros(1, device="cuda")
+    floor_us = decode.measure(settings, lambda _: tiny.add_(1), [None]).timing.ms * 1e3
+    print(f"bandwidth ceiling {bandwidth:.0f} GB/s; one-kernel graph {floor_us:.2f} us", flush=True)
+    out.append({"kind": "bandwidth", "gbps": bandwidth, "one_kernel_graph_us": round(floor_us, 2)})
     for batch, q_tokens, length in shapes:
         settings = _decode_settings(length, batch, q_tokens)
         cache = decode.make_cache_set(settings, length, batch)
@@ -237,7 +242,7 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                     if expected is None:
                         expected = got
                     row["rows_differing"] = int((got != expected).any(-1).sum())
-                    row["kernels_us"] = _profile_us(step)
+                    row["timeline_us"] = _timeline_us(step)
                     row["us"] = round(decode.measure(settings, step, [None]).timing.ms * 1e3, 2)
                     row["gbps"] = round(step_bytes / (row["us"] * 1e3), 1)
                     row["bandwidth_fraction"] = round(row["gbps"] / bandwidth, 3)
@@ -249,13 +254,29 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
         release_memory(torch.device("cuda"))
 
 
-def _profile_us(step, calls: int = 20) -> dict:
-    """Mean CUDA microseconds per call of each kernel of ``step`` over ``calls`` eager calls."""
+def _timeline_us(step, calls: int = 20) -> dict:
+    """The critical path of one step: the median start and end of each of its kernels, in
+    microseconds after its first kernel starts, over ``calls`` replays of a CUDA graph of the
+    step, one at a time. (Kernels chained with programmatic dependent launch start before their
+    predecessor ends and wait in it, so their own durations overlap; the ends do not.)"""
+    graph = decode.capture_graphs(step, [None])[0]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            step(None)
-        torch.cuda.synchronize()
-    return _kernel_times(prof, calls, name_chars=60, digits=2)
+            graph.replay()
+            torch.cuda.synchronize()
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
+    per_step = len(kernels) // calls
+    if per_step == 0:
+        return {}
+    timeline = {}
+    for j in range(per_step):
+        steps = [kernels[i * per_step:(i + 1) * per_step] for i in range(calls)]
+        starts = [s[j][0] - s[0][0] for s in steps]
+        ends = [s[j][1] - s[0][0] for s in steps]
+        timeline[f"{j}:{steps[0][j][2][:40]}"] = [round(statistics.median(starts), 2),
+                                                  round(statistics.median(ends), 2)]
+    return timeline
 
 
 ATTENTION_CONFIGS = [

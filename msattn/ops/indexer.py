@@ -451,6 +451,8 @@ class PageTopkConfig:
         segment: most blocks of a row one top-k program ranks (a power of two); rows with more
             blocks are ranked in segments whose lists the row's last segment merges.
         topk_warps: warps of a top-k program.
+        min_block_r: fewest (token, group) rows of a score tile (padding rows cost registers,
+            not bandwidth).
     """
 
     programs_per_sm: int = 4
@@ -459,6 +461,7 @@ class PageTopkConfig:
     score_stages: int = 3
     segment: int = 1024
     topk_warps: int = 4
+    min_block_r: int = 16
 
 
 @triton.jit
@@ -746,7 +749,7 @@ class BlockTopkPlan:
 def _plan_block_topk(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                      topk: int, device: torch.device, config: PageTopkConfig) -> BlockTopkPlan:
     rows_per_sequence = max(1, max_len_q * num_groups)
-    block_r = min(64, max(16, triton.next_power_of_2(rows_per_sequence)))
+    block_r = min(max(64, config.min_block_r), max(config.min_block_r, triton.next_power_of_2(rows_per_sequence)))
     num_tiles = triton.cdiv(rows_per_sequence, block_r)
     max_blocks = max(1, max_blocks)
     programs = config.programs_per_sm * device_sm_count(device)
