@@ -194,14 +194,15 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 def _selection_configs(rows_per_sequence: int) -> list:
     """The decode selections raced: the fused indexer (split keys merged in the same launch)
     and the block-score + top-k kernels with their launch variants."""
-    block_topk = indexer.PageTopkConfig()
-    variants = [dict(block_n=128), dict(block_n=128, programs_per_sm=8),
-                dict(block_n=128, programs_per_sm=2), dict(block_n=128, score_stages=4),
-                dict(block_n=128, score_stages=2), dict(block_n=128, min_block_r=64),
-                dict(block_n=128, segment=512), dict(block_n=128, segment=256)]
+    block_topk = dataclasses.replace(indexer.PageTopkConfig(), block_n=128)
+    variants = [dict(topk_warps=1), dict(topk_warps=2), dict(topk_warps=1, segment=512),
+                dict(topk_warps=1, segment=256), dict(programs_per_sm=8),
+                dict(score_stages=2), dict(topk_warps=2, programs_per_sm=8, segment=512)]
     return [("fused", indexer.launch_config(rows_per_sequence, is_cuda=True)),
             ("block-topk", block_topk),
-            *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants)]
+            *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants),
+            ("block-topk, attention without PDL", block_topk, dict(pdl=False)),
+            ("block-topk, attention unsplit", block_topk, dict(split=False))]
 
 
 def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
@@ -227,7 +228,7 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                 num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
                 head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
             expected = None
-            for name, config in configs[:2] if profile_only else configs:
+            for name, config, *attention in configs[:2] if profile_only else configs:
                 row = {"kind": "decode", "batch": batch, "q_tokens": q_tokens, "seq_len": length,
                        "index_dtype": index_dtype, "selection": name,
                        "config": dataclasses.asdict(config)}
@@ -235,6 +236,8 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
                                  index_dtype=decode.INDEX_DTYPES[index_dtype],
                                  selection_config=config)
+                    if attention:  # the same attention with other launch choices
+                        wrapper.attention_plan = _replan_attention(wrapper, **attention[0])
                     step = _decode_step(wrapper, cache, queries, index_dtype)
                     step(None)
                     torch.cuda.synchronize()
@@ -244,7 +247,8 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                     row["rows_differing"] = int((got != expected).any(-1).sum())
                     row["timeline_us"] = _timeline_us(step)
                     row["us"] = round(decode.measure(settings, step, [None]).timing.ms * 1e3, 2)
-                    row["gbps"] = round(step_bytes / (row["us"] * 1e3), 1)
+                    row["us_per_step_in_graph"] = _steps_in_graph_us(settings, step)
+                    row["gbps"] = round(step_bytes / (row["us_per_step_in_graph"] * 1e3), 1)
                     row["bandwidth_fraction"] = round(row["gbps"] / bandwidth, 3)
                 except Exception as error:  # a config that does not compile or fit is reported
                     row["error"] = str(error).splitlines()[0][:200]
@@ -252,6 +256,31 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                 out.append(row)
         del cache
         release_memory(torch.device("cuda"))
+
+
+def _replan_attention(wrapper, *, pdl: bool | None = None, split: bool | None = None):
+    """The wrapper's attention plan launched without PDL (``pdl=False``) or planned with the
+    slots split or not (``split``)."""
+    from msattn.ops import paged_attention
+
+    plan = wrapper.attention_plan
+    if split is not None:
+        plan = paged_attention.plan_paged_attention(
+            plan.total_q, plan.batch, plan.max_len_q, plan.num_heads, plan.num_groups,
+            plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split)
+    return plan if pdl is None else dataclasses.replace(plan, pdl=pdl)
+
+
+STEPS_PER_GRAPH = 16
+
+
+def _steps_in_graph_us(settings, step) -> float:
+    """Microseconds per step of a CUDA graph of ``STEPS_PER_GRAPH`` consecutive steps (as a
+    model's layers run in one graph): the graph launch's host cost is paid once, not per step."""
+    def steps(_):
+        for _ in range(STEPS_PER_GRAPH):
+            step(None)
+    return round(decode.measure(settings, steps, [None]).timing.ms * 1e3 / STEPS_PER_GRAPH, 2)
 
 
 def _timeline_us(step, calls: int = 20) -> dict:

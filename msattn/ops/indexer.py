@@ -539,8 +539,10 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seql
                     if DOT_UPCAST:  # the interpreter: exact float32 products of the fp8 values
                         scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
                                         input_precision="ieee")
-                    else:
+                    elif BLOCK_D >= 32:  # native fp8 x fp8
                         scores = tl.dot(q, tl.trans(k))
+                    else:  # fp8 MMAs need K >= 32: the same values in fp16 (exact)
+                        scores = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
                     key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs,
                                         mask=key_mask, other=0.0)
                     scores = scores * key_scale[None, :]
