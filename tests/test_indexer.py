@@ -9,6 +9,7 @@ import msattn
 from msattn import reference
 from msattn.ops.indexer import (BlockTopkPlan, PageTopkConfig, launch_config, plan_selection,
                                 run_selection, select_blocks, select_blocks_paged)
+from msattn.ops.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from tests.kernel_cases import DEVICE, assert_selection_matches, cu_seqlens, index_inputs, paginate
 
 # lens_q, lens_k, groups, index_dim, block_size, topk, init_blocks, local_blocks, dtype, integer, splits
@@ -222,3 +223,30 @@ def test_gpu_decode_selection_long_context_and_graph_replay(fp8):
                                                cu_q, cu_k_now, block_size=128, topk=16, **kwargs)
             torch.cuda.synchronize()
             assert_selection_matches(out, expected, qi, keys, cu_q, cu_k_now, block_size=128)
+
+
+def test_decode_selection_4bit_keys():
+    """4-bit keys (e2m1 codes, e4m3 scale per 16 values, float32 per token) select what their
+    dequantised values select, float near-ties aside, in the decode path; the fused path refuses
+    them."""
+    lens_q, lens_k = [1, 8, 3], [700, 129, 2000]
+    qi, ki, cu_q, cu_k = index_inputs(lens_q, lens_k, 4, 32, torch.bfloat16, seed=6)
+    packed, block_scale, token_scale = quantize_nvfp4(ki)
+    dequantised = dequantize_nvfp4(packed, block_scale, token_scale)
+    pages = lambda x, fill: paginate(x, cu_k, 16, generator=torch.Generator().manual_seed(6), fill=fill)  # noqa: E731
+    cache, table = pages(packed, 0)
+    block_scale_cache, _ = pages(block_scale, 0.0)
+    scale_cache, _ = pages(token_scale, 0.0)
+    seq_lens = torch.tensor(lens_k, dtype=torch.int32, device=qi.device)
+    kwargs = dict(topk=6, init_blocks=1, local_blocks=1)
+    expected = reference.select_blocks(qi, dequantised, cu_q, cu_k, block_size=16, **kwargs)
+    out = torch.full_like(expected, 12345)
+    select_blocks_paged(qi, cache, table, cu_q, seq_lens, index_scale=scale_cache,
+                        index_block_scale=block_scale_cache, out=out,
+                        config=PageTopkConfig(segment=32), **kwargs)
+    assert_selection_matches(out, expected, qi, dequantised, cu_q, cu_k, block_size=16, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="decode selection"):
+        select_blocks_paged(qi, cache, table, cu_q, seq_lens, index_scale=scale_cache,
+                            index_block_scale=block_scale_cache, num_splits=2, **kwargs)
+    with pytest.raises(ValueError, match="index_block_scale"):
+        select_blocks_paged(qi, cache, table, cu_q, seq_lens, index_scale=scale_cache, **kwargs)

@@ -180,9 +180,31 @@ def _decode_settings(length: int, batch: int = 1, q_tokens: int = 1) -> decode.D
 
 
 def _decode_step(wrapper, cache, queries, index_dtype):
+    if index_dtype == "nvfp4":
+        return _nvfp4_decode_step(wrapper, cache, queries)
     index_cache, index_scale = cache.index[index_dtype]
     return lambda _: wrapper.run(queries.q, queries.qi, cache.k_cache, cache.v_cache, index_cache,
                                  cache.block_table, cache.seq_lens, index_scale=index_scale)
+
+
+def _nvfp4_decode_step(wrapper, cache, queries):
+    """The wrapper's step on 4-bit index keys (quantised from the bf16 cache): its selection
+    plan launched on them, then its attention."""
+    from msattn.ops import nvfp4, paged_attention
+
+    packed, block_scale, token_scale = nvfp4.quantize_nvfp4(cache.index["bf16"][0])
+
+    def step(_):
+        indexer.run_selection(wrapper.selection_plan, queries.qi, packed, wrapper.cu_seqlens_q,
+                              cache.seq_lens, block_size=CONFIG.block_size,
+                              init_blocks=wrapper.init_blocks, local_blocks=wrapper.local_blocks,
+                              block_table=cache.block_table, index_scale=token_scale,
+                              index_block_scale=block_scale, out=wrapper.indices)
+        paged_attention.run_paged_attention(
+            wrapper.attention_plan, queries.q, cache.k_cache, cache.v_cache, wrapper.indices,
+            cache.block_table, wrapper.cu_seqlens_q, cache.seq_lens,
+            softmax_scale=wrapper.softmax_scale, out=(wrapper.o, wrapper.lse))
+    return step
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -221,9 +243,11 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
         cache = decode.make_cache_set(settings, length, batch)
         queries = decode.make_queries(settings, batch, q_tokens)
         configs = _selection_configs(q_tokens * CONFIG.num_kv_heads)
-        for index_dtype in settings.index_dtypes:
+        for index_dtype in (*settings.index_dtypes, "nvfp4"):
             step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
-                                          index_dtype=index_dtype)
+                                          index_dtype="fp8" if index_dtype == "nvfp4" else index_dtype)
+            if index_dtype == "nvfp4":  # Di / 2 + Di / 16 + 4 bytes per key for fp8's Di + 4
+                step_bytes -= (CONFIG.index_dim // 2 - CONFIG.index_dim // 16) * length * batch
             wrapper = msattn.MSAPagedWrapper(
                 num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
                 head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
@@ -233,8 +257,10 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                        "index_dtype": index_dtype, "selection": name,
                        "config": dataclasses.asdict(config)}
                 try:
+                    if index_dtype == "nvfp4" and not isinstance(config, indexer.PageTopkConfig):
+                        continue  # only the decode selection reads 4-bit keys
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
-                                 index_dtype=decode.INDEX_DTYPES[index_dtype],
+                                 index_dtype=decode.INDEX_DTYPES.get(index_dtype, torch.bfloat16),
                                  selection_config=config)
                     if attention:  # the same attention with other launch choices
                         wrapper.attention_plan = _replan_attention(wrapper, **attention[0])

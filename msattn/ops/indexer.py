@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from msattn.ops.nvfp4 import nvfp4_tile
 from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_launch_dependents,
                               gdc_wait, interpreted, mma, programmatic_launch)
 
@@ -250,16 +251,10 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
         q = tl.load(qi_ptr + global_token.to(tl.int64)[:, None] * stride_qi_token
                     + group[:, None] * stride_qi_group + dim[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        if KEY_SCALE:
-            # fp8 keys convert to fp16 in one exact step (to bf16 in three), so bf16 queries go
-            # to fp16. A power of two per row first brings the row's largest value to about 2^13:
-            # finite in fp16 whatever the magnitude, and exact for every value within 2^27 of the
-            # largest. The ranking within a row is unchanged (every score scales alike).
-            if q.dtype == tl.bfloat16:
-                q32 = q.to(tl.float32)
-                row_abs_max = tl.max(tl.abs(q32), axis=1)
-                shift = tl.where(row_abs_max > 0, 13.0 - tl.floor(tl.log2(row_abs_max)), 0.0)
-                q = (q32 * tl.exp2(shift)[:, None]).to(tl.float16)
+        if KEY_SCALE and q.dtype == tl.bfloat16:
+            # fp8 keys convert to fp16 in one exact step (to bf16 in three): bf16 queries go to
+            # fp16 (the ranking within a row is unchanged by its power-of-two scale).
+            q, _ = _rows_to_fp16(q)
         position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
         own_block = position // BLOCK_SIZE
         first_position = len_k - len_q + tile * BLOCK_R // NUM_GROUPS
@@ -465,6 +460,17 @@ class PageTopkConfig:
 
 
 @triton.jit
+def _rows_to_fp16(q):
+    """Rows of ``q [R, Di]`` in fp16, each scaled by a power of two ``2^shift [R]`` (returned)
+    that brings its largest value to about 2^13: finite in fp16 whatever the magnitude, exact for
+    every value within 2^27 of the largest."""
+    q32 = q.to(tl.float32)
+    row_abs_max = tl.max(tl.abs(q32), axis=1)
+    factor = tl.exp2(tl.where(row_abs_max > 0, 13.0 - tl.floor(tl.log2(row_abs_max)), 0.0))
+    return (q32 * factor[:, None]).to(tl.float16), factor
+
+
+@triton.jit
 def _quantize_rows_fp8(q, EMULATE: tl.constexpr):
     """Rows of ``q [R, Di]`` as float8_e4m3fn values ``q / scale`` (rounded to nearest, even)
     and the float32 ``scale [R]`` (the row's largest magnitude maps to 448; 1 for an all-zero
@@ -485,19 +491,22 @@ def _quantize_rows_fp8(q, EMULATE: tl.constexpr):
 
 # One program: the rows of one tile of request ``batch`` (its flattened (token, group) rows)
 # x ``blocks_per_program`` consecutive key blocks. Grid: (block chunks, B, row tiles).
-# qi [total_q, G, Di]; keys ki [total_k, Di] or paged [num_pages, page_size, Di] (fp8 with
-# key_scale [num_pages, page_size]); writes block_scores [total_q * G, max_blocks] float32:
+# qi [total_q, G, Di]; keys ki [total_k, Di] or paged [num_pages, page_size, Di] (KEY_FORMAT 0:
+# fp16/bf16/fp32; 1: fp8 with key_scale [num_pages, page_size]; 2: 4-bit codes [num_pages,
+# page_size, Di / 2] uint8 with block_scale [num_pages, page_size, Di / 16] e4m3 and key_scale,
+# msattn.ops.nvfp4); writes block_scores [total_q * G, max_blocks] float32:
 # the scaled max score of each causal block, +inf for forced blocks, -inf past the row's own
 # block (blocks past the request's last are not written).
 @triton.jit
-def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q_ptr,
-                         key_lengths_ptr, scores_ptr, stride_qi_token, stride_qi_group,
-                         stride_ki_token, stride_ki_page, stride_scale_page, stride_block_table,
+def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_table_ptr,
+                         cu_seqlens_q_ptr, key_lengths_ptr, scores_ptr, stride_qi_token,
+                         stride_qi_group, stride_ki_token, stride_ki_page, stride_scale_page,
+                         stride_block_scale_token, stride_block_scale_page, stride_block_table,
                          stride_scores_row, scale, blocks_per_program,
                          NUM_GROUPS: tl.constexpr, INDEX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-                         PAGED: tl.constexpr, KEY_SCALE: tl.constexpr, PDL_TRIGGER: tl.constexpr,
+                         PAGED: tl.constexpr, KEY_FORMAT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
                          DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     chunk = tl.program_id(0)
     batch = tl.program_id(1)
@@ -515,9 +524,12 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seql
                     + group[:, None] * stride_qi_group + dim[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
         row_scale = tl.full([BLOCK_R], scale, tl.float32)
-        if KEY_SCALE:  # fp8 keys: fp8 queries too, so that the dot is a native fp8 MMA
+        if KEY_FORMAT == 1:  # fp8 keys: fp8 queries too, so that the dot is a native fp8 MMA
             q, query_scale = _quantize_rows_fp8(q, DOT_UPCAST)
             row_scale = row_scale * query_scale
+        elif KEY_FORMAT == 2:  # 4-bit keys decode to fp16 values
+            q, factor = _rows_to_fp16(q)
+            row_scale = row_scale / factor
         position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
         own_block = position // BLOCK_SIZE
         rows = (q_start * NUM_GROUPS + tile * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -533,9 +545,19 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seql
                 offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
                 keys = block * BLOCK_SIZE + offs
                 key_mask = keys < len_k
-                k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
-                            mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-                if KEY_SCALE:
+                if KEY_FORMAT == 2:
+                    k = nvfp4_tile(ki_ptr + block_base, stride_ki_token,
+                                   block_scale_ptr + page * stride_block_scale_page,
+                                   stride_block_scale_token, offs, key_mask, BLOCK_D)
+                else:
+                    k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
+                                mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+                if KEY_FORMAT == 2:
+                    scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST)
+                    key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs,
+                                        mask=key_mask, other=0.0)
+                    scores = scores * key_scale[None, :]
+                elif KEY_FORMAT == 1:
                     if DOT_UPCAST:  # the interpreter: exact float32 products of the fp8 values
                         scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
                                         input_precision="ieee")
@@ -666,6 +688,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
 def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
                         init_blocks: int, local_blocks: int, index_scale: torch.Tensor | None = None,
+                        index_block_scale: torch.Tensor | None = None,
                         max_len_q: int | None = None, num_splits: int | None = None,
                         out: torch.Tensor | None = None, config: IndexerConfig | None = None) -> torch.Tensor:
     """Selection against a paged index-key cache (one page per key block).
@@ -673,7 +696,9 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
     Args:
         qi: ``[total_q, G, Di]`` fp16/bf16.
         index_cache: ``[num_pages, page_size, Di]`` fp16/bf16, or float8_e4m3fn with
-            ``index_scale [num_pages, page_size]`` float32 (key = value x scale).
+            ``index_scale [num_pages, page_size]`` float32 (key = value x scale), or 4-bit
+            (:mod:`msattn.ops.nvfp4`, decode only): uint8 ``[num_pages, page_size, Di / 2]`` with
+            ``index_block_scale [num_pages, page_size, Di / 16]`` float8_e4m3fn and ``index_scale``.
         block_table: int32 ``[B, max_pages]``; cu_seqlens_q int32 ``[B + 1]``; seq_lens int32 ``[B]``.
         max_len_q: the longest query run (default: read from ``cu_seqlens_q``, a host sync).
         config: the launch configuration (default: :func:`launch_config`).
@@ -689,7 +714,7 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
                           config=config)
     return run_selection(plan, qi, index_cache, cu_seqlens_q, seq_lens, block_size=index_cache.shape[1],
                          init_blocks=init_blocks, local_blocks=local_blocks, block_table=block_table,
-                         index_scale=index_scale, out=out)
+                         index_scale=index_scale, index_block_scale=index_block_scale, out=out)
 
 
 def _output(qi: torch.Tensor, topk: int, out: torch.Tensor | None) -> torch.Tensor:
@@ -773,27 +798,36 @@ def _plan_block_topk(total_q: int, batch: int, num_groups: int, max_len_q: int, 
 
 
 def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *, block_size: int,
-                    init_blocks: int, local_blocks: int, block_table, index_scale, out) -> None:
+                    init_blocks: int, local_blocks: int, block_table, index_scale,
+                    index_block_scale, out) -> None:
     paged = block_table is not None
-    if index_scale is not None and not paged:
-        raise ValueError("fp8 index keys (index_scale) need the paged layout (block_table)")
-    pdl = programmatic_launch(qi.device)
+    key_format = 2 if keys.dtype == torch.uint8 else int(index_scale is not None)
     index_dim = qi.shape[-1]
+    if key_format and not paged:
+        raise ValueError("quantised index keys (index_scale) need the paged layout (block_table)")
+    if key_format == 2 and (index_block_scale is None or index_scale is None
+                            or index_dim != triton.next_power_of_2(index_dim)):
+        raise ValueError("4-bit index keys (uint8 index_cache [num_pages, page_size, Di / 2]) need "
+                         "index_block_scale [num_pages, page_size, Di / 16] float8_e4m3fn, "
+                         f"index_scale [num_pages, page_size] float32 and a power-of-two Di, got Di={index_dim}")
+    pdl = programmatic_launch(qi.device)
     config = plan.config
     _block_scores_kernel[(plan.num_chunks, plan.batch, plan.num_tiles)](
-        qi_ptr=qi, ki_ptr=keys, key_scale_ptr=index_scale, block_table_ptr=block_table,
-        cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths, scores_ptr=plan.scores,
-        stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
+        qi_ptr=qi, ki_ptr=keys, key_scale_ptr=index_scale, block_scale_ptr=index_block_scale,
+        block_table_ptr=block_table, cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths,
+        scores_ptr=plan.scores, stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
         stride_ki_token=keys.stride(1) if paged else keys.stride(0),
         stride_ki_page=keys.stride(0) if paged else 0,
         stride_scale_page=index_scale.stride(0) if index_scale is not None else 0,
+        stride_block_scale_token=index_block_scale.stride(1) if key_format == 2 else 0,
+        stride_block_scale_page=index_block_scale.stride(0) if key_format == 2 else 0,
         stride_block_table=block_table.stride(0) if paged else 0,
         stride_scores_row=plan.scores.stride(0), scale=index_dim ** -0.5,
         blocks_per_program=plan.blocks_per_program, NUM_GROUPS=plan.num_groups,
         INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim), BLOCK_R=plan.block_r,
         BLOCK_N=min(block_size, config.block_n), BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks,
-        LOCAL_BLOCKS=local_blocks, PAGED=paged, KEY_SCALE=index_scale is not None,
-        PDL_TRIGGER=pdl, **_fp8_dot_options(qi.dtype, index_scale is not None),
+        LOCAL_BLOCKS=local_blocks, PAGED=paged, KEY_FORMAT=key_format, PDL_TRIGGER=pdl,
+        **_score_dot_options(qi.dtype, key_format),
         num_warps=config.score_warps, num_stages=config.score_stages)
     _block_topk_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.num_segments)](
         scores_ptr=plan.scores, cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths,
@@ -806,13 +840,12 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
         **({"launch_pdl": True} if pdl else {}))
 
 
-def _fp8_dot_options(dtype: torch.dtype, fp8_keys: bool) -> dict:
-    """:func:`dot_options` of the score kernel: with fp8 keys the operands are fp8, which the
-    interpreter multiplies in float32 (exact)."""
-    options = dot_options(dtype)
-    if fp8_keys:
-        options["DOT_UPCAST"] = interpreted()
-    return options
+def _score_dot_options(dtype: torch.dtype, key_format: int) -> dict:
+    """:func:`dot_options` of the score kernel's operands: q's dtype with 16-bit keys, fp8 with
+    fp8 keys (which the interpreter multiplies in float32, exactly), fp16 with 4-bit keys."""
+    if key_format == 1:
+        return {**dot_options(dtype), "DOT_UPCAST": interpreted()}
+    return dot_options(torch.float16 if key_format == 2 else dtype)
 
 
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
@@ -868,11 +901,14 @@ def run_selection(plan: SelectionPlan | BlockTopkPlan, qi: torch.Tensor, keys: t
                   cu_seqlens_q: torch.Tensor, key_lengths: torch.Tensor, *, block_size: int,
                   init_blocks: int, local_blocks: int, block_table: torch.Tensor | None = None,
                   index_scale: torch.Tensor | None = None,
+                  index_block_scale: torch.Tensor | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the selection kernels of a plan (:func:`plan_selection`); no host synchronisation.
 
     ``keys`` is ``ki [total_k, Di]`` with ``key_lengths = cu_seqlens_k``, or, with ``block_table``,
-    the paged ``index_cache [num_pages, page_size, Di]`` with ``key_lengths = seq_lens``.
+    the paged ``index_cache [num_pages, page_size, Di]`` with ``key_lengths = seq_lens`` (fp8
+    with ``index_scale``; or 4-bit, :mod:`msattn.ops.nvfp4`: uint8 ``[num_pages, page_size,
+    Di / 2]`` with ``index_block_scale [num_pages, page_size, Di / 16]`` and ``index_scale``).
     """
     out = _output(qi, plan.topk, out)
     if plan.total_q == 0:
@@ -887,8 +923,12 @@ def run_selection(plan: SelectionPlan | BlockTopkPlan, qi: torch.Tensor, keys: t
     if isinstance(plan, BlockTopkPlan):
         _run_block_topk(plan, qi, keys, cu_seqlens_q, key_lengths, block_size=block_size,
                         init_blocks=init_blocks, local_blocks=local_blocks,
-                        block_table=block_table, index_scale=index_scale, out=out)
+                        block_table=block_table, index_scale=index_scale,
+                        index_block_scale=index_block_scale, out=out)
         return out
+    if keys.dtype == torch.uint8:
+        raise ValueError("4-bit index keys are read by the decode selection only (query runs of "
+                         f"at most {PAGE_TOPK_MAX_QUERY_LEN} tokens)")
     split = plan.num_splits > 1
     index_dim = qi.shape[-1]
     _indexer_kernel[(plan.num_tiles, plan.batch, plan.num_splits)](
