@@ -27,7 +27,9 @@ ROW_KEYS = {"op", "seq_len", "batch", "q_tokens", "index_dtype", "msa_ms", "dens
             "dense_backend", "dense_status", "dense_candidates_ms", "dense_failures", "msa_gbps",
             "dense_gbps", "msa_bytes", "dense_bytes", "msa_bandwidth_fraction", "tokens_per_s",
             "ms_per_query_token", "tokens_per_s_vs_1q", "msa_method", "msa_path", "runs",
-            "input_sets", "check_max_abs_diff"}
+            "input_sets", "check_max_abs_diff", "workload", "floor_us", "floor_fraction",
+            "peer_ms", "peer_agreement", "msa_over_peer", "peer_skipped", "kernels",
+            "peer_kernels"}
 
 
 @pytest.fixture
@@ -278,6 +280,7 @@ def test_decode_suites():
     (["decode-multi"], "decode-cpu"),
     (["cpu", "--batches", "2"], "only for the decode suites"),
     (["cpu", "--no-graphs", "--q-tokens", "2"], "--q-tokens, --no-graphs: only for"),
+    (["cpu", "--workloads", "random", "--no-peer"], "--workloads, --no-peer: only for"),
     (["decode-cpu", "--batch", "2", "--batches", "3"], "not both"),
     (["decode-cpu", "--index-dtypes", "int8"], "bad index dtype"),
     (["decode-cpu", "--q-tokens", "0"], "positive"),
@@ -315,12 +318,18 @@ def test_decode_cpu_end_to_end(tmp_path, capsys, no_cuda):
             TINY_CONFIG, seq_len=row["seq_len"], batch=1, q_tokens=1,
             index_dtype=row["index_dtype"], kv_bytes=4)
         assert row["msa_gbps"] > 0 and row["tokens_per_s_vs_1q"] == 1.0
+        assert row["workload"] == "random" and row["peer_skipped"] == "needs CUDA"
+        assert row["peer_ms"] is row["msa_over_peer"] is row["peer_agreement"] is None
+        assert row["kernels"] is row["peer_kernels"] is None and row["runs"]["peer"] == 0
+        floor_us = row["msa_bytes"] / (document["ceilings"]["bandwidth_gbps"] * 1e3)
+        assert row["floor_us"] == pytest.approx(floor_us)
+        assert row["floor_fraction"] == pytest.approx(floor_us / (row["msa_ms"] * 1e3))
     out = output.out.splitlines()
     assert out[0].startswith("MSA decode-cpu on CPU") and "bandwidth ceiling" in out[1]
     assert out[2].split()[:4] == ["length", "index", "MSA", "ms"]
     assert out[4].split()[:2] == ["64", "bf16"] and out[7].split()[:2] == ["100", "fp8"]
     assert f"results: {path}" in output.out
-    assert "2/3 N=64 B=1: MSA q_tokens=1 index fp8" in output.err
+    assert "2/3 N=64 B=1: MSA q_tokens=1 random index fp8" in output.err
     if importlib.util.find_spec("matplotlib"):
         assert path.with_suffix(".png").stat().st_size > 0
 
@@ -329,11 +338,14 @@ def test_decode_cpu_end_to_end(tmp_path, capsys, no_cuda):
 def test_decode_multi_on_cpu(tmp_path, capsys, no_cuda):
     document, output, _ = _run(tmp_path, capsys, "decode-cpu", *TINY, "--lengths", "80",
                                "--batches", "1,3", "--q-tokens", "1,4", "--no-dense",
-                               "--no-plot")
+                               "--no-plot", "--workloads", "random,correlated")
     rows = document["rows"]
-    assert len(rows) == 2 * 2 * 2
-    keys = [(r["batch"], r["q_tokens"], r["index_dtype"]) for r in rows]
-    assert keys == [(b, t, d) for b in (1, 3) for t in (1, 4) for d in ("bf16", "fp8")]
+    # One query token per request is measured once (random); four, per workload.
+    points = [(1, "random"), (4, "random"), (4, "correlated")]
+    assert len(rows) == 2 * 3 * 2
+    keys = [(r["batch"], r["q_tokens"], r["workload"], r["index_dtype"]) for r in rows]
+    assert keys == [(b, t, w, d) for b in (1, 3) for t, w in points for d in ("bf16", "fp8")]
+    assert document["settings"]["workloads"] == ["random", "correlated"]
     for row in rows:
         assert row["dense_status"] == "off" and row["speedup"] is None
         tokens = row["batch"] * row["q_tokens"]
@@ -402,3 +414,125 @@ def test_dense_candidates_on_gpu_are_decode_attention(q_tokens):
             got = out.transpose(1, 2).reshape(-1, 4, 16).float()
             torch.testing.assert_close(got, expected.float(), atol=2e-2, rtol=2e-2,
                                        msg=f"{name} gqa={gqa}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Workloads, byte floor, kernel breakdown, peer fields
+# ----------------------------------------------------------------------------------------------
+
+def test_correlated_workload_structure():
+    """Correlated index queries sit within 0.05 * noise of one base per request and group; the
+    random ones do not; the attention queries stay random."""
+    s = settings(config=TINY_CONFIG)
+    torch.manual_seed(3)
+    random = decode.make_queries(s, 3, 8, "random")
+    correlated = decode.make_queries(s, 3, 8, "correlated")
+    for x in (random, correlated):
+        assert x.qi.shape == (24, 2, 16) and x.q.shape == (24, 4, 16)
+        assert x.cu_seqlens_q.tolist() == [0, 8, 16, 24]
+    qi = correlated.qi.view(3, 8, 2, 16)
+    spread = (qi - qi.mean(dim=1, keepdim=True)).std()
+    assert 0.03 < spread < 0.07  # the noise, scaled by CORRELATED_NOISE
+    assert qi.mean(dim=1).std() > 0.5  # the bases are random
+    # Different requests and groups have different bases.
+    assert (qi[0, 0, 0] - qi[1, 0, 0]).abs().mean() > 0.3
+    assert (qi[0, 0, 0] - qi[0, 0, 1]).abs().mean() > 0.3
+    assert random.qi.view(3, 8, 2, 16).std(dim=1).mean() > 0.5
+    assert correlated.q.view(3, 8, 4, 16).std(dim=1).mean() > 0.5
+    with pytest.raises(ValueError, match="workload"):
+        decode.make_queries(s, 1, 2, "sorted")
+
+
+def test_workloads_for():
+    s = settings(workloads=("random", "correlated"))
+    assert s.workloads_for(1) == ("random",) and s.workloads_for(4) == ("random", "correlated")
+    assert settings(workloads=("correlated",)).workloads_for(1) == ("correlated",)
+
+
+def test_byte_floor_arithmetic():
+    assert decode.byte_floor_us(4_000_000, 2000.0) == pytest.approx(2.0)  # 4 MB at 2 TB/s
+    assert decode.byte_floor_us(1, None) is None
+    s = settings()
+    msa = decode.MSAResult(decode.Measured(decode.Timing(0.004, 5), "cuda-graph"), "cuda-graph",
+                           "MSAPagedWrapper (triton)", None)
+    peer = decode.PeerResult(measured=decode.Measured(decode.Timing(0.002, 7), "cuda-graph"),
+                             agreement=0.75, max_abs_diff=0.01)
+    row = decode.make_row(s, seq_len=1024, batch=1, q_tokens=1, index_dtype="bf16", msa=msa,
+                          dense=None, dense_status="off", bandwidth_gbps=1000.0, input_sets=1,
+                          workload="correlated", peer=peer)
+    moved = row["msa_bytes"]
+    assert row["floor_us"] == pytest.approx(moved / 1e6)  # bytes / (1000 GB/s) in us
+    assert row["floor_fraction"] == pytest.approx(moved / 1e6 / 4.0)  # over a 4 us step
+    assert row["floor_fraction"] == pytest.approx(row["msa_bandwidth_fraction"])
+    assert row["peer_floor_fraction"] == pytest.approx(moved / 1e6 / 2.0)
+    assert row["peer_ms"] == 0.002 and row["msa_over_peer"] == pytest.approx(2.0)
+    assert row["peer_agreement"] == 0.75 and row["peer_skipped"] is None
+    assert row["peer_method"] == "cuda-graph" and row["runs"]["peer"] == 7
+    assert row["workload"] == "correlated"
+
+
+def test_row_records_why_the_peer_did_not_run():
+    s = settings()
+    msa = decode.MSAResult(decode.Measured(decode.Timing(2.0, 5), "eager"), "functional",
+                           "reference/reference", None)
+    peer = decode.measure_peer(s, [], [decode.make_queries(s, 2, 1)], "bf16", q_tokens=1, msa=msa)
+    assert peer.skipped == "needs CUDA" and peer.measured is None
+    assert decode.measure_peer(settings(peer=False), [], [decode.make_queries(s, 2, 1)], "bf16",
+                               q_tokens=1, msa=msa).skipped == "off"
+    row = decode.make_row(s, seq_len=64, batch=2, q_tokens=1, index_dtype="bf16", msa=msa,
+                          dense=None, dense_status="off", bandwidth_gbps=None, input_sets=1,
+                          peer=peer)
+    assert row["peer_skipped"] == "needs CUDA"
+    assert row["peer_ms"] is row["msa_over_peer"] is row["peer_agreement"] is None
+    assert row["floor_us"] is row["floor_fraction"] is None  # no bandwidth ceiling
+    assert row["kernels"] is row["kernels_source"] is row["peer_kernels"] is None
+
+
+def test_peer_skipped_when_its_folder_is_absent(tmp_path, monkeypatch):
+    monkeypatch.setenv(decode.vllm_peer.PEER_DIR_ENV, str(tmp_path / "missing"))
+    s = settings(device=torch.device("cuda"), config=MSAConfig(num_heads=4, num_kv_heads=2,
+                                                               head_dim=16, index_dim=16))
+    reason = decode.peer_skip_reason(s, [1, 1])
+    assert reason.startswith("vLLM's files are not in") and "missing" in reason
+    assert decode.peer_skip_reason(s, [1, 2]).startswith("vLLM's decode needs the same number")
+    small_pages = settings(device=torch.device("cuda"))
+    assert decode.peer_skip_reason(small_pages, [1]) == "vLLM's pages are 128 tokens, not 16"
+
+
+def test_short_kernel_names():
+    assert decode.short_kernel_name("_decode_index_score_kernel") == "_decode_index_score_kernel"
+    assert decode.short_kernel_name(
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>"
+        "(int, float*)") == "vectorized_elementwise_kernel"
+    assert decode.short_kernel_name("void cutlass::Kernel2<cutlass_80_tensorop>(Params)") == \
+        "Kernel2"
+    assert len(decode.short_kernel_name("k" * 100)) == 48
+
+
+def test_breakdown_options():
+    parser = cli.build_parser()
+    multi = cli.SUITES["decode-multi"]
+    assert multi.workloads == ("random", "correlated") and multi.breakdown
+    assert cli.SUITES["decode"].workloads == ("random",) and cli.SUITES["decode"].breakdown
+    s = cli._decode_settings(parser.parse_args(["bench", "decode-multi"]), multi, parser)
+    assert s.workloads == ("random", "correlated") and s.breakdown and s.peer
+    args = parser.parse_args(["bench", "decode", "--no-breakdown", "--no-peer", "--workloads",
+                              "correlated"])
+    s = cli._decode_settings(args, cli.SUITES["decode"], parser)
+    assert not s.breakdown and not s.peer and s.workloads == ("correlated",)
+    with pytest.raises(argparse.ArgumentTypeError, match="workload"):
+        cli.workloads("random,zipf")
+
+
+def test_kernel_breakdown_falls_back_to_eager_calls(monkeypatch):
+    """Graph replays the profiler sees no kernel in are replaced by eager calls."""
+    profiled = []
+
+    def profile(call, calls):
+        profiled.append(call)
+        return {} if call == "replay" else {"kernel": 1.5}
+
+    monkeypatch.setattr(decode, "_profile_kernels_us", profile)
+    got = decode.kernel_breakdown("replay", "cuda-graph", "eager")
+    assert got == decode.KernelBreakdown({"kernel": 1.5}, "eager") and profiled == ["replay", "eager"]
+    assert decode.kernel_breakdown("eager", "eager", "unused").source == "eager"

@@ -6,6 +6,8 @@ suite: the reference backend at CPU-sized inputs, with selection statistics. ``d
 decode step (batch 1, one query token, bf16 and fp8 index keys) against paged caches as CUDA-graph
 replays; ``decode-multi`` does so for batches of 8/32/64 requests with 1 and 8 query tokens each;
 ``decode-cpu`` runs the decode pipeline on the CPU with the reference backend (a smoke test).
+The GPU decode suites time vLLM's Triton decode beside msattn's where its files are (see
+:mod:`msattn.bench.peer`), and record each step's kernel times (``--no-breakdown`` skips them).
 ``train`` times one training step of the attention (selection, sparse attention forward and
 backward, indexer loss forward and backward) against dense causal attention forward + backward;
 ``train-cpu`` runs it on the CPU (reference backend, tiny shapes). ``hf`` times an M3-shaped
@@ -28,7 +30,7 @@ from typing import Iterator, Sequence
 import torch
 
 from msattn.dispatch import NAMES as BACKENDS
-from msattn.bench import decode, hf, prefill, report, train
+from msattn.bench import decode, hf, peer, prefill, report, train
 from msattn.bench.timing import matmul_tflops
 from msattn.config import MSAConfig
 
@@ -86,6 +88,11 @@ def index_dtypes(text: str) -> tuple[str, ...]:
     return _some_of(text, decode.INDEX_DTYPES, "index dtype")
 
 
+def workloads(text: str) -> tuple[str, ...]:
+    """Comma-separated index-query workloads among ``decode.WORKLOADS``."""
+    return _some_of(text, decode.WORKLOADS, "workload")
+
+
 @dataclasses.dataclass(frozen=True)
 class Suite:
     """Defaults of a suite; every one of them can be overridden on the command line."""
@@ -109,6 +116,8 @@ class Suite:
     index_dtypes: tuple[str, ...] = ()
     graphs: bool = False
     copy_mib: int = 0  # buffer of the copy-bandwidth ceiling
+    workloads: tuple[str, ...] = ("random",)
+    breakdown: bool = False  # per-kernel device times of each step
     # The transformers suites (kind "hf") only:
     gen_lengths: tuple[int, ...] = ()
     new_tokens: int = 0
@@ -136,14 +145,15 @@ SUITES = {
                     lengths=parse_lengths("8k,16k,32k,64k,128k,256k,512k,1m"), dtype="bf16",
                     backend="triton", warmup=10, repeats=100, time_budget_s=1.0,
                     out="benchmarks/results", matmul_size=0, columns=report.DECODE_COLUMNS,
-                    kind="decode", index_dtypes=("bf16", "fp8"), graphs=True, copy_mib=2048),
+                    kind="decode", index_dtypes=("bf16", "fp8"), graphs=True, copy_mib=2048,
+                    breakdown=True),
     # Batched decode: 8/32/64 requests, 1 and 8 query tokens per request (tokens/s).
     "decode-multi": Suite(op="decode-multi", device="cuda", config=MSAConfig(),
                           lengths=parse_lengths("4k,16k,64k,200k"), dtype="bf16", backend="triton",
                           warmup=10, repeats=100, time_budget_s=1.0, out="benchmarks/results",
                           matmul_size=0, columns=report.DECODE_MULTI_COLUMNS, kind="decode",
                           batches=(8, 32, 64), q_tokens=(1, 8), index_dtypes=("bf16", "fp8"),
-                          graphs=True, copy_mib=2048),
+                          graphs=True, copy_mib=2048, workloads=decode.WORKLOADS, breakdown=True),
     # The decode pipeline on the CPU: reference backend, eager calls (a smoke test).
     "decode-cpu": Suite(op="decode-cpu", device="cpu",
                         config=MSAConfig(num_heads=8, num_kv_heads=2, num_index_heads=2,
@@ -230,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"index-key cache dtypes, some of {','.join(decode.INDEX_DTYPES)}")
     dec.add_argument("--no-graphs", action="store_true",
                      help="time eager calls instead of CUDA-graph replays")
+    dec.add_argument("--workloads", type=workloads,
+                     help=f"index-query workloads, some of {','.join(decode.WORKLOADS)} "
+                          "(correlated: the tokens of a request near one base query)")
+    dec.add_argument("--breakdown", action=argparse.BooleanOptionalAction,
+                     help="record the device time of each kernel of a step (CUDA; default on "
+                          "for decode and decode-multi)")
+    dec.add_argument("--no-peer", action="store_true",
+                     help="do not time vLLM's Triton decode beside msattn's (it runs where its "
+                          f"files are in ${peer.PEER_DIR_ENV} or .peers/vllm_minimax_m3)")
     tf = bench.add_argument_group("hf suites only")
     tf.add_argument("--gen-lengths", type=parse_lengths,
                     help="prompt lengths of the generate() measurements, e.g. 16k,64k")
@@ -306,7 +325,8 @@ def _decode_settings(args: argparse.Namespace, suite: Suite, parser) -> decode.D
         dtype=DTYPES[pick("dtype")], backend=pick("backend"),
         graphs=suite.graphs and not args.no_graphs, warmup=pick("warmup"),
         repeats=pick("repeats"), time_budget_s=pick("time_budget_s"), dense=not args.no_dense,
-        dense_max_len=args.dense_max_len, bandwidth_bytes=suite.copy_mib << 20, seed=args.seed)
+        dense_max_len=args.dense_max_len, bandwidth_bytes=suite.copy_mib << 20, seed=args.seed,
+        workloads=pick("workloads"), peer=not args.no_peer, breakdown=pick("breakdown"))
 
 
 def _decode_header(env: dict, settings: decode.DecodeSettings, bandwidth_gbps: float) -> str:
@@ -317,16 +337,19 @@ def _decode_header(env: dict, settings: decode.DecodeSettings, bandwidth_gbps: f
             f"{'/'.join(settings.index_dtypes)}, batch {','.join(map(str, settings.batches))}, "
             f"query tokens {','.join(map(str, settings.q_tokens))}, H={c.num_heads} "
             f"G={c.num_kv_heads} D={c.head_dim} Di={c.index_dim}, page {c.block_size}, "
-            f"top-{c.topk} (init {c.init_blocks}, local {c.local_blocks})\n"
+            f"top-{c.topk} (init {c.init_blocks}, local {c.local_blocks}), workloads "
+            f"{','.join(settings.workloads)}\n"
             f"bandwidth ceiling (best of a {settings.bandwidth_bytes >> 20} MiB copy and read): "
-            f"{bandwidth_gbps:,.0f} GB/s")
+            f"{bandwidth_gbps:,.0f} GB/s; vLLM peer: "
+            f"{decode.peer_skip_reason(settings, [1]) or f'from {peer.peer_dir()}'}")
 
 
 def _decode_series(row: dict, *, several: bool) -> str:
     """The plot line of a decode row: its index dtype, with batch and query tokens if they vary."""
+    workload = "" if row.get("workload", "random") == "random" else f" {row['workload']}"
     if several:
-        return f"B={row['batch']} q={row['q_tokens']} {row['index_dtype']}"
-    return f"index {row['index_dtype']}"
+        return f"B={row['batch']} q={row['q_tokens']} {row['index_dtype']}{workload}"
+    return f"index {row['index_dtype']}{workload}"
 
 
 def _record(args: argparse.Namespace, suite_name: str, command: list[str], env: dict, settings,
@@ -469,7 +492,10 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
     decode_only = [option for option, value in (("--batches", args.batches),
                                                  ("--q-tokens", args.q_tokens),
                                                  ("--index-dtypes", args.index_dtypes),
-                                                 ("--no-graphs", args.no_graphs)) if value]
+                                                 ("--no-graphs", args.no_graphs),
+                                                 ("--workloads", args.workloads),
+                                                 ("--breakdown", args.breakdown is not None),
+                                                 ("--no-peer", args.no_peer)) if value]
     if decode_only:
         parser.error(f"{', '.join(decode_only)}: only for the decode suites")
     if suite.kind == "hf":

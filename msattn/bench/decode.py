@@ -22,12 +22,24 @@ also the flash kernel's own causal mode, which aligns the mask that way when ``T
 fastest candidate is the baseline; every candidate's time and every failure are recorded.
 
 Achieved bandwidth uses the byte model of ``docs/MSA.md`` (see :func:`msa_bytes`,
-:func:`dense_bytes`) against a measured bandwidth ceiling (:func:`bandwidth_ceiling_gbps`).
+:func:`dense_bytes`) against a measured bandwidth ceiling (:func:`bandwidth_ceiling_gbps`); the
+byte floor is the time the step's bytes take at that ceiling (:func:`byte_floor_us`).
+
+Workloads (:data:`WORKLOADS`): "random" index queries, or "correlated" ones, where the tokens of a
+request share a base query per group (``qi = base + 0.05 * noise``), as adjacent draft tokens
+choose mostly the same pages. One query token per request has nothing to correlate: that point is
+measured once, as "random" (unless only "correlated" is asked for).
+
+Peer: where vLLM's Triton MiniMax-M3 files are there (:mod:`msattn.bench.peer`) and the device is
+CUDA, vLLM's decode runs on the same data, timed the same way (its own input sets, CUDA graphs,
+median), with its selection compared to msattn's. With ``breakdown`` the device time of each
+kernel of a step is recorded too (:func:`kernel_breakdown`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Callable, Iterator, Sequence
@@ -38,6 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import msattn
 from msattn import dispatch
+from msattn.bench import peer as vllm_peer
 from msattn.bench.dense import DenseResult, _first_line
 from msattn.bench.prefill import _dense_skipped
 from msattn.bench.report import dtype_name, format_length
@@ -59,6 +72,12 @@ DENSE_CANDIDATES = {
 }
 # K/V expanded to H heads is only tried while it takes at most this share of the free memory.
 _EXPAND_MEMORY_SHARE = 0.5
+# Index-query workloads, by the names used in the rows and on the command line.
+WORKLOADS = ("random", "correlated")
+# Scale of the per-token noise around a request's base index query in the correlated workload.
+CORRELATED_NOISE = 0.05
+# Graph replays (or eager calls) profiled for the per-kernel breakdown.
+BREAKDOWN_CALLS = 20
 
 
 @dataclass(frozen=True)
@@ -82,12 +101,16 @@ class DecodeSettings:
     dense_max_len: int | None
     bandwidth_bytes: int  # size of the buffer of the bandwidth-ceiling measurement
     seed: int = 0
+    workloads: tuple[str, ...] = ("random",)  # of WORKLOADS
+    peer: bool = True  # time vLLM's decode too where it can run (CUDA, its files present)
+    breakdown: bool = False  # per-kernel device times (CUDA only)
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
         return {**asdict(self), "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "lengths": list(self.lengths), "batches": list(self.batches),
-                "q_tokens": list(self.q_tokens), "index_dtypes": list(self.index_dtypes)}
+                "q_tokens": list(self.q_tokens), "index_dtypes": list(self.index_dtypes),
+                "workloads": list(self.workloads)}
 
     def timing(self) -> dict:
         """Keyword arguments of :func:`msattn.bench.timing.time_ms` other than ``device``."""
@@ -96,6 +119,13 @@ class DecodeSettings:
     @property
     def use_graphs(self) -> bool:
         return self.graphs and self.device.type == "cuda"
+
+    def workloads_for(self, q_tokens: int) -> tuple[str, ...]:
+        """The workloads measured at ``q_tokens`` per request: with one token, "correlated" is
+        "random" and is not measured twice."""
+        if q_tokens == 1 and "random" in self.workloads:
+            return ("random",)
+        return self.workloads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,6 +158,11 @@ def dense_bytes(config: MSAConfig, *, seq_len: int, batch: int, kv_bytes: int = 
 def gbps(num_bytes: int, ms: float | None) -> float | None:
     """GB/s (10^9 bytes per second) of moving ``num_bytes`` in ``ms`` milliseconds."""
     return None if not ms else num_bytes / (ms * 1e6)
+
+
+def byte_floor_us(num_bytes: int, bandwidth_gbps: float | None) -> float | None:
+    """Microseconds that moving ``num_bytes`` takes at ``bandwidth_gbps`` (the byte floor)."""
+    return num_bytes / (bandwidth_gbps * 1e3) if bandwidth_gbps else None
 
 
 def num_decode_sets(touched_bytes: int, l2_bytes: int) -> int:
@@ -197,13 +232,21 @@ class Queries:
     cu_seqlens_q: torch.Tensor  # int32 [B + 1] on the device
 
 
-def make_queries(settings: DecodeSettings, batch: int, q_tokens: int) -> Queries:
+def make_queries(settings: DecodeSettings, batch: int, q_tokens: int,
+                 workload: str = "random") -> Queries:
+    """Random queries; with ``workload="correlated"`` the index queries of request ``b`` are
+    ``base[b, g] + CORRELATED_NOISE * noise[b, t, g]`` (one random base per request and group)."""
     config, device = settings.config, settings.device
     total = batch * q_tokens
+    rand = partial(torch.randn, device=device, dtype=torch.float32)
+    qi = rand(batch, q_tokens, config.num_kv_heads, config.index_dim)
+    if workload == "correlated":
+        qi = rand(batch, 1, config.num_kv_heads, config.index_dim) + CORRELATED_NOISE * qi
+    elif workload != "random":
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
     return Queries(
         q=torch.randn(total, config.num_heads, config.head_dim, device=device, dtype=settings.dtype),
-        qi=torch.randn(total, config.num_kv_heads, config.index_dim, device=device,
-                       dtype=settings.dtype),
+        qi=qi.view(total, config.num_kv_heads, config.index_dim).to(settings.dtype),
         cu_seqlens_q=torch.arange(0, total + 1, q_tokens, dtype=torch.int32, device=device))
 
 
@@ -297,6 +340,49 @@ def measure(settings: DecodeSettings, fn: Callable, inputs: Sequence,
     return Measured(result, "eager", failure)
 
 
+def short_kernel_name(name: str, limit: int = 48) -> str:
+    """A kernel's name without its return type, namespaces, template and call arguments:
+    ``"void at::native::vectorized_elementwise_kernel<4, ...>(int, ...)"`` ->
+    ``"vectorized_elementwise_kernel"``; Triton kernels keep their function names."""
+    name = re.sub(r"^void ", "", name)
+    name = re.split(r"[<(]", name, maxsplit=1)[0]
+    return name.rsplit("::", 1)[-1][:limit]
+
+
+@dataclass
+class KernelBreakdown:
+    """Mean device time per call of each kernel (by :func:`short_kernel_name`) of a step."""
+
+    kernels_us: dict[str, float]
+    source: str  # "cuda-graph" (graph replays profiled) or "eager" (eager calls profiled)
+
+
+def _profile_kernels_us(call: Callable[[], None], calls: int) -> dict[str, float]:
+    """Mean device microseconds per call of each kernel of ``call()``, over ``calls`` calls under
+    ``torch.profiler`` (CUDA activity only); empty when the profiler saw no kernel."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = short_kernel_name(event.name)
+            totals[name] = totals.get(name, 0.0) + event.time_range.elapsed_us()
+    return {name: round(us / calls, 2) for name, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def kernel_breakdown(timed: Callable[[], None], mode: str, eager: Callable[[], None],
+                     calls: int = BREAKDOWN_CALLS) -> KernelBreakdown:
+    """The per-kernel device times of a step: its timed form ``timed`` (a graph replay when
+    ``mode`` is "cuda-graph"), or its eager call ``eager`` when the profiler sees no kernel in
+    graph replays."""
+    kernels = _profile_kernels_us(timed, calls)
+    if kernels or mode != "cuda-graph":
+        return KernelBreakdown(kernels, mode)
+    return KernelBreakdown(_profile_kernels_us(eager, calls), "eager")
+
+
 def bandwidth_ceiling_gbps(settings: DecodeSettings) -> float:
     """Measured memory bandwidth in GB/s over a buffer of ``settings.bandwidth_bytes``: the faster
     of a device-to-device copy (bytes read plus bytes written) and a full read (a sum), timed like
@@ -360,6 +446,11 @@ class MSAResult:
     # Largest |difference| between the timed output of request 0 of input set 0 and the
     # reference backend on the same request (None when the timed call is the functional API).
     check_max_abs_diff: float | None
+    # The timed call's selection [G, total_q, topk] and output [total_q, H, D] on input set 0
+    # (None when the timed call is the functional API).
+    indices: torch.Tensor | None = None
+    output: torch.Tensor | None = None
+    breakdown: KernelBreakdown | None = None
 
 
 def measure_msa(settings: DecodeSettings, caches: Sequence[CacheSet], queries: Sequence[Queries],
@@ -396,16 +487,92 @@ def measure_msa(settings: DecodeSettings, caches: Sequence[CacheSet], queries: S
 
     def check(call):
         """Request 0 of set 0 through the timed form (graph replay or eager run) against the
-        reference backend."""
+        reference backend; keeps the selection and output of set 0 (and the kernel times)."""
         call(0)
         synchronize(settings.device)
-        timed = wrapper.o[:q_tokens].float().clone()
+        checked["indices"], checked["output"] = wrapper.indices.clone(), wrapper.o.clone()
+        timed = checked["output"][:q_tokens].float()
         expected = _functional(settings, _first_request(sets[0], q_tokens), "reference").float()
-        checked["diff"] = float((timed - expected).abs().max())
+        checked["check_max_abs_diff"] = float((timed - expected).abs().max())
+        checked["breakdown"] = _breakdown(settings, call, partial(run, sets[0]))
 
     measured = measure(settings, run, sets, after=check)
     method = "cuda-graph" if measured.mode == "cuda-graph" else "wrapper"
-    return MSAResult(measured, method, "MSAPagedWrapper (triton)", checked.get("diff"))
+    return MSAResult(measured, method, "MSAPagedWrapper (triton)", **checked)
+
+
+def _breakdown(settings: DecodeSettings, call: Callable[[int], None],
+               eager: Callable[[], None]) -> KernelBreakdown | None:
+    """:func:`kernel_breakdown` of input set 0 when the settings ask for it (CUDA only)."""
+    if not (settings.breakdown and settings.device.type == "cuda"):
+        return None
+    return kernel_breakdown(lambda: call(0), "cuda-graph" if settings.use_graphs else "eager",
+                            eager)
+
+
+# ----------------------------------------------------------------------------------------------
+# The peer: vLLM's decode
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class PeerResult:
+    """vLLM's decode step timed beside msattn's, or why it was not (``skipped``)."""
+
+    measured: Measured | None = None
+    # Fraction of (group, token) rows of input set 0 whose selected blocks are the same set as
+    # msattn's (None without msattn's selection).
+    agreement: float | None = None
+    # Largest |difference| between vLLM's and msattn's outputs on input set 0.
+    max_abs_diff: float | None = None
+    breakdown: KernelBreakdown | None = None
+    skipped: str | None = None
+
+
+def peer_skip_reason(settings: DecodeSettings, q_tokens_per_request: list[int]) -> str | None:
+    """Why vLLM's decode is not measured for these settings (``None`` when it is)."""
+    if not settings.peer:
+        return "off"
+    config = settings.config
+    reason = vllm_peer.unsupported_reason(page_size=config.block_size, index_dim=config.index_dim,
+                                          q_tokens_per_request=q_tokens_per_request,
+                                          device=settings.device)
+    if reason is None and not vllm_peer.available():
+        reason = f"vLLM's files are not in {vllm_peer.peer_dir()}"
+    return reason
+
+
+def measure_peer(settings: DecodeSettings, caches: Sequence[CacheSet], queries: Sequence[Queries],
+                 index_dtype: str, *, q_tokens: int, msa: MSAResult) -> PeerResult:
+    """Time vLLM's decode over the same (cache, queries) sets as msattn's (converted to vLLM's
+    layouts first, outside the timing) and compare its selection and output on set 0 with
+    ``msa``'s; a failure to import, run or capture it is recorded in ``skipped``."""
+    skipped = peer_skip_reason(settings, [q_tokens] * (queries[0].cu_seqlens_q.numel() - 1))
+    if skipped is not None:
+        return PeerResult(skipped=skipped)
+    config = settings.config
+    try:
+        modules = vllm_peer.load()
+        steps = [vllm_peer.make_peer_step(
+            modules, x.q, x.qi, vllm_peer.convert_cache(**_cache_args(cache, index_dtype)),
+            max_seq_len=cache.seq_len, topk=config.topk, init_blocks=config.init_blocks,
+            local_blocks=config.local_blocks, softmax_scale=config.head_dim ** -0.5,
+            decode_query_len=q_tokens) for cache, x in zip(caches, queries)]
+        result = PeerResult()
+
+        def check(call):
+            call(0)
+            synchronize(settings.device)
+            if msa.indices is not None:
+                result.agreement = vllm_peer.selection_agreement(steps[0].topk_idx, msa.indices)
+                diff = steps[0].output.float() - msa.output.float()
+                result.max_abs_diff = float(diff.abs().max())
+            result.breakdown = _breakdown(settings, call, steps[0].run)
+
+        result.measured = measure(settings, lambda step: step.run(), steps, after=check)
+        return result
+    except Exception as error:  # vLLM's kernels failed to import, compile or run here
+        synchronize(settings.device)
+        return PeerResult(skipped=f"failed: {_first_line(error)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,8 +676,10 @@ def measure_dense_decode(settings: DecodeSettings, caches: Sequence[CacheSet], *
 
 def make_row(settings: DecodeSettings, *, seq_len: int, batch: int, q_tokens: int,
              index_dtype: str, msa: MSAResult, dense: DecodeDense | None, dense_status: str,
-             bandwidth_gbps: float | None, input_sets: int) -> dict:
-    """The JSON row of one measurement."""
+             bandwidth_gbps: float | None, input_sets: int, workload: str = "random",
+             peer: PeerResult | None = None) -> dict:
+    """The JSON row of one measurement (``peer``: vLLM's decode on the same inputs, when it ran
+    or why not)."""
     config = settings.config
     kv_bytes = settings.dtype.itemsize
     tokens = batch * q_tokens
@@ -524,12 +693,26 @@ def make_row(settings: DecodeSettings, *, seq_len: int, batch: int, q_tokens: in
     def fraction(value):
         return value / bandwidth_gbps if value is not None and bandwidth_gbps else None
 
+    peer = peer or PeerResult(skipped="not measured")
+    peer_ms = peer.measured.timing.ms if peer.measured else None
+    floor_us = byte_floor_us(moved, bandwidth_gbps)
+
+    def floor_fraction(ms):
+        return floor_us / (ms * 1e3) if floor_us is not None and ms else None
+
+    def kernels(breakdown):
+        return (breakdown.kernels_us, breakdown.source) if breakdown else (None, None)
+
+    msa_kernels, msa_kernels_source = kernels(msa.breakdown)
+    peer_kernels, peer_kernels_source = kernels(peer.breakdown)
+
     return {
         "op": settings.op,
         "seq_len": seq_len,
         "batch": batch,
         "q_tokens": q_tokens,
         "index_dtype": index_dtype,
+        "workload": workload,
         "dtype": dtype_name(settings.dtype),
         "backend": settings.backend,
         "msa_path": msa.path,
@@ -548,6 +731,22 @@ def make_row(settings: DecodeSettings, *, seq_len: int, batch: int, q_tokens: in
         "dense_gbps": dense_gbps,
         "msa_bandwidth_fraction": fraction(msa_gbps),
         "dense_bandwidth_fraction": fraction(dense_gbps),
+        # The byte floor: msa_bytes at the measured bandwidth ceiling, and the share of it that
+        # a step reaches (for msattn, the same number as msa_bandwidth_fraction).
+        "floor_us": floor_us,
+        "floor_fraction": floor_fraction(msa_ms),
+        "peer_floor_fraction": floor_fraction(peer_ms),
+        "peer_ms": peer_ms,
+        "msa_over_peer": msa_ms / peer_ms if peer_ms else None,
+        "peer_agreement": peer.agreement,
+        "peer_max_abs_diff": peer.max_abs_diff,
+        "peer_method": peer.measured.mode if peer.measured else None,
+        "peer_graph_failure": peer.measured.graph_failure if peer.measured else None,
+        "peer_skipped": peer.skipped,
+        "kernels": msa_kernels,
+        "kernels_source": msa_kernels_source,
+        "peer_kernels": peer_kernels,
+        "peer_kernels_source": peer_kernels_source,
         "tokens_per_s": tokens / (msa_ms * 1e-3),
         "ms_per_query_token": msa_ms / tokens,
         "dense_tokens_per_s": tokens / (dense_ms * 1e-3) if dense_ms else None,
@@ -556,15 +755,16 @@ def make_row(settings: DecodeSettings, *, seq_len: int, batch: int, q_tokens: in
         "check_max_abs_diff": msa.check_max_abs_diff,
         "input_sets": input_sets,
         "runs": {"msa": msa.measured.timing.runs,
-                 "dense": dense.timing.runs if dense is not None and dense.timing else 0},
+                 "dense": dense.timing.runs if dense is not None and dense.timing else 0,
+                 "peer": peer.measured.timing.runs if peer.measured else 0},
     }
 
 
 @torch.inference_mode()
 def measure_point(settings: DecodeSettings, seq_len: int, batch: int, progress: Callable[[str], None],
                   bandwidth_gbps: float | None) -> Iterator[dict]:
-    """Every row of one (length, batch): dense once per query-token count, MSA per query-token
-    count and index dtype, over shared random caches."""
+    """Every row of one (length, batch): dense once per query-token count, MSA (and vLLM's peer)
+    per query-token count, workload and index dtype, over shared random caches."""
     device, config = settings.device, settings.config
     torch.manual_seed(settings.seed + seq_len * 131 + batch)
     l2_bytes = l2_cache_bytes(device)
@@ -589,16 +789,20 @@ def measure_point(settings: DecodeSettings, seq_len: int, batch: int, progress: 
             dense = {q_tokens: failed for q_tokens in settings.q_tokens}
             release_memory(device)
 
-    for q_tokens in settings.q_tokens:
-        queries = [make_queries(settings, batch, q_tokens) for _ in caches]
+    points = [(t, w) for t in settings.q_tokens for w in settings.workloads_for(t)]
+    for q_tokens, workload in points:
+        queries = [make_queries(settings, batch, q_tokens, workload) for _ in caches]
         for index_dtype in settings.index_dtypes:
-            progress(f"MSA q_tokens={q_tokens} index {index_dtype}")
+            progress(f"MSA q_tokens={q_tokens} {workload} index {index_dtype}")
             msa = measure_msa(settings, caches, queries, index_dtype, batch=batch, q_tokens=q_tokens)
+            peer = measure_peer(settings, caches, queries, index_dtype, q_tokens=q_tokens, msa=msa)
             result = dense.get(q_tokens)
             status = dense_status or ("measured" if result and result.timing else "failed")
             yield make_row(settings, seq_len=seq_len, batch=batch, q_tokens=q_tokens,
                            index_dtype=index_dtype, msa=msa, dense=result, dense_status=status,
-                           bandwidth_gbps=bandwidth_gbps, input_sets=num_sets)
+                           bandwidth_gbps=bandwidth_gbps, input_sets=num_sets, workload=workload,
+                           peer=peer)
+            del msa, peer
             release_memory(device)
     del caches
     release_memory(device)
