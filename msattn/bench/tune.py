@@ -217,9 +217,8 @@ def _selection_configs(rows_per_sequence: int) -> list:
     """The decode selections raced: the fused indexer (split keys merged in the same launch)
     and the block-score + top-k kernels with their launch variants."""
     block_topk = dataclasses.replace(indexer.PageTopkConfig(), block_n=128)
-    variants = [dict(topk_warps=1), dict(topk_warps=2), dict(topk_warps=1, segment=512),
-                dict(topk_warps=1, segment=256), dict(programs_per_sm=8),
-                dict(score_stages=2), dict(topk_warps=2, programs_per_sm=8, segment=512)]
+    variants = [dict(bitonic=True), dict(bitonic=True, segment=512), dict(score_stages=2),
+                dict(score_stages=2, bitonic=True), dict(programs_per_sm=8, bitonic=True)]
     return [("fused", indexer.launch_config(rows_per_sequence, is_cuda=True)),
             ("block-topk", block_topk),
             *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants),

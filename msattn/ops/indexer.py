@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.nvfp4 import nvfp4_tile
+from msattn.ops.nvfp4 import nvfp4_halves
 from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_launch_dependents,
                               gdc_wait, interpreted, mma, programmatic_launch)
 
@@ -448,6 +448,7 @@ class PageTopkConfig:
         topk_warps: warps of a top-k program.
         min_block_r: fewest (token, group) rows of a score tile (padding rows cost registers,
             not bandwidth).
+        bitonic: rank with ``tl.topk`` (a bitonic top-k) instead of ``topk`` rounds of a max.
     """
 
     programs_per_sm: int = 4
@@ -457,15 +458,19 @@ class PageTopkConfig:
     segment: int = 1024
     topk_warps: int = 4
     min_block_r: int = 16
+    bitonic: bool = False
 
 
 @triton.jit
-def _rows_to_fp16(q):
+def _rows_to_fp16(q, other_abs_max=None):
     """Rows of ``q [R, Di]`` in fp16, each scaled by a power of two ``2^shift [R]`` (returned)
-    that brings its largest value to about 2^13: finite in fp16 whatever the magnitude, exact for
-    every value within 2^27 of the largest."""
+    that brings its largest value (or ``other_abs_max [R]``, when larger: the rest of the row
+    elsewhere) to about 2^13: finite in fp16 whatever the magnitude, exact for every value within
+    2^27 of the largest."""
     q32 = q.to(tl.float32)
     row_abs_max = tl.max(tl.abs(q32), axis=1)
+    if other_abs_max is not None:
+        row_abs_max = tl.maximum(row_abs_max, other_abs_max)
     factor = tl.exp2(tl.where(row_abs_max > 0, 13.0 - tl.floor(tl.log2(row_abs_max)), 0.0))
     return (q32 * factor[:, None]).to(tl.float16), factor
 
@@ -520,16 +525,21 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
     if (tile * BLOCK_R < len_q * NUM_GROUPS) & (block_lo < block_hi):
         dim = tl.arange(0, BLOCK_D)
         dim_mask = dim < INDEX_DIM
-        q = tl.load(qi_ptr + (q_start + token).to(tl.int64)[:, None] * stride_qi_token
-                    + group[:, None] * stride_qi_group + dim[None, :],
-                    mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        q_rows = qi_ptr + (q_start + token).to(tl.int64)[:, None] * stride_qi_token \
+            + group[:, None] * stride_qi_group
         row_scale = tl.full([BLOCK_R], scale, tl.float32)
-        if KEY_FORMAT == 1:  # fp8 keys: fp8 queries too, so that the dot is a native fp8 MMA
-            q, query_scale = _quantize_rows_fp8(q, DOT_UPCAST)
-            row_scale = row_scale * query_scale
-        elif KEY_FORMAT == 2:  # 4-bit keys decode to fp16 values
-            q, factor = _rows_to_fp16(q)
+        if KEY_FORMAT == 2:  # 4-bit keys decode to fp16 even and odd elements (nvfp4_halves)
+            half = tl.arange(0, BLOCK_D // 2)
+            q_even = tl.load(q_rows + 2 * half[None, :], mask=row_mask[:, None], other=0.0)
+            q_odd = tl.load(q_rows + 2 * half[None, :] + 1, mask=row_mask[:, None], other=0.0)
+            q_even, factor = _rows_to_fp16(q_even, tl.max(tl.abs(q_odd.to(tl.float32)), axis=1))
+            q_odd = (q_odd.to(tl.float32) * factor[:, None]).to(tl.float16)
             row_scale = row_scale / factor
+        else:
+            q = tl.load(q_rows + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+            if KEY_FORMAT == 1:  # fp8 keys: fp8 queries too, so that the dot is a native fp8 MMA
+                q, query_scale = _quantize_rows_fp8(q, DOT_UPCAST)
+                row_scale = row_scale * query_scale
         position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
         own_block = position // BLOCK_SIZE
         rows = (q_start * NUM_GROUPS + tile * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -546,18 +556,17 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
                 keys = block * BLOCK_SIZE + offs
                 key_mask = keys < len_k
                 if KEY_FORMAT == 2:
-                    k = nvfp4_tile(ki_ptr + block_base, stride_ki_token,
-                                   block_scale_ptr + page * stride_block_scale_page,
-                                   stride_block_scale_token, offs, key_mask, BLOCK_D)
-                else:
-                    k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
-                                mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-                if KEY_FORMAT == 2:
-                    scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST)
+                    k_even, k_odd = nvfp4_halves(ki_ptr + block_base, stride_ki_token,
+                                                 block_scale_ptr + page * stride_block_scale_page,
+                                                 stride_block_scale_token, offs, key_mask, BLOCK_D)
+                    scores = mma(q_even, tl.trans(k_even), DOT_PRECISION, DOT_UPCAST)
+                    scores += mma(q_odd, tl.trans(k_odd), DOT_PRECISION, DOT_UPCAST)
                     key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs,
                                         mask=key_mask, other=0.0)
                     scores = scores * key_scale[None, :]
                 elif KEY_FORMAT == 1:
+                    k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
+                                mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
                     if DOT_UPCAST:  # the interpreter: exact float32 products of the fp8 values
                         scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
                                         input_precision="ieee")
@@ -569,6 +578,8 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
                                         mask=key_mask, other=0.0)
                     scores = scores * key_scale[None, :]
                 else:
+                    k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
+                                mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
                     scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
                 scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
                 block_max = tl.maximum(block_max, tl.max(scores, axis=1))
@@ -577,6 +588,16 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
             block_max = tl.where(_forced(block, own_block, INIT_BLOCKS, LOCAL_BLOCKS),
                                  float("inf"), block_max)
             tl.store(row_ptr + block, block_max, mask=row_mask)
+
+
+@triton.jit
+def _best_keys(keys, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, BITONIC: tl.constexpr):
+    """:func:`_take_best` of ``keys [R, C]``, or with ``BITONIC`` the same from ``tl.topk``
+    (``C >= TOPK_PAD``)."""
+    if BITONIC:
+        best = tl.topk(keys, TOPK_PAD)
+        return tl.where(tl.arange(0, TOPK_PAD)[None, :] < TOPK, best, _empty_key())
+    return _take_best(keys, TOPK, TOPK_PAD)
 
 
 # One program: one (token, group) row x one segment of SEGMENT key blocks; program_id(0) =
@@ -591,7 +612,8 @@ def _block_topk_kernel(scores_ptr, cu_seqlens_q_ptr, key_lengths_ptr, out_ptr, c
                        max_len_q, NUM_GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                        SEGMENT: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
                        CANDIDATES_PAD: tl.constexpr, TOPK: tl.constexpr,
-                       TOPK_PAD: tl.constexpr, PAGED: tl.constexpr, PDL: tl.constexpr):
+                       TOPK_PAD: tl.constexpr, PAGED: tl.constexpr, BITONIC: tl.constexpr,
+                       PDL: tl.constexpr):
     batch = tl.program_id(0) // max_len_q
     query = tl.program_id(0) % max_len_q
     group = tl.program_id(1)
@@ -614,7 +636,7 @@ def _block_topk_kernel(scores_ptr, cu_seqlens_q_ptr, key_lengths_ptr, out_ptr, c
         scores = tl.load(scores_ptr + row * stride_scores_row + blocks, mask=causal,
                          other=float("-inf"))
         ids = tl.where(causal & (scores > float("-inf")), blocks, -1)
-        best = _take_best(_list_keys(scores[None, :], ids[None, :]), TOPK, TOPK_PAD)
+        best = _best_keys(_list_keys(scores[None, :], ids[None, :]), TOPK, TOPK_PAD, BITONIC)
         token_row = tl.full([1], token, tl.int32)
         group_row = tl.full([1], group, tl.int32)
         own_row = tl.full([1], own_block, tl.int32)
@@ -631,7 +653,8 @@ def _block_topk_kernel(scores_ptr, cu_seqlens_q_ptr, key_lengths_ptr, out_ptr, c
                                mask=candidates < NUM_SEGMENTS * TOPK_PAD, other=_empty_key(),
                                cache_modifier=".cg")
                 _store_ranked(out_ptr, stride_out_group, stride_out_token, token_row, group_row,
-                              row_mask, own_row, _take_best(keys, TOPK, TOPK_PAD), TOPK, TOPK_PAD)
+                              row_mask, own_row, _best_keys(keys, TOPK, TOPK_PAD, BITONIC), TOPK,
+                              TOPK_PAD)
 
 
 def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: torch.device) -> int:
@@ -805,11 +828,11 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
     index_dim = qi.shape[-1]
     if key_format and not paged:
         raise ValueError("quantised index keys (index_scale) need the paged layout (block_table)")
-    if key_format == 2 and (index_block_scale is None or index_scale is None
+    if key_format == 2 and (index_block_scale is None or index_scale is None or index_dim < 32
                             or index_dim != triton.next_power_of_2(index_dim)):
         raise ValueError("4-bit index keys (uint8 index_cache [num_pages, page_size, Di / 2]) need "
                          "index_block_scale [num_pages, page_size, Di / 16] float8_e4m3fn, "
-                         f"index_scale [num_pages, page_size] float32 and a power-of-two Di, got Di={index_dim}")
+                         f"index_scale [num_pages, page_size] float32 and a power-of-two Di >= 32, got Di={index_dim}")
     pdl = programmatic_launch(qi.device)
     config = plan.config
     _block_scores_kernel[(plan.num_chunks, plan.batch, plan.num_tiles)](
@@ -836,7 +859,8 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
         stride_out_token=out.stride(1), max_len_q=plan.max_len_q, NUM_GROUPS=plan.num_groups,
         BLOCK_SIZE=block_size, SEGMENT=plan.segment, NUM_SEGMENTS=plan.num_segments,
         CANDIDATES_PAD=triton.next_power_of_2(plan.num_segments * plan.topk_pad), TOPK=plan.topk,
-        TOPK_PAD=plan.topk_pad, PAGED=paged, PDL=pdl, num_warps=config.topk_warps,
+        TOPK_PAD=plan.topk_pad, PAGED=paged, BITONIC=config.bitonic and plan.segment >= plan.topk_pad,
+        PDL=pdl, num_warps=config.topk_warps,
         **({"launch_pdl": True} if pdl else {}))
 
 

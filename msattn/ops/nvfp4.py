@@ -25,8 +25,9 @@ all-zero token gets ``token_scale = 1``, zero block scales and zero codes.
 Bytes per token: ``Di / 2 + Di / 16 + 4`` (76 for ``Di = 128``: 4.75 bits per value, against 132
 for fp8 keys with a float32 scale and 256 for bf16).
 
-:func:`nvfp4_tile` is the ``@triton.jit`` helper that loads a tile of keys (e.g. one page) in
-this format; :func:`selection_agreement` compares two top-k block selections.
+:func:`nvfp4_halves` is the ``@triton.jit`` helper that loads a tile of keys (e.g. one page) in
+this format, as its even and odd elements; :func:`selection_agreement` compares two top-k block
+selections.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def dequantize_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, token_scal
     Args:
         packed: ``[..., Di // 2]`` uint8; block_scale: ``[..., Di // 16]`` float8_e4m3fn;
             token_scale: ``[...]`` float32 (all ones gives ``e2m1 * block_scale``, which is what
-            :func:`nvfp4_tile` returns, exactly in fp16).
+            :func:`nvfp4_halves` returns, exactly in fp16).
         dtype: fp16, bf16 or fp32 of the result.
     Returns:
         ``[..., Di]`` of ``dtype``: ``e2m1 * block_scale`` (exact) times ``token_scale`` in
@@ -148,9 +149,13 @@ def _e2m1_to_fp16(code):
 
 
 @triton.jit
-def nvfp4_tile(packed_ptr, stride_packed_row, block_scale_ptr, stride_block_scale_row, rows,
-               row_mask, DI: tl.constexpr, OUT_DTYPE: tl.constexpr = tl.float16):
-    """Load rows of 4-bit keys as a ``[N, DI]`` tile of ``e2m1 * block_scale`` (no token scale).
+def nvfp4_halves(packed_ptr, stride_packed_row, block_scale_ptr, stride_block_scale_row, rows,
+                 row_mask, DI: tl.constexpr):
+    """Load rows of 4-bit keys as their even and odd elements, ``e2m1 * block_scale`` (no token
+    scale), two ``[N, DI // 2]`` fp16 tiles: element ``2j`` of a row (low nibble of byte ``j``)
+    and element ``2j + 1`` (high nibble). A kernel takes ``q[:, 0::2] . even^T + q[:, 1::2] .
+    odd^T`` (two MMAs with K = DI / 2), so the nibbles are never interleaved in registers, and
+    multiplies the scores by the float32 token scale afterwards.
 
     Args:
         packed_ptr: uint8 pointer, e.g. the first byte of a page ``packed[page]``; row ``r`` starts
@@ -160,30 +165,21 @@ def nvfp4_tile(packed_ptr, stride_packed_row, block_scale_ptr, stride_block_scal
         rows: ``[N]`` integer row offsets (``tl.arange(0, PAGE_SIZE)`` for a page; pass int64
             when ``rows * stride`` may pass 2^31).
         row_mask: ``[N]`` bool; masked rows are not read and come back as zeros.
-        DI: index dim, a multiple of 16 (and a power of two, as Triton tiles need).
-        OUT_DTYPE: ``tl.float16`` (default) or ``tl.bfloat16``; both hold the products exactly.
+        DI: index dim, a power of two of at least 32 (MMAs need K = DI / 2 >= 16).
     Returns:
-        ``[N, DI]`` ``OUT_DTYPE``, bit for bit ``dequantize_nvfp4(packed, block_scale, ones)``.
-        The caller takes the dot and then multiplies the scores by the float32 token scale:
-        ``score = q . (e2m1 * block_scale) * token_scale``.
-
-    The nibbles are decoded with integer ops into fp16 bit patterns (no lookup table in memory),
-    interleaved with ``tl.join`` + ``tl.reshape`` and multiplied by the block scales broadcast over
-    ``[N, DI // 16, 16]``.
+        ``(even, odd)``, ``[N, DI // 2]`` fp16 each, bit for bit the even and odd columns of
+        ``dequantize_nvfp4(packed, block_scale, ones)`` (the products are exact in fp16).
     """
-    tl.static_assert(DI % 16 == 0, "DI must be a multiple of 16")
+    tl.static_assert(DI >= 32, "DI must be at least 32")
     half = tl.arange(0, DI // 2)
     packed = tl.load(packed_ptr + rows[:, None] * stride_packed_row + half[None, :],
                      mask=row_mask[:, None], other=0).to(tl.int32)  # [N, DI // 2]
-    low = _e2m1_to_fp16(packed & 0xF)  # elements 2j
-    high = _e2m1_to_fp16((packed >> 4) & 0xF)  # elements 2j + 1
-    values = tl.reshape(tl.join(low, high), (rows.shape[0], DI // 16, 16))  # order 2j, 2j + 1
-    block = tl.arange(0, DI // 16)
-    block_scale = tl.load(block_scale_ptr + rows[:, None] * stride_block_scale_row + block[None, :],
-                          mask=row_mask[:, None], other=0.0)
+    # Both elements of byte j lie in block j // 8 (16 elements a block): one scale per byte,
+    # read again by the 8 bytes of a block (from L1).
+    block_scale = tl.load(block_scale_ptr + rows[:, None] * stride_block_scale_row
+                          + (half // 8)[None, :], mask=row_mask[:, None], other=0.0)
     block_scale = block_scale.to(tl.float8e4nv, bitcast=True).to(tl.float16)  # exact
-    tile = tl.reshape(values * block_scale[:, :, None], (rows.shape[0], DI))  # exact in fp16
-    return tile.to(OUT_DTYPE)
+    return _e2m1_to_fp16(packed & 0xF) * block_scale, _e2m1_to_fp16(packed >> 4) * block_scale
 
 
 def selection_agreement(indices_a: torch.Tensor, indices_b: torch.Tensor) -> dict:
