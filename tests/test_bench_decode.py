@@ -7,6 +7,8 @@ import argparse
 import importlib.util
 import json
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -156,25 +158,31 @@ def test_measure_eager_calls_after():
 
 
 class FakeGraph:
-    def __init__(self, fn, x):
-        self.fn, self.x = fn, x
+    """Replays ``fn`` on the sets ``i - steps + 1 .. i`` as a graph of ``capture_graphs`` would."""
+
+    def __init__(self, fn, inputs, i, steps):
+        self.calls = [inputs[(i - j) % len(inputs)] for j in range(steps - 1, -1, -1)]
+        self.fn = fn
 
     def replay(self):
-        self.fn(self.x)
+        for x in self.calls:
+            self.fn(x)
 
 
 def test_measure_graph_branches(monkeypatch):
-    """Graph mode (faked on the CPU): replays are timed and ``after`` replays; a capture that fails
-    falls back to eager calls and says why."""
+    """Graph mode (faked on the CPU): replays of graphs of ``steps_per_graph`` steps are timed
+    (the last step of graph ``i`` on set ``i``) and ``after`` replays; a capture that fails falls
+    back to eager calls and says why."""
     monkeypatch.setattr(decode.DecodeSettings, "use_graphs", property(lambda self: True))
-    monkeypatch.setattr(decode, "capture_graphs",
-                        lambda fn, inputs: [FakeGraph(fn, x) for x in inputs])
+    monkeypatch.setattr(decode, "capture_graphs", lambda fn, inputs, steps: [
+        FakeGraph(fn, inputs, i, steps) for i in range(len(inputs))])
     seen, after = [], []
-    measured = decode.measure(settings(), seen.append, ["a", "b"],
-                              after=lambda call: (call(0), after.append(seen[-1])))
-    assert measured.mode == "cuda-graph" and measured.graph_failure is None and after == ["a"]
+    measured = decode.measure(replace(settings(), steps_per_graph=3), seen.append, ["a", "b"],
+                              after=lambda call: (call(0), after.append(seen[-3:])))
+    assert measured.mode == "cuda-graph" and measured.graph_failure is None
+    assert after == [["a", "b", "a"]]
 
-    def fail(fn, inputs):
+    def fail(fn, inputs, steps):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
     monkeypatch.setattr(decode, "capture_graphs", fail)

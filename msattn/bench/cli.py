@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"index-key cache dtypes, some of {','.join(decode.INDEX_DTYPES)}")
     dec.add_argument("--no-graphs", action="store_true",
                      help="time eager calls instead of CUDA-graph replays")
+    dec.add_argument("--steps-per-graph", type=positive_int, default=8,
+                     help="consecutive steps in one CUDA graph (default 8; 1: one graph per step, "
+                          "whose launch cost then counts in every step)")
     dec.add_argument("--workloads", type=workloads,
                      help=f"index-query workloads, some of {','.join(decode.WORKLOADS)} "
                           "(correlated: the tokens of a request near one base query)")
@@ -326,7 +329,8 @@ def _decode_settings(args: argparse.Namespace, suite: Suite, parser) -> decode.D
         graphs=suite.graphs and not args.no_graphs, warmup=pick("warmup"),
         repeats=pick("repeats"), time_budget_s=pick("time_budget_s"), dense=not args.no_dense,
         dense_max_len=args.dense_max_len, bandwidth_bytes=suite.copy_mib << 20, seed=args.seed,
-        workloads=pick("workloads"), peer=not args.no_peer, breakdown=pick("breakdown"))
+        workloads=pick("workloads"), peer=not args.no_peer, breakdown=pick("breakdown"),
+        steps_per_graph=args.steps_per_graph)
 
 
 def _decode_header(env: dict, settings: decode.DecodeSettings, bandwidth_gbps: float) -> str:

@@ -38,6 +38,7 @@ kernel of a step is recorded too (:func:`kernel_breakdown`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -104,6 +105,10 @@ class DecodeSettings:
     workloads: tuple[str, ...] = ("random",)  # of WORKLOADS
     peer: bool = True  # time vLLM's decode too where it can run (CUDA, its files present)
     breakdown: bool = False  # per-kernel device times (CUDA only)
+    # Consecutive steps (on consecutive input sets) in one CUDA graph, as a model runs its layers
+    # in one graph: a replay's host-side launch cost (~10-20 us on the H200 machine, more than a
+    # short decode step) is paid once per graph; a step's time is the graph's over this count.
+    steps_per_graph: int = 8
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
@@ -282,9 +287,10 @@ def bottom_right_causal_mask(q_tokens: int, seq_len: int, device) -> torch.Tenso
 # Timing: CUDA graphs where possible
 # ----------------------------------------------------------------------------------------------
 
-def capture_graphs(fn: Callable, inputs: Sequence) -> list:
-    """One CUDA graph of ``fn(x)`` per input set, after a warm-up call of each on a side stream
-    (lazy initialisation of libraries must happen outside capture)."""
+def capture_graphs(fn: Callable, inputs: Sequence, steps: int = 1) -> list:
+    """One CUDA graph per input set ``i``, of ``steps`` calls ``fn(x)`` on the sets ``i - steps +
+    1, ..., i`` (cyclically; the last on set ``i``), after a warm-up call of each set on a side
+    stream (lazy initialisation of libraries must happen outside capture)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -293,10 +299,11 @@ def capture_graphs(fn: Callable, inputs: Sequence) -> list:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graphs = []
-    for x in inputs:
+    for i in range(len(inputs)):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn(x)
+            for j in range(steps - 1, -1, -1):
+                fn(inputs[(i - j) % len(inputs)])
         graphs.append(graph)
     torch.cuda.synchronize()
     return graphs
@@ -314,7 +321,8 @@ class Measured:
 def measure(settings: DecodeSettings, fn: Callable, inputs: Sequence,
             after: Callable[[Callable[[int], None]], None] | None = None) -> Measured:
     """Median time of ``fn(x)`` over the rotating ``inputs``: CUDA-graph replays when the
-    settings ask for graphs and capture succeeds, else eager calls.
+    settings ask for graphs and capture succeeds (graphs of ``settings.steps_per_graph`` calls,
+    the time divided by that count), else eager calls.
 
     ``after(call)``, when given, runs after the timing with ``call(i)`` running the timed form
     (graph replay or eager call) of input set ``i`` once, e.g. to check its output.
@@ -323,12 +331,13 @@ def measure(settings: DecodeSettings, fn: Callable, inputs: Sequence,
     failure = None
     if settings.use_graphs:
         try:
-            graphs = capture_graphs(fn, inputs)
+            graphs = capture_graphs(fn, inputs, settings.steps_per_graph)
         except Exception as error:  # capture unsupported by a kernel: time eager calls instead
             failure = _first_line(error)
             synchronize(settings.device)
         else:
             result = time_ms(lambda graph: graph.replay(), graphs, device=settings.device, **timing)
+            result = dataclasses.replace(result, ms=result.ms / settings.steps_per_graph)
             if after is not None:
                 after(lambda i: graphs[i].replay())
             del graphs

@@ -232,7 +232,8 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
     configuration (the first is the baseline the others' selections are compared with)."""
     settings = _decode_settings(0)
     bandwidth = decode.bandwidth_ceiling_gbps(settings)
-    # The harness's own floor: a graph of one tiny kernel, timed as the steps are.
+    # The harness's own floor: graphs of one tiny kernel per step, timed as the steps are
+    # (settings.steps_per_graph steps per graph).
     tiny = torch.zeros(1, device="cuda")
     floor_us = decode.measure(settings, lambda _: tiny.add_(1), [None]).timing.ms * 1e3
     print(f"bandwidth ceiling {bandwidth:.0f} GB/s; one-kernel graph {floor_us:.2f} us", flush=True)
@@ -272,8 +273,7 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                     row["rows_differing"] = int((got != expected).any(-1).sum())
                     row["timeline_us"] = _timeline_us(step)
                     row["us"] = round(decode.measure(settings, step, [None]).timing.ms * 1e3, 2)
-                    row["us_per_step_in_graph"] = _steps_in_graph_us(settings, step)
-                    row["gbps"] = round(step_bytes / (row["us_per_step_in_graph"] * 1e3), 1)
+                    row["gbps"] = round(step_bytes / (row["us"] * 1e3), 1)
                     row["bandwidth_fraction"] = round(row["gbps"] / bandwidth, 3)
                 except Exception as error:  # a config that does not compile or fit is reported
                     row["error"] = str(error).splitlines()[0][:200]
@@ -294,18 +294,6 @@ def _replan_attention(wrapper, *, pdl: bool | None = None, split: bool | None = 
             plan.total_q, plan.batch, plan.max_len_q, plan.num_heads, plan.num_groups,
             plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split)
     return plan if pdl is None else dataclasses.replace(plan, pdl=pdl)
-
-
-STEPS_PER_GRAPH = 16
-
-
-def _steps_in_graph_us(settings, step) -> float:
-    """Microseconds per step of a CUDA graph of ``STEPS_PER_GRAPH`` consecutive steps (as a
-    model's layers run in one graph): the graph launch's host cost is paid once, not per step."""
-    def steps(_):
-        for _ in range(STEPS_PER_GRAPH):
-            step(None)
-    return round(decode.measure(settings, steps, [None]).timing.ms * 1e3 / STEPS_PER_GRAPH, 2)
 
 
 def _timeline_us(step, calls: int = 20) -> dict:
