@@ -4,6 +4,7 @@
 #   scripts/device_run.sh memcheck                the memcheck step alone
 #   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi, train, hf)
 #   scripts/device_run.sh tune WHAT [options]     kernel profile / launch-config sweep (msattn.bench.tune)
+#   scripts/device_run.sh ncu LENGTH [DTYPE]      Nsight Compute durations of one decode step's kernels
 #   scripts/device_run.sh all [BENCH_ARGS...]      test, then the prefill and decode benches
 # Whole logs and results go to $OUT (or ./device_out when OUT is unset); a summary of every step
 # is printed last. The exit status is nonzero when any step failed.
@@ -64,6 +65,11 @@ case "$mode" in
     ;;
   tune)
     step tune "tune-${1:-profile}.log" python3 -m msattn.bench.tune "$@" --out "$OUT"
+    ;;
+  ncu)
+    step ncu "ncu-${1:-65536}.log" ncu --launch-skip 6 --launch-count 3 \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+        python3 scripts/ncu_decode_step.py "$@"
     ;;
   all)
     run_tests
