@@ -319,7 +319,8 @@ def test_fp8_index_keys_on_random_data(backend):
     """Standard-normal bf16 index keys quantised to e4m3 with per-token scales, decode (1 token)
     and multi-token (3, 8) requests past topk * page_size tokens.
 
-    Selection: the fp8 cache selects what its dequantised keys select (float near-ties aside).
+    Selection: the fp8 cache selects what its dequantised keys select against the fp8-rounded
+    queries (reference.fp8_index_queries; float near-ties aside).
     Against the original bf16 keys it may differ only where e4m3 rounding (<= 2^-4 of each key
     value, 2^-10 of its scale below e4m3's normal range) can swap two blocks. On i.i.d. random keys
     such near-ties are common: seeds 0-9 keep 85-94% of the (token, group) rows' block sets and
@@ -341,11 +342,12 @@ def test_fp8_index_keys_on_random_data(backend):
     layout = dict(block_table=c["block_table"], cu_seqlens_q=c["cu_q"], seq_lens=c["seq_lens"],
                   index_scale=key_scale, backend=backend, **kwargs)
     indices = msattn.msa_paged_select(c["qi"], keys_fp8, **layout)
-    select = lambda ki: reference.select_blocks(c["qi"], ki, c["cu_q"], c["cu_k"],  # noqa: E731
-                                                block_size=page_size, **kwargs)
+    select = lambda qi, ki: reference.select_blocks(qi, ki, c["cu_q"], c["cu_k"],  # noqa: E731
+                                                    block_size=page_size, **kwargs)
     check = dict(cu_q=c["cu_q"], cu_k=c["cu_k"], block_size=page_size, rel_tol=1e-5)
-    assert_selection_matches(indices, select(dequantised), c["qi"], dequantised, **check)
-    exact = select(c["ki"])
+    rounded = reference.fp8_index_queries(c["qi"])  # fp8 keys are scored against fp8 queries
+    assert_selection_matches(indices, select(rounded, dequantised), rounded, dequantised, **check)
+    exact = select(c["qi"], c["ki"])
     key_error = 2 ** -4 * (c["ki"].float().abs() + 2 ** -6 * contiguous_scale[:, None])
     assert_selection_matches(indices, exact, c["qi"], c["ki"], key_error=key_error, **check)
     same_rows = (indices.sort(-1).values == exact.sort(-1).values).all(-1)  # [G, total_q]

@@ -22,8 +22,9 @@ def sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, *, block_size
 def paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
                  local_blocks, index_scale, max_seqlen_q=None):
     keys, cu_seqlens_k = gather_paged(index_cache, block_table, seq_lens)
-    if index_scale is not None:
+    if index_scale is not None:  # the fp8 index path: fp8 keys against fp8 queries
         keys = dequantize_index_keys(keys, gather_paged(index_scale, block_table, seq_lens)[0])
+        qi = reference.fp8_index_queries(qi)
     return reference.select_blocks(qi, keys, cu_seqlens_q, cu_seqlens_k,
                                    block_size=index_cache.shape[1], topk=topk,
                                    init_blocks=init_blocks, local_blocks=local_blocks)
