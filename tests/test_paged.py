@@ -87,7 +87,7 @@ def test_paged_select_matches_contiguous(case):
 @pytest.mark.parametrize("query_scale", [99840.0, 2.0 ** -26])
 def test_fp8_keys_with_bf16_queries_of_any_magnitude(query_scale):
     """bf16 index queries beyond fp16's range (or deep in its subnormals) select as the reference:
-    the fp8 path scales each query row by a power of two before converting it to fp16."""
+    the fp8 path quantises each query row with its own float32 scale (max |row| / 448)."""
     c = _case([1, 3], [700, 129], 8, 4, 16, 16, 32, torch.bfloat16, fp8=True, seed=9)
     qi = (c["qi"].float() * query_scale).to(torch.bfloat16)  # exact: small integers x (2^k or 99840)
     kwargs = dict(topk=4, init_blocks=0, local_blocks=1)

@@ -157,11 +157,12 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
             else:
                 key_mask = keys >= 0
                 k = tl.load(key_ptrs, mask=dim_mask[None, :], other=0.0)
-            scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
             if KEY_SCALE:
                 key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs, mask=key_mask,
                                     other=0.0)
-                scores = scores * key_scale[None, :]
+                scores = _fp8_dot(q, k, DOT_UPCAST) * key_scale[None, :]
+            else:
+                scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
             if MASKED:
                 scores = tl.where(keys[None, :] <= position[:, None], scores, float("-inf"))
             block_max = tl.maximum(block_max, tl.max(scores, axis=1))
@@ -251,10 +252,9 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
         q = tl.load(qi_ptr + global_token.to(tl.int64)[:, None] * stride_qi_token
                     + group[:, None] * stride_qi_group + dim[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-        if KEY_SCALE and q.dtype == tl.bfloat16:
-            # fp8 keys convert to fp16 in one exact step (to bf16 in three): bf16 queries go to
-            # fp16 (the ranking within a row is unchanged by its power-of-two scale).
-            q, _ = _rows_to_fp16(q)
+        if KEY_SCALE:  # fp8 keys: fp8 queries (one scale per row), a native fp8 MMA
+            q, query_scale = _quantize_rows_fp8(q, DOT_UPCAST)
+            scale = scale * query_scale
         position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
         own_block = position // BLOCK_SIZE
         first_position = len_k - len_q + tile * BLOCK_R // NUM_GROUPS
@@ -462,6 +462,19 @@ class PageTopkConfig:
 
 
 @triton.jit
+def _fp8_dot(q, k, EMULATED: tl.constexpr):
+    """``q [R, Di] . k [N, Di]^T`` in float32 for fp8 queries (:func:`_quantize_rows_fp8`; float32
+    values on e4m3's grid when ``EMULATED``) and fp8 keys: a native fp8 MMA where Di >= 32, else
+    an fp16 one on the same (exactly converted) values."""
+    if EMULATED:
+        return tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    elif q.shape[1] >= 32:
+        return tl.dot(q, tl.trans(k))
+    else:
+        return tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
+
+
+@triton.jit
 def _rows_to_fp16(q, other_abs_max=None):
     """Rows of ``q [R, Di]`` in fp16, each scaled by a power of two ``2^shift [R]`` (returned)
     that brings its largest value (or ``other_abs_max [R]``, when larger: the rest of the row
@@ -567,13 +580,7 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
                 elif KEY_FORMAT == 1:
                     k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
                                 mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-                    if DOT_UPCAST:  # the interpreter: exact float32 products of the fp8 values
-                        scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
-                                        input_precision="ieee")
-                    elif BLOCK_D >= 32:  # native fp8 x fp8
-                        scores = tl.dot(q, tl.trans(k))
-                    else:  # fp8 MMAs need K >= 32: the same values in fp16 (exact)
-                        scores = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)))
+                    scores = _fp8_dot(q, k, DOT_UPCAST)
                     key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs,
                                         mask=key_mask, other=0.0)
                     scores = scores * key_scale[None, :]
@@ -979,6 +986,6 @@ def run_selection(plan: SelectionPlan | BlockTopkPlan, qi: torch.Tensor, keys: t
         MERGE_ROWS=plan.merge_shape[0], CANDIDATES_PAD=plan.merge_shape[1],
         LEVEL_MERGE_ROWS=plan.level_merge_shape[0], LEVEL_CANDIDATES_PAD=plan.level_merge_shape[1],
         PDL_TRIGGER=programmatic_launch(qi.device),
-        **dot_options(qi.dtype), num_warps=plan.config.num_warps,
+        **_score_dot_options(qi.dtype, int(index_scale is not None)), num_warps=plan.config.num_warps,
         num_stages=plan.config.num_stages)
     return out
