@@ -252,9 +252,10 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
         q = tl.load(qi_ptr + global_token.to(tl.int64)[:, None] * stride_qi_token
                     + group[:, None] * stride_qi_group + dim[None, :],
                     mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        row_scale = tl.full([BLOCK_R], scale, tl.float32)
         if KEY_SCALE:  # fp8 keys: fp8 queries (one scale per row), a native fp8 MMA
             q, query_scale = _quantize_rows_fp8(q, DOT_UPCAST)
-            scale = scale * query_scale
+            row_scale = row_scale * query_scale
         position = tl.where(row_mask, position, -1)  # rows past the sequence see no key
         own_block = position // BLOCK_SIZE
         first_position = len_k - len_q + tile * BLOCK_R // NUM_GROUPS
@@ -273,17 +274,17 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
             single_from = block_lo + (unmasked_end - block_lo) // 2 * 2
             vals, ids, threshold = _scan_block_pairs(
                 q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, own_block, block_lo,
-                single_from, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
+                single_from, vals, ids, threshold, row_scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
                 LOCAL_BLOCKS, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
             stride_scale_page, k_start, dim, dim_mask, position, own_block, single_from,
-            unmasked_end, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
+            unmasked_end, vals, ids, threshold, row_scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
             LOCAL_BLOCKS, False, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
             stride_scale_page, k_start, dim, dim_mask, position, own_block, unmasked_end,
-            block_hi, vals, ids, threshold, scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
+            block_hi, vals, ids, threshold, row_scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
             LOCAL_BLOCKS, True, PAGED, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
         if PDL_TRIGGER:  # the attention may launch now; it waits for this grid to finish
             gdc_launch_dependents()
@@ -440,8 +441,14 @@ PAGE_TOPK_MAX_QUERY_LEN = 16
 class PageTopkConfig:
     """Launch configuration of the decode selection (block scores, then top-k).
 
+    The defaults won on an H200 (benchmarks/results/tuning/tune-decode_nvidia-h200_20261202-143927.json,
+    graphs of 8 steps): ``tl.topk`` over max rounds by 2-12 us a step (64K: 21.4 -> 19.4 us, 1M
+    bf16: 86.7 -> 80.6 us), 8 score programs per SM only with several requests (32 x 8 x 64K:
+    443 -> 421 us; 1 x 1M: 80.6 -> 84.6 us).
+
     Attributes:
-        programs_per_sm: score programs per multiprocessor the key blocks are spread over.
+        programs_per_sm: score programs per multiprocessor the key blocks are spread over (one
+            request); batched_programs_per_sm: the same with several requests.
         block_n: keys per score tile; score_warps, score_stages: as in Triton.
         segment: most blocks of a row one top-k program ranks (a power of two); rows with more
             blocks are ranked in segments whose lists the row's last segment merges.
@@ -452,13 +459,14 @@ class PageTopkConfig:
     """
 
     programs_per_sm: int = 4
-    block_n: int = 64
+    batched_programs_per_sm: int = 8
+    block_n: int = 128
     score_warps: int = 4
-    score_stages: int = 3
+    score_stages: int = 2
     segment: int = 1024
     topk_warps: int = 4
     min_block_r: int = 16
-    bitonic: bool = False
+    bitonic: bool = True
 
 
 @triton.jit
@@ -809,7 +817,8 @@ def _plan_block_topk(total_q: int, batch: int, num_groups: int, max_len_q: int, 
     block_r = min(max(64, config.min_block_r), max(config.min_block_r, triton.next_power_of_2(rows_per_sequence)))
     num_tiles = triton.cdiv(rows_per_sequence, block_r)
     max_blocks = max(1, max_blocks)
-    programs = config.programs_per_sm * device_sm_count(device)
+    programs = (config.programs_per_sm if batch == 1 else config.batched_programs_per_sm) \
+        * device_sm_count(device)
     num_chunks = max(1, min(max_blocks, triton.cdiv(programs, batch * num_tiles)))
     blocks_per_program = triton.cdiv(max_blocks, num_chunks)
     num_chunks = triton.cdiv(max_blocks, blocks_per_program)
