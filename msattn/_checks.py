@@ -16,6 +16,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPE = torch.float8_e4m3fn
 INDEX_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)
+KV_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)  # K/V caches: fp8 with k_scale / v_scale
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -159,6 +160,51 @@ def check_index_scale(index_cache: torch.Tensor, index_scale) -> None:
     elif index_scale is not None:
         raise ValueError("index_scale is only used with a float8_e4m3fn index_cache; got index_scale "
                          f"with a {dtype_name(index_cache.dtype)} index_cache")
+
+
+def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale, *,
+                    q_dtype: torch.dtype | None = None) -> None:
+    """The fp8 K/V rule: float8_e4m3fn ``k_cache``, ``v_cache [num_pages, page_size, G, D]`` (both
+    or neither) need float32 ``k_scale`` and ``v_scale`` of shape ``[]`` (per tensor) or ``[G]``
+    (per KV head) on the caches' device (real K = ``k_cache.float() * k_scale``), and 16-bit
+    queries (``q_dtype``, when given); 16-bit or float32 caches take no scale and share
+    ``q_dtype``."""
+    fp8 = k_cache.dtype == FP8_DTYPE
+    if (v_cache.dtype == FP8_DTYPE) != fp8:
+        raise TypeError(f"k_cache and v_cache must both be float8_e4m3fn or neither, got "
+                        f"{dtype_name(k_cache.dtype)} and {dtype_name(v_cache.dtype)}")
+    if not fp8:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} is only used with float8_e4m3fn K/V caches; got {name} "
+                                 f"with {dtype_name(k_cache.dtype)} caches")
+        if q_dtype is not None and (k_cache.dtype != q_dtype or v_cache.dtype != q_dtype):
+            raise TypeError(f"q, k_cache and v_cache must share one dtype (or the caches be "
+                            f"float8_e4m3fn), got {dtype_name(q_dtype)}, "
+                            f"{dtype_name(k_cache.dtype)}, {dtype_name(v_cache.dtype)}")
+        return
+    if q_dtype is not None and q_dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"float8_e4m3fn K/V caches need float16 or bfloat16 queries, got "
+                        f"{dtype_name(q_dtype)}")
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} (float32 [] per tensor or [G={k_cache.shape[2]}] per KV head) "
+                             "is required with float8_e4m3fn K/V caches")
+        check_kv_scale(name, scale, k_cache.shape[2], k_cache.device)
+
+
+def check_kv_scale(name: str, scale, num_groups: int, device: torch.device) -> None:
+    """A float32 ``[]`` (per tensor) or ``[G]`` (per KV head) scale of fp8 K/V on ``device``."""
+    if not isinstance(scale, torch.Tensor):
+        raise TypeError(f"{name} must be a float32 torch.Tensor of shape [] or [G={num_groups}], "
+                        f"got {type(scale).__name__}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"{name} must have dtype float32, got {dtype_name(scale.dtype)}")
+    if tuple(scale.shape) not in ((), (num_groups,)):
+        raise ValueError(f"{name} must have shape [] (per tensor) or [G={num_groups}] (per KV "
+                         f"head), got {tuple(scale.shape)}")
+    if scale.device != device:
+        raise ValueError(f"{name} is on {scale.device} but the K/V are on {device}")
 
 
 def check_batch_layout(block_table, cu_seqlens_q, seq_lens, device) -> int:

@@ -3,7 +3,9 @@
 Layout of one layer's caches (``page_size`` = MSA ``block_size``):
 
 * ``k_cache, v_cache [num_pages, page_size, G, D]`` fp16 / bf16 / fp32, any strides (a head-major
-  physical buffer ``[num_pages, G, page_size, D]`` permuted to this logical view works as is);
+  physical buffer ``[num_pages, G, page_size, D]`` permuted to this logical view works as is), or
+  ``torch.float8_e4m3fn`` with float32 ``k_scale``, ``v_scale`` of shape ``[]`` (per tensor) or
+  ``[G]`` (per KV head): real K = ``k_cache.float() * k_scale`` (:func:`quantize_kv`);
 * ``index_cache [num_pages, page_size, Di]`` fp16 / bf16 / fp32, or ``torch.float8_e4m3fn`` with
   ``index_scale [num_pages, page_size]`` float32: dequantised key = ``float(fp8) * scale``;
 * ``block_table [B, max_pages]`` int32: page ``i`` of request ``b`` is ``block_table[b, i]``;
@@ -26,10 +28,10 @@ from typing import Iterable, Sequence
 
 import torch
 
-from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, check_any_rank,
+from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, check_any_rank,
                             check_batch_layout, check_batch_layout_values, check_dtype_choice,
-                            check_index_scale, check_int, check_same_device, check_shape, check_tensor, dtype_name,
-                            request_pages)
+                            check_index_scale, check_int, check_kv_scale, check_kv_scales, check_same_device,
+                            check_shape, check_tensor, dtype_name, request_pages)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
@@ -68,6 +70,51 @@ def dequantize_index_keys(keys_fp8: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------
+# FP8 K/V
+# ----------------------------------------------------------------------------------------------
+
+def _kv_scale_shape(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale []`` or ``[G]`` as a factor that broadcasts over ``x [..., G, D]``."""
+    return scale[:, None] if scale.dim() == 1 else scale
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise keys or values to float8_e4m3fn with a per-KV-head or per-tensor float32 scale.
+
+    Args:
+        x: ``[..., G, D]`` fp16, bf16 or fp32 (e.g. ``[total, G, D]`` or a whole cache).
+        scale: float32 ``[]`` (per tensor) or ``[G]`` (per KV head) to quantise with (a cache's
+            fixed scale); default: per head, ``amax(|x|) / 448`` over all but the G dim (1.0 for an
+            all-zero head).
+    Returns:
+        ``(x_fp8 [..., G, D] float8_e4m3fn, scale)``: ``x / scale`` rounded to nearest and clamped
+        to +-448, so that ``x_fp8.float() * scale`` (:func:`dequantize_kv`) approximates ``x``
+        within 2^-4 of each value (2^-10 of the scale below e4m3's normal range), where
+        ``|x| <= 448 * scale``.
+    """
+    check_tensor("x", x, max(2, x.dim()) if isinstance(x, torch.Tensor) else 2, "[..., G, D]",
+                 FLOAT_DTYPES)
+    values = x.float()
+    if scale is None:
+        per_head = values.abs().movedim(-2, 0).reshape(x.shape[-2], -1)
+        amax = per_head.amax(1) if per_head.shape[1] else per_head.new_zeros(x.shape[-2])
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    check_kv_scale("scale", scale, x.shape[-2], x.device)
+    scaled = (values / _kv_scale_shape(x, scale)).clamp(-FP8_MAX, FP8_MAX)
+    return scaled.to(FP8_DTYPE), scale
+
+
+def dequantize_kv(x_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_kv`: ``x_fp8 [..., G, D]`` float8_e4m3fn and ``scale`` float32
+    ``[]`` or ``[G]`` -> float32 ``[..., G, D]``."""
+    check_tensor("x_fp8", x_fp8, max(2, x_fp8.dim()) if isinstance(x_fp8, torch.Tensor) else 2,
+                 "[..., G, D]", (FP8_DTYPE,))
+    check_kv_scale("scale", scale, x_fp8.shape[-2], x_fp8.device)
+    return x_fp8.float() * _kv_scale_shape(x_fp8, scale)
+
+
+# ----------------------------------------------------------------------------------------------
 # Writing and reading pages
 # ----------------------------------------------------------------------------------------------
 
@@ -92,21 +139,26 @@ def token_slots(block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens:
 
 
 def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
-                      seq_lens, *, index_scale=None, check_values=False) -> None:
+                      seq_lens, *, index_scale=None, k_scale=None, v_scale=None,
+                      check_values=False) -> None:
     """Write the new tokens' K, V and index keys into their pages (in place, through the views).
 
     Args:
-        k, v: ``[total_q, G, D]`` fp16 / bf16 / fp32 (cast to the cache dtype), the new tokens of
+        k, v: ``[total_q, G, D]`` fp16 / bf16 / fp32 (cast to the cache dtype, or quantised with
+            ``k_scale`` / ``v_scale`` by :func:`quantize_kv` into fp8 caches), the new tokens of
             all requests in the varlen order of ``cu_seqlens_q``.
         index_keys: ``[total_q, Di]`` fp16 / bf16 / fp32; quantised per token
             (:func:`quantize_index_keys`) when ``index_cache`` is float8_e4m3fn.
-        k_cache, v_cache: ``[num_pages, page_size, G, D]``, any strides.
+        k_cache, v_cache: ``[num_pages, page_size, G, D]`` fp16 / bf16 / fp32 / float8_e4m3fn, any
+            strides.
         index_cache: ``[num_pages, page_size, Di]`` fp16 / bf16 / fp32 / float8_e4m3fn, any strides.
         block_table: int32 ``[B, max_pages]``.
         cu_seqlens_q: int32 ``[B + 1]``, ``cu_seqlens_q[-1] == total_q``.
         seq_lens: int32 ``[B]``, tokens of request ``b`` after this write (new tokens included).
         index_scale: float32 ``[num_pages, page_size]``: required with an fp8 ``index_cache``,
             must be None otherwise.
+        k_scale, v_scale: float32 ``[]`` or ``[G]``, the scales of fp8 K/V caches (required with
+            them, None otherwise).
         check_values: also check the values of ``cu_seqlens_q``, ``seq_lens`` and the used
             entries of ``block_table`` on the host (synchronises; not capturable). Without it,
             bad values write to wrong pages (or fault on the GPU).
@@ -115,8 +167,8 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     synchronisation and can be captured in a CUDA graph.
     """
     check_tensor("k", k, 3, "[total_q, G, D]", FLOAT_DTYPES)
-    check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
-    check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", FLOAT_DTYPES)
+    check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
+    check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
     check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", INDEX_DTYPES)
     total_q, num_groups, head_dim = k.shape
     num_pages, page_size = k_cache.shape[:2]
@@ -126,6 +178,7 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     if v_cache.dtype != k_cache.dtype:
         raise TypeError(f"v_cache must have the dtype of k_cache ({dtype_name(k_cache.dtype)}), got "
                         f"{dtype_name(v_cache.dtype)}")
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     check_tensor("v", v, 3, "[total_q, G, D]", FLOAT_DTYPES)
     check_shape("v", v, k.shape, "k.shape")
     check_tensor("index_keys", index_keys, 2, "[total_q, Di]", FLOAT_DTYPES)
@@ -146,8 +199,12 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
         return
 
     pages, slots = token_slots(block_table, cu_seqlens_q, seq_lens, total_q, page_size)
-    k_cache[pages, slots] = k.to(k_cache.dtype)
-    v_cache[pages, slots] = v.to(v_cache.dtype)
+    if k_cache.dtype == FP8_DTYPE:
+        k_cache[pages, slots] = quantize_kv(k, k_scale)[0]
+        v_cache[pages, slots] = quantize_kv(v, v_scale)[0]
+    else:
+        k_cache[pages, slots] = k.to(k_cache.dtype)
+        v_cache[pages, slots] = v.to(v_cache.dtype)
     if fp8:
         keys, scale = quantize_index_keys(index_keys)
         index_cache[pages, slots] = keys
@@ -195,23 +252,30 @@ class MSAPagedCache:
     Attributes (``layer`` indexes the lists):
         k_cache[layer], v_cache[layer]: ``[num_pages, page_size, G, D]`` of ``dtype`` (a view of a
             ``[num_pages, G, page_size, D]`` buffer when ``head_major``);
+        k_scale[layer], v_scale[layer]: float32 ``[]`` or ``[G]`` with fp8 K/V (the constructor's
+            scales, one copy per layer, which may be updated in place before the first write),
+            else None;
         index_cache[layer]: ``[num_pages, page_size, Di]`` of ``index_dtype``;
         index_scale[layer]: float32 ``[num_pages, page_size]`` with fp8 index keys, else None;
         page_size, num_pages, num_kv_heads, head_dim, index_dim, num_layers.
 
     Pages are shared by all layers: one page id addresses the same slots in every layer's buffers,
-    so one block table serves the whole model. K/V and index buffers start zeroed, scales at one.
+    so one block table serves the whole model. K/V and index buffers start zeroed, index scales
+    at one. With ``dtype=torch.float8_e4m3fn`` the K/V writes quantise with ``k_scale`` and
+    ``v_scale`` (floats, or float32 tensors ``[]`` / ``[G]``, e.g. from :func:`quantize_kv` on
+    calibration data), which are required then.
     """
 
     def __init__(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  index_dim: int, *, num_layers: int = 1, dtype: torch.dtype = torch.bfloat16,
-                 index_dtype: torch.dtype = torch.bfloat16, device=None, head_major: bool = False):
+                 index_dtype: torch.dtype = torch.bfloat16, device=None, head_major: bool = False,
+                 k_scale=None, v_scale=None):
         for name, value in (("num_pages", num_pages), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("index_dim", index_dim),
                             ("num_layers", num_layers)):
             check_int(name, value, 1)
         check_int("page_size (the MSA block size)", page_size, 1, power_of_two=True)
-        check_dtype_choice("dtype", dtype, FLOAT_DTYPES)
+        check_dtype_choice("dtype", dtype, KV_DTYPES)
         check_dtype_choice("index_dtype", index_dtype, INDEX_DTYPES)
         self.num_pages, self.page_size, self.num_layers = num_pages, page_size, num_layers
         self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
@@ -234,6 +298,11 @@ class MSAPagedCache:
                                         device=self.device) for _ in range(num_layers)]
         self.index_scale = [torch.ones(num_pages, page_size, dtype=torch.float32, device=self.device)
                             if fp8 else None for _ in range(num_layers)]
+        scales = [torch.tensor(float(s), dtype=torch.float32, device=self.device)
+                  if isinstance(s, (int, float)) else s for s in (k_scale, v_scale)]
+        check_kv_scales(self.k_cache[0], self.v_cache[0], *scales)
+        self.k_scale, self.v_scale = ([None if s is None else s.clone() for _ in range(num_layers)]
+                                      for s in scales)
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() hands out low ids first
         self._in_use: set[int] = set()
 
@@ -290,13 +359,15 @@ class MSAPagedCache:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         write_paged_cache(k, v, index_keys, self.k_cache[layer], self.v_cache[layer],
                           self.index_cache[layer], block_table, cu_seqlens_q, seq_lens,
-                          index_scale=self.index_scale[layer], check_values=check_values)
+                          index_scale=self.index_scale[layer], k_scale=self.k_scale[layer],
+                          v_scale=self.v_scale[layer], check_values=check_values)
 
     def layer(self, layer: int) -> dict:
         """Keyword arguments of the paged MSA calls for ``layer``: ``k_cache``, ``v_cache``,
-        ``index_cache``, ``index_scale``."""
+        ``index_cache``, ``index_scale``, ``k_scale``, ``v_scale``."""
         return {"k_cache": self.k_cache[layer], "v_cache": self.v_cache[layer],
-                "index_cache": self.index_cache[layer], "index_scale": self.index_scale[layer]}
+                "index_cache": self.index_cache[layer], "index_scale": self.index_scale[layer],
+                "k_scale": self.k_scale[layer], "v_scale": self.v_scale[layer]}
 
     def __repr__(self) -> str:
         return (f"MSAPagedCache(num_pages={self.num_pages}, page_size={self.page_size}, "

@@ -28,8 +28,10 @@ implementation that computes output shapes from input shapes alone (the selectio
                             Tensor index_cache, Tensor block_table, Tensor cu_seqlens_q,
                             Tensor seq_lens, SymInt topk, SymInt init_blocks, SymInt local_blocks,
                             float softmax_scale, Tensor? index_scale, SymInt max_seqlen_q,
-                            str backend) -> (Tensor o, Tensor lse)
-        # as msattn.msa_paged_attention(..., return_lse=True); forward only
+                            str backend, Tensor? k_scale=None, Tensor? v_scale=None)
+                            -> (Tensor o, Tensor lse)
+        # as msattn.msa_paged_attention(..., return_lse=True); forward only; fp8 K/V caches
+        # with float32 k_scale, v_scale [] or [G]
 
 Every op picks its implementation with :mod:`msattn.dispatch` (the ``backend`` string is
 ``"auto"``, ``"reference"`` or ``"triton"``, as for the public functions) and runs the backend
@@ -239,19 +241,21 @@ def _paged_attention_impl(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tens
                           block_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
                           seq_lens: torch.Tensor, topk: int, init_blocks: int, local_blocks: int,
                           softmax_scale: float, index_scale: Optional[torch.Tensor],
-                          max_seqlen_q: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                          max_seqlen_q: int, backend: str, k_scale: Optional[torch.Tensor] = None,
+                          v_scale: Optional[torch.Tensor] = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         o, lse = run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table,
                                      cu_seqlens_q, seq_lens, topk=topk, init_blocks=init_blocks,
                                      local_blocks=local_blocks, softmax_scale=softmax_scale,
                                      index_scale=index_scale, max_seqlen_q=max_seqlen_q,
-                                     backend=backend)
+                                     backend=backend, k_scale=k_scale, v_scale=v_scale)
     return o, lse
 
 
 def _paged_attention_fake(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
                           seq_lens, topk, init_blocks, local_blocks, softmax_scale, index_scale,
-                          max_seqlen_q, backend):
+                          max_seqlen_q, backend, k_scale=None, v_scale=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -334,6 +338,7 @@ def paged_attention(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, max_seqlen_q: int,
                     topk: int = 16, init_blocks: int = 0, local_blocks: int = 1,
                     softmax_scale: float | None = None, index_scale: torch.Tensor | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.msattn.paged_attention``: :func:`msattn.msa_paged_attention` with
     ``return_lse=True``, unchecked, forward only. Returns ``(o, lse)``."""
@@ -341,4 +346,4 @@ def paged_attention(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor,
     return torch.ops.msattn.paged_attention(q, qi, k_cache, v_cache, index_cache, block_table,
                                             cu_seqlens_q, seq_lens, topk, init_blocks,
                                             local_blocks, scale, index_scale, max_seqlen_q,
-                                            backend)
+                                            backend, k_scale, v_scale)

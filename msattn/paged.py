@@ -1,7 +1,9 @@
 """MSA against paged caches: decode and chunked prefill, functional and plan/run (CUDA graphs).
 
 Cache layout (flash-attn / vLLM): ``k_cache, v_cache [num_pages, page_size, G, D]`` (any strides
-with a contiguous last dim), ``index_cache [num_pages, page_size, Di]`` in fp16/bf16, or
+with a contiguous last dim) in q's dtype, or float8_e4m3fn with float32 ``k_scale``, ``v_scale``
+of shape ``[]`` (per tensor) or ``[G]`` (per KV head), real K = ``k_cache.float() * k_scale``
+(q fp16/bf16), ``index_cache [num_pages, page_size, Di]`` in fp16/bf16, or
 float8_e4m3fn with ``index_scale [num_pages, page_size]`` float32 (key = value x scale). The page
 size is the MSA block size. ``block_table [B, max_pages]`` int32 maps request ``b``'s block ``j``
 to a page (entries past a request's pages are never read); ``seq_lens [B]`` int32 counts the
@@ -14,10 +16,11 @@ from __future__ import annotations
 import torch
 
 from msattn import dispatch
-from msattn._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_batch_layout,
+from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, check_batch_layout,
                             check_batch_layout_values, check_block_size, check_dtype_choice,
-                            check_index_scale, check_optional_int, check_same_device, check_selection_params,
-                            check_tensor, softmax_scale_or_default)
+                            check_index_scale, check_kv_scales, check_optional_int,
+                            check_same_device, check_selection_params, check_tensor,
+                            softmax_scale_or_default)
 from msattn.dispatch import DECODE_MAX_QUERY_LEN
 
 
@@ -49,10 +52,10 @@ def _check_lengths(total_q: int, block_table, cu_seqlens_q, seq_lens, page_size:
                                      total_q)
 
 
-def _check_attention_layout(q, qi, k_cache, v_cache, index_cache) -> None:
+def _check_attention_layout(q, qi, k_cache, v_cache, index_cache, k_scale, v_scale) -> None:
     check_tensor("q", q, 3, "[total_q, H, D]")
-    check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]")
-    check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]")
+    check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
+    check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
     num_pages, page_size, num_groups, head_dim = k_cache.shape
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got "
@@ -62,9 +65,7 @@ def _check_attention_layout(q, qi, k_cache, v_cache, index_cache) -> None:
     if q.shape[1] % num_groups:
         raise ValueError(f"the number of query heads H = {q.shape[1]} must be a multiple of the "
                          f"number of KV heads G = {num_groups} (q and k_cache)")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, "
-                        f"{k_cache.dtype}, {v_cache.dtype}")
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale, q_dtype=q.dtype)
     if qi.shape[0] != q.shape[0] or qi.shape[1] != num_groups:
         raise ValueError(f"qi must have shape [total_q={q.shape[0]}, G={num_groups}, Di], got "
                          f"{tuple(qi.shape)}")
@@ -114,12 +115,17 @@ def msa_paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, to
 
 def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q, seq_lens,
                         *, topk=16, init_blocks=0, local_blocks=1, softmax_scale=None,
-                        index_scale=None, max_seqlen_q=None, return_lse=False, backend="auto"):
+                        index_scale=None, k_scale=None, v_scale=None, max_seqlen_q=None,
+                        return_lse=False, backend="auto"):
     """Full MSA for new query tokens against paged K/V and index-key caches.
 
     Args:
         q: ``[total_q, H, D]`` fp16/bf16/fp32; qi: ``[total_q, G, Di]``.
-        k_cache, v_cache: ``[num_pages, page_size, G, D]`` in q's dtype.
+        k_cache, v_cache: ``[num_pages, page_size, G, D]`` in q's dtype, or float8_e4m3fn (q
+            fp16/bf16) with ``k_scale``, ``v_scale``.
+        k_scale, v_scale: float32 ``[]`` (per tensor) or ``[G]`` (per KV head) on the caches'
+            device, required with fp8 caches and None otherwise: real K = ``k_cache.float() *
+            k_scale``, real V = ``v_cache.float() * v_scale``.
         index_cache, index_scale, block_table, cu_seqlens_q, seq_lens, max_seqlen_q: as
             :func:`msa_paged_select`.
         softmax_scale: defaults to ``D ** -0.5``.
@@ -129,21 +135,21 @@ def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_se
     """
     check_selection_params(topk, init_blocks, local_blocks)
     _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale)
-    _check_attention_layout(q, qi, k_cache, v_cache, index_cache)
+    _check_attention_layout(q, qi, k_cache, v_cache, index_cache, k_scale, v_scale)
     max_seqlen_q = _check_lengths(q.shape[0], block_table, cu_seqlens_q, seq_lens,
                                   k_cache.shape[1], k_cache.shape[0], max_seqlen_q)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     o, lse = run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
                                  seq_lens, topk=topk, init_blocks=init_blocks,
                                  local_blocks=local_blocks, softmax_scale=scale,
-                                 index_scale=index_scale, max_seqlen_q=max_seqlen_q,
-                                 backend=backend)
+                                 index_scale=index_scale, k_scale=k_scale, v_scale=v_scale,
+                                 max_seqlen_q=max_seqlen_q, backend=backend)
     return (o, lse) if return_lse else o
 
 
 def run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q, seq_lens,
                         *, topk: int, init_blocks: int, local_blocks: int, softmax_scale: float,
-                        index_scale, max_seqlen_q: int, backend: str):
+                        index_scale, max_seqlen_q: int, backend: str, k_scale=None, v_scale=None):
     """:func:`msa_paged_attention` on checked inputs (no checks, no host sync): the selection,
     then the decode or the KV-outer attention, on the path of :func:`msattn.dispatch.paged_path`.
     Returns ``(o, lse)``; shared by the custom op of :mod:`msattn.library`."""
@@ -156,7 +162,8 @@ def run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_se
     impl = path.attention_impl()
     attend = impl.paged_decode_attention if path.attention == "triton-decode" else impl.paged_attention
     return attend(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens,
-                  softmax_scale=softmax_scale, max_seqlen_q=max_seqlen_q)
+                  softmax_scale=softmax_scale, max_seqlen_q=max_seqlen_q, k_scale=k_scale,
+                  v_scale=v_scale)
 
 
 class MSAPagedWrapper:
@@ -174,8 +181,8 @@ class MSAPagedWrapper:
 
         wrapper = MSAPagedWrapper(num_heads=64, num_kv_heads=4, head_dim=128, index_dim=128,
                                   page_size=128)
-        wrapper.plan(cu_seqlens_q, max_pages=block_table.shape[1])
-        o = wrapper.run(q, qi, k_cache, v_cache, index_cache, block_table, seq_lens)
+        wrapper.plan(cu_seqlens_q, max_pages=block_table.shape[1])  # kv_dtype=torch.float8_e4m3fn
+        o = wrapper.run(q, qi, k_cache, v_cache, index_cache, block_table, seq_lens)  # k_scale=...
     """
 
     def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, index_dim: int,
@@ -199,14 +206,17 @@ class MSAPagedWrapper:
         self._plan = None
 
     def plan(self, cu_seqlens_q: torch.Tensor, max_pages: int, *, dtype: torch.dtype = torch.bfloat16,
-             index_dtype: torch.dtype = torch.bfloat16, selection_config=None) -> None:
+             kv_dtype: torch.dtype | None = None, index_dtype: torch.dtype = torch.bfloat16,
+             selection_config=None) -> None:
         """Fix the batch layout and allocate the workspaces (call outside graph capture).
 
         Args:
             cu_seqlens_q: int32 ``[B + 1]`` (host or device): the query tokens of each request,
                 1..``DECODE_MAX_QUERY_LEN`` each; fixed until the next ``plan()``.
             max_pages: width of the ``block_table`` that ``run()`` will get.
-            dtype: dtype of q and the K/V caches; index_dtype: of the index cache (fp8 allowed).
+            dtype: dtype of q and of the output; kv_dtype: of the K/V caches, ``dtype`` when None
+                or float8_e4m3fn (then ``dtype`` fp16/bf16, and ``run()`` takes ``k_scale``,
+                ``v_scale``); index_dtype: of the index cache (fp8 allowed).
             selection_config: an :class:`msattn.ops.indexer.IndexerConfig` instead of the tuned
                 one, for tuning.
         """
@@ -218,6 +228,11 @@ class MSAPagedWrapper:
                                "host: call it before graph capture, then capture run()")
         check_tensor("cu_seqlens_q", cu_seqlens_q, 1, "[B + 1]", dtypes=(torch.int32,))
         check_dtype_choice("dtype", dtype, FLOAT_DTYPES)
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        check_dtype_choice("kv_dtype", kv_dtype, (dtype, FP8_DTYPE))
+        if kv_dtype == FP8_DTYPE and dtype == torch.float32:
+            raise TypeError("kv_dtype float8_e4m3fn needs dtype float16 or bfloat16 (the queries), "
+                            "got float32")
         check_dtype_choice("index_dtype", index_dtype, INDEX_DTYPES)
         cu = cu_seqlens_q.tolist()
         lengths = [y - x for x, y in zip(cu, cu[1:])]
@@ -240,15 +255,17 @@ class MSAPagedWrapper:
                                    device=self.device)
         self.o = torch.empty(total_q, self.num_heads, self.head_dim, dtype=dtype, device=self.device)
         self.lse = torch.empty(total_q, self.num_heads, dtype=torch.float32, device=self.device)
-        self._plan = (dtype, index_dtype)
+        self._plan = (dtype, kv_dtype, index_dtype)
 
     def run(self, q, qi, k_cache, v_cache, index_cache, block_table, seq_lens, *, index_scale=None,
-            out: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-            return_lse: bool = False):
+            k_scale=None, v_scale=None, out: torch.Tensor | None = None,
+            lse: torch.Tensor | None = None, return_lse: bool = False):
         """One MSA step for the planned layout: ``q [total_q, H, D]``, ``qi [total_q, G, Di]``,
         the caches, ``block_table [B, max_pages]`` and ``seq_lens [B]`` (see the module doc).
 
         Args:
+            index_scale: with an fp8 index cache; k_scale, v_scale: float32 ``[]`` or ``[G]``
+                with fp8 K/V caches (see :func:`msa_paged_attention`).
             out: ``[total_q, H, D]`` in the planned dtype, where ``o`` goes (as in FlashInfer), so
                 that one plan serves every layer of a model; default: the wrapper's own buffer,
                 which the next ``run()`` overwrites.
@@ -270,5 +287,6 @@ class MSAPagedWrapper:
                       index_scale=index_scale, out=self.indices)
         paged_attention.run_paged_attention(
             self.attention_plan, q, k_cache, v_cache, self.indices, block_table, self.cu_seqlens_q,
-            seq_lens, softmax_scale=self.softmax_scale, out=(o, lse))
+            seq_lens, softmax_scale=self.softmax_scale, out=(o, lse), k_scale=k_scale,
+            v_scale=v_scale)
         return (o, lse) if return_lse else o

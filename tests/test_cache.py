@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from msattn import cache as C
-from msattn.cache import (MSAPagedCache, build_block_table, dequantize_index_keys, gather_paged,
-                          quantize_index_keys, write_paged_cache)
+from msattn.cache import (MSAPagedCache, build_block_table, dequantize_index_keys, dequantize_kv,
+                          gather_paged, quantize_index_keys, quantize_kv, write_paged_cache)
 
 FP8 = torch.float8_e4m3fn
 G, D, DI, PAGE = 2, 8, 16, 4
@@ -71,6 +71,134 @@ def test_quantize_rejects_bad_input():
         dequantize_index_keys(keys, scale[:3])
     with pytest.raises(TypeError, match="scale"):
         dequantize_index_keys(keys, scale.double())
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8 K/V
+# ----------------------------------------------------------------------------------------------
+
+def _kv_bound(x, scale):
+    """e4m3 rounding of ``x [..., G, D]`` quantised with ``scale []`` or ``[G]``: 2^-4 of each
+    value, 2^-10 of the scale below the normal range."""
+    factor = scale[:, None] if scale.dim() else scale
+    return 2 ** -4 * x.abs() + 2 ** -10 * factor * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_kv_per_head_round_trip(dtype):
+    gen = torch.Generator().manual_seed(0)
+    magnitudes = torch.tensor([1e-3, 1.0, 300.0])[:, None]  # one size per KV head
+    x = (torch.randn(5, 7, 3, 64, generator=gen) * magnitudes).to(dtype)
+    x_fp8, scale = quantize_kv(x)
+    assert x_fp8.dtype == FP8 and x_fp8.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (3,)
+    xf = x.float()
+    torch.testing.assert_close(scale, xf.abs().amax(dim=(0, 1, 3)) / 448)
+    back = dequantize_kv(x_fp8, scale)
+    assert back.dtype == torch.float32 and ((back - xf).abs() <= _kv_bound(xf, scale)).all()
+    assert torch.equal(x_fp8.float().abs().amax(dim=(0, 1, 3)), torch.full((3,), 448.0))
+
+
+def test_quantize_kv_given_scales():
+    x = torch.randn(6, 2, 16) * torch.tensor([0.5, 4.0])[:, None]
+    for scale in (torch.tensor(4.0 * 4 / 448), torch.tensor([0.5 * 4 / 448, 4.0 * 4 / 448])):
+        x_fp8, same = quantize_kv(x, scale)
+        assert same is scale
+        back = dequantize_kv(x_fp8, scale)
+        assert ((back - x).abs() <= _kv_bound(x, scale)).all()
+    x_fp8, _ = quantize_kv(x * 1000, torch.tensor(1.0))  # beyond 448 * scale: clamped
+    assert x_fp8.float().abs().max() == 448
+    zeros, scale = quantize_kv(torch.zeros(3, 2, 8))  # an all-zero head gets scale 1
+    assert torch.equal(scale, torch.ones(2)) and not zeros.float().any()
+    empty, scale = quantize_kv(torch.zeros(0, 2, 8))
+    assert empty.shape == (0, 2, 8) and torch.equal(scale, torch.ones(2))
+
+
+def test_quantize_kv_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., G, D\]"):
+        quantize_kv(torch.randn(8))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        quantize_kv(torch.ones(4, 2, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"scale must have shape \[\] \(per tensor\) or \[G=2\]"):
+        quantize_kv(torch.randn(4, 2, 8), torch.ones(3))
+    with pytest.raises(TypeError, match="scale must have dtype float32"):
+        quantize_kv(torch.randn(4, 2, 8), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="x_fp8"):
+        dequantize_kv(torch.randn(4, 2, 8), torch.ones(2))
+
+
+def test_write_fp8_kv_caches():
+    """Varlen writes (a prefill, then decode steps) into fp8 K/V pages in a shuffled order, with
+    per-head K and per-tensor V scales: the pages hold quantize_kv of the tokens, bit for bit."""
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache, index_cache, _ = make_caches(20, head_major=True, dtype=FP8)
+    k_scale, v_scale = torch.tensor([0.01, 0.02]), torch.tensor(0.05)
+    table = torch.randperm(19, generator=gen)[:12].to(torch.int32).view(3, 4)
+    table[1, 2:] = -1
+    truth_k, truth_v, lens = [[], [], []], [[], [], []], [0, 0, 0]
+    for new_tokens in ([9, 2, 13], [1, 1, 1], [0, 3, 1]):
+        ks = [torch.randn(n, G, D, generator=gen) for n in new_tokens]
+        vs = [torch.randn(n, G, D, generator=gen).bfloat16() for n in new_tokens]
+        lens = [length + n for length, n in zip(lens, new_tokens)]
+        cu = torch.tensor([0, *new_tokens]).cumsum(0).to(torch.int32)
+        write_paged_cache(torch.cat(ks), torch.cat(vs), torch.randn(sum(new_tokens), DI),
+                          k_cache, v_cache, index_cache, table, cu,
+                          torch.tensor(lens, dtype=torch.int32), k_scale=k_scale, v_scale=v_scale,
+                          check_values=True)
+        for b in range(3):
+            truth_k[b].append(ks[b]), truth_v[b].append(vs[b])
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    for cache, truth, scale in ((k_cache, truth_k, k_scale), (v_cache, truth_v, v_scale)):
+        got, _ = gather_paged(cache, table, seq_lens)
+        expected = torch.cat([torch.cat(parts) for parts in truth])
+        assert torch.equal(got.view(torch.uint8), quantize_kv(expected, scale)[0].view(torch.uint8))
+        back = dequantize_kv(got, scale)
+        assert ((back - expected.float()).abs() <= _kv_bound(expected.float(), scale)).all()
+    assert not k_cache[19].float().any()  # the spare page is never written
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(fp8=True, k_scale=None), ValueError, "k_scale .* is required"),
+    (dict(fp8=True, v_scale=torch.ones(3)), ValueError, "v_scale must have shape"),
+    (dict(fp8=True, k_scale=torch.ones(G, dtype=torch.float16)), TypeError, "k_scale must have dtype"),
+    (dict(fp8=False), ValueError, "k_scale is only used with float8_e4m3fn K/V caches"),
+    (dict(fp8=True, v_cache=torch.zeros(8, PAGE, G, D)), TypeError, "v_cache"),
+])
+def test_write_fp8_kv_rejects(overrides, error, message):
+    fp8 = overrides.pop("fp8")
+    k_cache, v_cache, index_cache, _ = make_caches(8, dtype=FP8 if fp8 else torch.float32)
+    args = _write_args(k_cache=k_cache, v_cache=overrides.pop("v_cache", v_cache))
+    scales = dict(k_scale=torch.ones(G), v_scale=torch.tensor(1.0))
+    scales.update(overrides)
+    args.pop("index_scale")
+    with pytest.raises(error, match=message):
+        write_paged_cache(*args.values(), **scales)
+
+
+def test_paged_cache_fp8_kv():
+    c = MSAPagedCache(8, PAGE, G, D, DI, num_layers=2, dtype=FP8, index_dtype=FP8,
+                      k_scale=torch.tensor([0.01, 0.1]), v_scale=0.05, head_major=True)
+    assert c.k_cache[1].dtype == FP8 and c.v_cache[0].dtype == FP8
+    assert c.k_scale[0].shape == (G,) and c.v_scale[1].shape == ()
+    assert c.v_scale[1].dtype == torch.float32 and torch.equal(c.v_scale[1], torch.tensor(0.05))
+    assert c.k_scale[0] is not c.k_scale[1]  # one per layer
+    c.k_scale[1].mul_(2)  # a layer's own scale, set before its first write
+    table = c.block_table([c.allocate(6)])
+    k, v = torch.randn(6, G, D), torch.randn(6, G, D)
+    lengths = torch.tensor([6], dtype=torch.int32)
+    for layer in range(2):
+        c.append(layer, k, v, torch.randn(6, DI), table, torch.tensor([0, 6], dtype=torch.int32),
+                 lengths)
+        got = c.layer(layer)
+        assert got["k_scale"] is c.k_scale[layer] and got["v_scale"] is c.v_scale[layer]
+        for name, truth in (("k", k), ("v", v)):
+            scale = got[f"{name}_scale"]
+            back = dequantize_kv(gather_paged(got[f"{name}_cache"], table, lengths)[0], scale)
+            assert ((back - truth).abs() <= _kv_bound(truth, scale)).all()
+    with pytest.raises(ValueError, match="k_scale .* is required"):
+        MSAPagedCache(8, PAGE, G, D, DI, dtype=FP8, v_scale=1.0)
+    with pytest.raises(ValueError, match="v_scale is only used"):
+        MSAPagedCache(8, PAGE, G, D, DI, v_scale=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +492,9 @@ def test_paged_cache_object(index_dtype, head_major):
         assert c.index_scale[0].shape == (12, PAGE) and c.index_scale[0].dtype == torch.float32
     else:
         assert c.index_scale[0] is None and c.index_scale[1] is None
-    assert set(c.layer(1)) == {"k_cache", "v_cache", "index_cache", "index_scale"}
+    assert set(c.layer(1)) == {"k_cache", "v_cache", "index_cache", "index_scale", "k_scale",
+                               "v_scale"}
+    assert c.layer(1)["k_scale"] is None and c.layer(1)["v_scale"] is None
 
     lens = [6, 3]
     pages = [c.allocate(n + 16) for n in lens]  # room for decode

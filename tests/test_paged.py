@@ -13,7 +13,8 @@ import torch
 import msattn
 from msattn import dispatch, reference
 from msattn.backends import triton as triton_backend
-from msattn.cache import dequantize_index_keys, gather_paged, quantize_index_keys, write_paged_cache
+from msattn.cache import (dequantize_index_keys, dequantize_kv, gather_paged, quantize_index_keys,
+                          quantize_kv, write_paged_cache)
 from msattn.ops.indexer import launch_config, select_blocks_paged
 from msattn.ops.paged_attention import plan_paged_attention, run_paged_attention
 from tests.kernel_cases import (DEVICE, assert_selection_matches, cu_seqlens, paginate,
@@ -449,3 +450,128 @@ def test_gpu_decode_selection_long_context(fp8, fan_in):
                             **kwargs)
         assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
                                  block_size=128, rel_tol=0.0 if fp8 else 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# fp8 K/V caches
+# ----------------------------------------------------------------------------------------------
+
+def _fp8_kv_case(lens_q, lens_k, per_head, dtype=torch.bfloat16, seed=3):
+    """:func:`_case` (8 heads, 2 groups, D 32, pages of 16) with K and V of very different sizes
+    per group, quantised into fp8 caches with per-tensor or per-group scales (the unused slots
+    stay NaN); ``k``, ``v`` become the dequantised float32 values that the caches hold."""
+    c = _case(lens_q, lens_k, 8, 2, 32, 16, 16, dtype, seed=seed)
+    sizes = torch.tensor([0.02, 30.0], device=DEVICE)[:, None]
+    for name in ("k", "v"):
+        values = c[name].float() * sizes
+        cache = c[f"{name}_cache"].float() * sizes
+        scale = quantize_kv(values)[1] if per_head else values.abs().amax() / 448
+        c[f"{name}_cache"] = quantize_kv(cache, scale)[0]
+        c[name] = dequantize_kv(quantize_kv(values, scale)[0], scale)
+        c[f"{name}_scale"] = scale
+    assert c["k_cache"].dtype == FP8 and c["k_scale"].shape == ((2,) if per_head else ())
+    return c
+
+
+def _fp8_expected(c, **kwargs):
+    indices = reference.select_blocks(c["qi"], c["ki"], c["cu_q"], c["cu_k"], block_size=16,
+                                      **kwargs)
+    return indices, reference.sparse_attention(c["q"], c["k"], c["v"], indices, c["cu_q"],
+                                               c["cu_k"], block_size=16, softmax_scale=32 ** -0.5)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-program", "split"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["per-tensor", "per-head"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_kv_decode_kernel(dtype, per_head, split):
+    c = _fp8_kv_case([1, 16, 5], [330, 170, 40], per_head, dtype)
+    indices, (expected_o, expected_lse) = _fp8_expected(c, topk=4, init_blocks=0, local_blocks=1)
+    plan = plan_paged_attention(c["q"].shape[0], 3, 16, 8, 2, 32, 4, dtype, c["q"].device,
+                                split=split)
+    o, lse = run_paged_attention(plan, c["q"], c["k_cache"], c["v_cache"], indices,
+                                 c["block_table"], c["cu_q"], c["seq_lens"],
+                                 softmax_scale=32 ** -0.5, out=_poisoned(c["q"]),
+                                 k_scale=c["k_scale"], v_scale=c["v_scale"])
+    _check(o, lse, expected_o, expected_lse)
+
+
+@pytest.mark.parametrize("lens_q", [[1, 1], [5, 16], [40, 1]], ids=["decode", "multi", "chunked"])
+@pytest.mark.parametrize("per_head", [False, True], ids=["per-tensor", "per-head"])
+def test_fp8_kv_public_paged_attention(lens_q, per_head, monkeypatch):
+    """msa_paged_attention on fp8 K/V (decode kernel up to 16 tokens a request, the KV-outer
+    kernel beyond) and the reference backend, against the exact attention on the dequantised K/V."""
+    c = _fp8_kv_case(lens_q, [330, 170], per_head)
+    kwargs = dict(topk=4, init_blocks=1, local_blocks=1)
+    _, (expected_o, expected_lse) = _fp8_expected(c, **kwargs)
+    ran = []
+    for name in ("paged_attention", "paged_decode_attention"):
+        function = getattr(triton_backend, name)
+        monkeypatch.setattr(triton_backend, name,
+                            lambda *a, _f=function, _n=name, **kw: ran.append(_n) or _f(*a, **kw))
+    args = (c["q"], c["qi"], _head_major(c["k_cache"]), _head_major(c["v_cache"]),
+            c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"])
+    scales = dict(k_scale=c["k_scale"], v_scale=c["v_scale"])
+    for backend in ("triton", "reference"):
+        o, lse = msattn.msa_paged_attention(*args, return_lse=True, backend=backend, **scales,
+                                            **kwargs)
+        _check(o, lse, expected_o, expected_lse)
+    decode = max(lens_q) <= dispatch.DECODE_MAX_QUERY_LEN
+    assert ran == ["paged_decode_attention" if decode else "paged_attention"]
+
+
+def test_fp8_kv_wrapper_run():
+    lens_q, lens_k = [1, 3, 16], [300, 45, 160]
+    c = _fp8_kv_case(lens_q, lens_k, True, seed=5)
+    kwargs = dict(topk=4, init_blocks=0, local_blocks=2)
+    wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
+                                     page_size=16, device=DEVICE, backend="triton", **kwargs)
+    wrapper.plan(c["cu_q"], c["block_table"].shape[1], dtype=torch.bfloat16, kv_dtype=FP8)
+    args = (c["q"], c["qi"], c["k_cache"], c["v_cache"], c["index_cache"], c["block_table"],
+            c["seq_lens"])
+    scales = dict(k_scale=c["k_scale"], v_scale=c["v_scale"])
+    out, lse_out = _poisoned(c["q"])
+    o, lse = wrapper.run(*args, **scales, out=out, lse=lse_out, return_lse=True)
+    assert o is out and lse is lse_out
+    _check(o, lse, *_fp8_expected(c, **kwargs)[1])
+    expected_o, expected_lse = msattn.msa_paged_attention(
+        *args[:6], c["cu_q"], c["seq_lens"], return_lse=True, backend="triton", **scales, **kwargs)
+    assert torch.equal(o, expected_o) and torch.equal(lse, expected_lse)
+
+
+def test_fp8_kv_wrapper_plan_dtypes():
+    wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
+                                     page_size=16, device=DEVICE, backend="triton")
+    cu = cu_seqlens([1, 2])
+    with pytest.raises(TypeError, match="kv_dtype float8_e4m3fn needs dtype float16 or bfloat16"):
+        wrapper.plan(cu, 8, dtype=torch.float32, kv_dtype=FP8)
+    with pytest.raises(TypeError, match="kv_dtype must be one of bfloat16, float8_e4m3fn"):
+        wrapper.plan(cu, 8, dtype=torch.bfloat16, kv_dtype=torch.float16)
+    wrapper.plan(cu, 8, dtype=torch.float16, kv_dtype=FP8)
+    assert wrapper.o.dtype == torch.float16
+
+
+def test_fp8_kv_bad_inputs():
+    c = _fp8_kv_case([1, 2], [40, 20], True)
+    fp8, bf16 = (c["k_cache"], c["v_cache"]), (c["k_cache"].bfloat16(), c["v_cache"].bfloat16())
+    scale = c["k_scale"]
+    cases = [
+        (dict(caches=fp8, k_scale=None, v_scale=scale), ValueError, "k_scale .* is required"),
+        (dict(caches=fp8, k_scale=scale, v_scale=None), ValueError, "v_scale .* is required"),
+        (dict(caches=(fp8[0], bf16[1])), TypeError, "k_cache and v_cache must both"),
+        (dict(caches=bf16, k_scale=scale, v_scale=None), ValueError, "k_scale is only used"),
+        (dict(k_scale=scale.repeat(2)), ValueError, r"k_scale must have shape \[\] .*\[G=2\]"),
+        (dict(v_scale=scale[:, None]), ValueError, "v_scale must have shape"),
+        (dict(k_scale=scale.double()), TypeError, "k_scale must have dtype float32"),
+        (dict(v_scale=0.5), TypeError, "v_scale must be a float32 torch.Tensor"),
+        (dict(q=c["q"].float()), TypeError, "float8_e4m3fn K/V caches need float16 or bfloat16"),
+    ]
+    if torch.device(DEVICE).type == "cuda":
+        cases.append((dict(k_scale=scale.cpu()), ValueError, "k_scale is on cpu"))
+    for overrides, error, message in cases:
+        args = dict(q=c["q"], caches=fp8, k_scale=scale, v_scale=c["v_scale"])
+        args.update(overrides)
+        with pytest.raises(error, match=message):
+            msattn.msa_paged_attention(args["q"], c["qi"], *args["caches"], c["index_cache"],
+                                       c["block_table"], c["cu_q"], c["seq_lens"], topk=2,
+                                       k_scale=args["k_scale"], v_scale=args["v_scale"],
+                                       backend="reference")

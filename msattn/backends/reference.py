@@ -4,7 +4,7 @@ gathered into contiguous tensors first (a host sync). Differentiable through tor
 from __future__ import annotations
 
 from msattn import reference
-from msattn.cache import dequantize_index_keys, gather_paged
+from msattn.cache import dequantize_index_keys, dequantize_kv, gather_paged
 
 
 def select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, init_blocks,
@@ -31,9 +31,11 @@ def paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, 
 
 
 def paged_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
-                    softmax_scale, max_seqlen_q=None):
+                    softmax_scale, max_seqlen_q=None, k_scale=None, v_scale=None):
     k, cu_seqlens_k = gather_paged(k_cache, block_table, seq_lens)
     v, _ = gather_paged(v_cache, block_table, seq_lens)
+    if k_scale is not None:  # fp8 K/V: the exact attention on the dequantised (float32) values
+        k, v = dequantize_kv(k, k_scale), dequantize_kv(v, v_scale)
     return reference.sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k,
                                       block_size=k_cache.shape[1], softmax_scale=softmax_scale)
 

@@ -49,16 +49,18 @@ def _prefix_sums(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
-                    softmax_scale, max_seqlen_q=None):
-    """KV-outer attention over paged K/V (chunked prefill)."""
+                    softmax_scale, max_seqlen_q=None, k_scale=None, v_scale=None):
+    """KV-outer attention over paged K/V (chunked prefill); fp8 K/V with their scales."""
     return sparse.sparse_attention(q, k_cache, v_cache, indices, cu_seqlens_q,
                                    _prefix_sums(seq_lens), block_size=k_cache.shape[1],
-                                   softmax_scale=softmax_scale, block_table=block_table)
+                                   softmax_scale=softmax_scale, block_table=block_table,
+                                   k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_decode_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
-                           softmax_scale, max_seqlen_q):
-    """Query-outer decode attention (query runs of at most ``DECODE_MAX_QUERY_LEN`` tokens)."""
+                           softmax_scale, max_seqlen_q, k_scale=None, v_scale=None):
+    """Query-outer decode attention (query runs of at most ``DECODE_MAX_QUERY_LEN`` tokens);
+    fp8 K/V with their scales."""
     plan = decode.plan_paged_attention(
         q.shape[0], block_table.shape[0], max_seqlen_q, q.shape[1], k_cache.shape[2], q.shape[2],
         indices.shape[-1], q.dtype, q.device)
@@ -66,7 +68,7 @@ def paged_decode_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
     return decode.run_paged_attention(plan, q, k_cache, v_cache, indices, block_table,
                                       cu_seqlens_q, seq_lens, softmax_scale=softmax_scale,
-                                      out=(o, lse))
+                                      out=(o, lse), k_scale=k_scale, v_scale=v_scale)
 
 
 def indexer_loss(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, *, block_size, softmax_scale,

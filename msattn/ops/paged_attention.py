@@ -6,6 +6,10 @@ cannot fill the GPU, the selected slots are split across programs (one slot each
 (token, group)'s programs to finish merges the partials by their LSEs
 (:func:`msattn.ops.sparse_attention.merge_slot_partials`), in the same launch.
 
+fp8 K/V caches (float8_e4m3fn with a per-tensor or per-KV-head float32 scale) are converted to
+q's 16-bit dtype in registers (exact), so the MMAs run on 16-bit operands; ``k_scale`` is folded
+into the softmax scale and ``v_scale`` into the output, one scalar each per program.
+
 Long query runs (chunked prefill against a paged cache) go through the KV-outer kernel of
 :mod:`msattn.ops.sparse_attention` instead, which loads each selected page once per chunk.
 """
@@ -18,28 +22,30 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.sparse_attention import merge_slot_partials
+from msattn.ops.sparse_attention import merge_slot_partials, scale_stride
 from msattn.ops.utils import (LOG2E, arrive_last, device_sm_count, dot_options, finish_softmax,
                               gdc_wait, mma, programmatic_launch)
 
 
 # One program: query token ``t`` of request ``b`` (program_id(0) = b * max_len_q + t) x one group
 # x one split of its selected slots. q [total_q, H, D]; k/v cache [num_pages, page_size, G, D];
-# indices [G, total_q, TOPK]. Not split: writes o [total_q, H, D], lse [total_q, H].
+# indices [G, total_q, TOPK]; with KV_FP8, float8_e4m3fn caches and k/v scales [] or [G] (stride 0
+# or their G stride). Not split: writes o [total_q, H, D], lse [total_q, H].
 # Split (one slot per program): writes partial_o [total_q, H, TOPK, D], partial_lse
 # [total_q, H, TOPK]; the last of the TOPK programs of a (token, group) (counters [total_q, G])
 # merges them into o and lse. Grid: (B * max_len_q, G, 1 or TOPK).
 @triton.jit
 def _paged_attention_kernel(
-        q_ptr, k_ptr, v_ptr, indices_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, indices_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
         o_ptr, lse_ptr, partial_o_ptr, partial_lse_ptr, counters_ptr,
         stride_q_token, stride_q_head, stride_k_page, stride_k_token, stride_k_group,
-        stride_v_page, stride_v_token, stride_v_group, stride_indices_group,
+        stride_v_page, stride_v_token, stride_v_group, stride_k_scale, stride_v_scale,
+        stride_indices_group,
         stride_indices_token, stride_block_table, stride_o_token, stride_o_head,
         max_len_q, num_heads, scale_log2,
         GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        SPLIT: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr,
+        SPLIT: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr, KV_FP8: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     batch = tl.program_id(0) // max_len_q
     query = tl.program_id(0) % max_len_q
@@ -56,6 +62,8 @@ def _paged_attention_kernel(
         dim_mask = dim < HEAD_DIM
         q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dim[None, :],
                     mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+        if KV_FP8:  # real K = k * k_scale: scale the scores instead
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale)
         if PDL:  # launched while the indexer drains: wait for its selection
             gdc_wait()
         offs = tl.arange(0, PAGE_SIZE)
@@ -79,6 +87,9 @@ def _paged_attention_kernel(
                             + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
                 v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + offs[:, None] * stride_v_token
                             + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
+                if KV_FP8:  # exact in fp16 and bf16
+                    k = k.to(q.dtype)
+                    v = v.to(q.dtype)
                 scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
                 scores = tl.where(key_mask[None, :], scores, float("-inf"))
                 new_max = tl.maximum(row_max, tl.max(scores, axis=1))
@@ -88,6 +99,8 @@ def _paged_attention_kernel(
                 acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
                 row_max = new_max
         out, lse = finish_softmax(acc, row_max, row_sum)
+        if KV_FP8:  # real V = v * v_scale
+            out = out * tl.load(v_scale_ptr + group * stride_v_scale)
         has_keys = row_sum > 0
         if SPLIT:
             flat = (token * num_heads + heads) * TOPK + split
@@ -143,12 +156,14 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
 def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, indices: torch.Tensor, block_table: torch.Tensor,
                         cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, softmax_scale: float,
-                        out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                        out: tuple[torch.Tensor, torch.Tensor], k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the decode attention of a plan into ``out = (o, lse)``; no host synchronisation.
 
     Args:
-        q: ``[total_q, H, D]``; k_cache, v_cache: ``[num_pages, page_size, G, D]`` (any strides
-            with a contiguous last dim); indices: int32 ``[G, total_q, topk]``.
+        q: ``[total_q, H, D]`` in the plan's dtype; k_cache, v_cache: ``[num_pages, page_size, G,
+            D]`` (any strides with a contiguous last dim) in q's dtype, or float8_e4m3fn with
+            ``k_scale``, ``v_scale`` float32 ``[]`` or ``[G]``; indices: int32 ``[G, total_q, topk]``.
         block_table: int32 ``[B, max_pages]``; cu_seqlens_q int32 ``[B + 1]``; seq_lens int32 ``[B]``.
     """
     o, lse = out
@@ -156,20 +171,23 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
         return o, lse
     page_size = k_cache.shape[1]
     group_size = plan.num_heads // plan.num_groups
+    kv_fp8 = k_scale is not None
     _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
-        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, indices_ptr=indices, block_table_ptr=block_table,
+        q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, k_scale_ptr=k_scale, v_scale_ptr=v_scale,
+        indices_ptr=indices, block_table_ptr=block_table,
         cu_seqlens_q_ptr=cu_seqlens_q, seq_lens_ptr=seq_lens, o_ptr=o, lse_ptr=lse,
         partial_o_ptr=plan.partial_o, partial_lse_ptr=plan.partial_lse,
         counters_ptr=plan.counters,  # None unless split
         stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_k_page=k_cache.stride(0),
         stride_k_token=k_cache.stride(1), stride_k_group=k_cache.stride(2),
         stride_v_page=v_cache.stride(0), stride_v_token=v_cache.stride(1),
-        stride_v_group=v_cache.stride(2), stride_indices_group=indices.stride(0),
+        stride_v_group=v_cache.stride(2), stride_k_scale=scale_stride(k_scale),
+        stride_v_scale=scale_stride(v_scale), stride_indices_group=indices.stride(0),
         stride_indices_token=indices.stride(1), stride_block_table=block_table.stride(0),
         stride_o_token=o.stride(0), stride_o_head=o.stride(1), max_len_q=plan.max_len_q,
         num_heads=plan.num_heads, scale_log2=softmax_scale * LOG2E,
         GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=plan.topk,
         HEAD_DIM=plan.head_dim, BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size,
-        SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), PDL=plan.pdl,
+        SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), PDL=plan.pdl, KV_FP8=kv_fp8,
         **dot_options(q.dtype), num_warps=4, num_stages=2, **({"launch_pdl": True} if plan.pdl else {}))
     return o, lse

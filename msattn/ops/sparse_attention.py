@@ -10,6 +10,10 @@ Pipeline for a chunk of query rows (chunks bound the memory of the partial resul
    ``BLOCK_M`` gathered (entry, head) rows, and writes each row's softmax-normalised partial
    output and log-sum-exp for that block.
 3. ``_combine_kernel`` merges the ``topk`` partials of every (token, head) by their LSEs.
+
+K/V may be float8_e4m3fn with a per-tensor or per-group float32 scale (fp8 paged caches): the
+block kernel converts them to q's 16-bit dtype in registers (exact) and applies ``k_scale`` to the
+scores and ``v_scale`` to the output, one scalar each per program.
 """
 
 from __future__ import annotations
@@ -55,19 +59,21 @@ CUDA_CONFIG = AttentionConfig()
 # (entry, head) rows of it; the block's K and V are loaded once for all its tiles.
 # Grid: (upper bound on the programs,); programs past the real ones exit.
 # q [total_q, H, D], k/v [total_k, G, D] (a block starts at row block_key_start) or paged
-# [num_pages, page_size, G, D] (block_key_start is the page); writes partial_o [rows, H, TOPK, D] (q's dtype)
+# [num_pages, page_size, G, D] (block_key_start is the page); with KV_FP8, float8_e4m3fn K/V and
+# k/v scales [] or [G] (stride 0 or their G stride); writes partial_o [rows, H, TOPK, D] (q's dtype)
 # and partial_lse [rows, H, TOPK] (float32, natural log) for the rows of its entries.
 @triton.jit
 def _block_attention_kernel(
-        q_ptr, k_ptr, v_ptr, partial_o_ptr, partial_lse_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, partial_o_ptr, partial_lse_ptr,
         entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, block_key_start_ptr,
         block_position_ptr, block_num_keys_ptr, row_position_ptr,
         stride_q_token, stride_q_head, stride_k_block, stride_k_token, stride_k_group,
-        stride_v_block, stride_v_token, stride_v_group,
+        stride_v_block, stride_v_token, stride_v_group, stride_k_scale, stride_v_scale,
         row_start, rows, num_heads, num_buckets, num_blocks, scale_log2,
         GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        TILES_PER_PROGRAM: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        TILES_PER_PROGRAM: tl.constexpr, KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
         bucket = tl.load(program_bucket_ptr + pid)
@@ -90,6 +96,11 @@ def _block_attention_kernel(
                     + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + key_start.to(tl.int64) * stride_v_block + offs[:, None] * stride_v_token
                     + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # exact in fp16 and bf16; real K, V = k * k_scale, v * v_scale
+            k = k.to(q_ptr.dtype.element_ty)
+            v = v.to(q_ptr.dtype.element_ty)
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale)
+            v_factor = tl.load(v_scale_ptr + group * stride_v_scale)  # applied to p @ v
         k_t = tl.trans(k)
         for tile_row in range(first_row, last_row, BLOCK_M):
             rows_in_bucket = tile_row + tl.arange(0, BLOCK_M)
@@ -111,6 +122,8 @@ def _block_attention_kernel(
             p = tl.exp2(scores - row_max[:, None])
             row_sum = tl.sum(p, axis=1)
             out = mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            if KV_FP8:
+                out = out * v_factor
             out, lse = finish_softmax(out, row_max, row_sum)
             flat = (row.to(tl.int64) * num_heads + head) * TOPK + slot
             tl.store(partial_lse_ptr + flat, lse, mask=row_mask)
@@ -182,6 +195,11 @@ def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_pt
                         TOPK_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
 
 
+def scale_stride(scale: torch.Tensor | None) -> int:
+    """Element stride between the groups' entries of an fp8 K/V scale ``[]`` (0) or ``[G]``."""
+    return scale.stride(0) if scale is not None and scale.dim() == 1 else 0
+
+
 def launch_config(q: torch.Tensor) -> AttentionConfig:
     """The tuned launch configuration for q's device (16-row tiles in the CPU interpreter)."""
     return CUDA_CONFIG if q.is_cuda else replace(CUDA_CONFIG, block_m=16)
@@ -236,13 +254,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, block_size: int,
                      softmax_scale: float, chunk_rows: int | None = None,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_table: torch.Tensor | None = None, config: AttentionConfig | None = None
+                     block_table: torch.Tensor | None = None, config: AttentionConfig | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`msattn.reference.sparse_attention` (same arguments and result).
 
     Args:
         q: ``[total_q, H, D]``; k, v: ``[total_k, G, D]`` (fp16/bf16/fp32, last dim contiguous),
-            or paged ``[num_pages, block_size, G, D]`` with ``block_table``.
+            or paged ``[num_pages, block_size, G, D]`` with ``block_table``; or float8_e4m3fn
+            with ``k_scale``, ``v_scale`` float32 ``[]`` or ``[G]`` (real K = ``k.float() *
+            k_scale``; q then fp16/bf16; forward only).
         indices: ``[G, total_q, topk]`` int32.
         cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (for paged K/V, the prefix sums of
             ``seq_lens``).
@@ -285,7 +306,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                               tiles_per_program=config.tiles_per_program, block_table=block_table)
         num_buckets = num_groups * csr.num_blocks
         _block_attention_kernel[(csr.max_programs,)](
-            q_ptr=q, k_ptr=k, v_ptr=v, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,
+            q_ptr=q, k_ptr=k, v_ptr=v, k_scale_ptr=k_scale, v_scale_ptr=v_scale, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,
             entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
             program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
             block_key_start_ptr=csr.block_key_start, block_position_ptr=csr.block_position,
@@ -293,11 +314,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             stride_q_token=q.stride(0), stride_q_head=q.stride(1),
             stride_k_block=k_strides[0], stride_k_token=k_strides[1], stride_k_group=k_strides[2],
             stride_v_block=v_strides[0], stride_v_token=v_strides[1], stride_v_group=v_strides[2],
+            stride_k_scale=scale_stride(k_scale), stride_v_scale=scale_stride(v_scale),
             row_start=row_start, rows=rows, num_heads=num_heads, num_buckets=num_buckets,
             num_blocks=csr.num_blocks, scale_log2=softmax_scale * LOG2E,
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
             BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config.tiles_per_program,
-            **dot_options(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
+            KV_FP8=k_scale is not None, **dot_options(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
         combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
                          row_start=row_start, rows=rows, block_size=block_size,
                          num_warps=config.combine_warps)
