@@ -16,7 +16,7 @@ import torch
 import msattn
 import msattn.library as lib
 from msattn import dispatch
-from msattn.cache import quantize_index_keys
+from msattn.cache import quantize_index_keys, quantize_kv
 from tests.kernel_cases import DEVICE, cu_seqlens, paginate
 
 # lens_q, lens_k, heads, groups, head_dim, index_dim, block_size, topk
@@ -231,6 +231,40 @@ def test_opcheck_paged_ops(backend, lens_q, fp8):
 # test_schema compares every input before and after the call to detect mutation, which needs
 # arithmetic that CPU torch lacks for float8_e4m3fn; the fp16/fp32 case checks the same schemas.
 _ALL_BUT_SCHEMA = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("backend, lens_q, per_head", [
+    ("reference", [1, 2, 5], False),
+    ("reference", [3, 1, 4], True),
+    pytest.param("triton", [1, 2], True, marks=BACKENDS[1].marks),  # decode kernel
+])
+def test_paged_attention_op_fp8_kv(backend, lens_q, per_head):
+    """fp8 K/V caches with their scales (Tensor? k_scale, v_scale): the op equals
+    msa_paged_attention, and opcheck's fake impl and AOT dispatch pass."""
+    c = _paged_inputs(backend, lens_q=lens_q, fp8=False)
+    q = c["q"].bfloat16()
+    caches, scales = [], []
+    for name in ("k_cache", "v_cache"):  # unused slots stay NaN
+        values = c[name].nan_to_num()
+        scale = quantize_kv(values)[1] if per_head else values.abs().amax() / 448
+        caches.append(quantize_kv(c[name], scale)[0])
+        scales.append(scale)
+    layout = (c["block_table"], c["cu_q"], c["seq_lens"])
+    o, lse = lib.paged_attention(q, c["qi"], *caches, c["index_cache"], *layout,
+                                 max_seqlen_q=c["max_q"], topk=c["topk"], k_scale=scales[0],
+                                 v_scale=scales[1], backend=backend)
+    o_ref, lse_ref = msattn.msa_paged_attention(q, c["qi"], *caches, c["index_cache"], *layout,
+                                                topk=c["topk"], k_scale=scales[0],
+                                                v_scale=scales[1], return_lse=True,
+                                                backend=backend)
+    assert o.dtype == torch.bfloat16 and not o.isnan().any()
+    torch.testing.assert_close(o, o_ref, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse_ref, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.msattn.paged_attention.default,
+                          (q, c["qi"], *caches, c["index_cache"], *layout, c["topk"], 0, 1,
+                           c["scale"], None, c["max_q"], backend, *scales),
+                          test_utils=_ALL_BUT_SCHEMA if backend == "reference"
+                          else ("test_faketensor",))
 
 
 # ----------------------------------------------------------------------------------------------
