@@ -5,6 +5,8 @@
 #   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi, train, hf)
 #   scripts/device_run.sh tune WHAT [options]     kernel profile / launch-config sweep (msattn.bench.tune)
 #   scripts/device_run.sh ncu LENGTH [DTYPE]      Nsight Compute durations of one decode step's kernels
+#   scripts/device_run.sh decode-report           decode GPU tests + memcheck, then the decode benches
+#                                                  beside vLLM (carry .peers) and the decode profile
 #   scripts/device_run.sh all [BENCH_ARGS...]      test, then the prefill and decode benches
 # Whole logs and results go to $OUT (or ./device_out when OUT is unset); a summary of every step
 # is printed last. The exit status is nonzero when any step failed.
@@ -70,6 +72,19 @@ case "$mode" in
     step ncu "ncu-${1:-65536}.log" ncu --launch-skip 6 --launch-count 3 \
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
         python3 scripts/ncu_decode_step.py "$@"
+    ;;
+  decode-report)
+    step pytest pytest.log timeout 150 python3 -m pytest -q -rs tests/test_indexer.py tests/test_paged.py \
+        tests/test_nvfp4.py tests/test_cache.py
+    step memcheck memcheck.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest -q -x tests/test_indexer.py tests/test_paged.py \
+        -k "not gpu and (decode or wrapper or public or fp8 or 4bit or chunk)"
+    step decode bench-decode.log timeout 200 python3 -m msattn.bench.cli bench decode --out "$OUT" \
+        --lengths 8k,16k,64k,256k,1m --time-budget 0.5
+    step decode-multi bench-decode-multi.log timeout 150 python3 -m msattn.bench.cli bench decode-multi \
+        --out "$OUT" --batches 8,32 --q-tokens 8 --lengths 4k,64k --index-dtypes bf16 --time-budget 0.3
+    step tune tune-decode.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
+        --shapes 1x1x1m,4x16x128k,32x8x64k --out "$OUT"
     ;;
   all)
     run_tests

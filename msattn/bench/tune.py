@@ -182,6 +182,14 @@ def _decode_settings(length: int, batch: int = 1, q_tokens: int = 1) -> decode.D
 def _decode_step(wrapper, cache, queries, index_dtype):
     if index_dtype == "nvfp4":
         return _nvfp4_decode_step(wrapper, cache, queries)
+    if index_dtype == "fp8-kv":  # bf16 index keys, fp8 K/V caches (per-head scales)
+        from msattn.cache import quantize_kv
+
+        (k_cache, k_scale), (v_cache, v_scale) = quantize_kv(cache.k_cache), quantize_kv(cache.v_cache)
+        index_cache = cache.index["bf16"][0]
+        return lambda _: wrapper.run(queries.q, queries.qi, k_cache, v_cache, index_cache,
+                                     cache.block_table, cache.seq_lens, k_scale=k_scale,
+                                     v_scale=v_scale)
     index_cache, index_scale = cache.index[index_dtype]
     return lambda _: wrapper.run(queries.q, queries.qi, cache.k_cache, cache.v_cache, index_cache,
                                  cache.block_table, cache.seq_lens, index_scale=index_scale)
@@ -243,9 +251,11 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
         cache = decode.make_cache_set(settings, length, batch)
         queries = decode.make_queries(settings, batch, q_tokens)
         configs = _selection_configs(q_tokens * CONFIG.num_kv_heads)
-        for index_dtype in (*settings.index_dtypes, "nvfp4"):
+        for index_dtype in (*settings.index_dtypes, "nvfp4", "fp8-kv"):
             step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
-                                          index_dtype="fp8" if index_dtype == "nvfp4" else index_dtype)
+                                          index_dtype={"nvfp4": "fp8", "fp8-kv": "bf16"}.get(
+                                              index_dtype, index_dtype),
+                                          kv_bytes=1 if index_dtype == "fp8-kv" else 2)
             if index_dtype == "nvfp4":  # Di / 2 + Di / 16 + 4 bytes per key for fp8's Di + 4
                 step_bytes -= (CONFIG.index_dim // 2 - CONFIG.index_dim // 16) * length * batch
             wrapper = msattn.MSAPagedWrapper(
@@ -261,6 +271,7 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
                         continue  # only the decode selection reads 4-bit keys
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
                                  index_dtype=decode.INDEX_DTYPES.get(index_dtype, torch.bfloat16),
+                                 kv_dtype=torch.float8_e4m3fn if index_dtype == "fp8-kv" else None,
                                  selection_config=config)
                     if attention:  # the same attention with other launch choices
                         wrapper.attention_plan = _replan_attention(wrapper, **attention[0])
