@@ -35,7 +35,12 @@ def test_hf_cpu_suite_end_to_end(tmp_path, capsys, no_cuda):
     for row in rows:
         assert ROW_KEYS <= row.keys()
         assert row["op"] == "hf-cpu" and row["status"] == "ok", row["error"]
-        assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["peak_gib"] is None
+        assert row["ms"] > 0 and row["peak_gib"] is None
+        if row["mode"] == "prefill":
+            assert row["tokens_per_s"] > 0
+        else:  # decode tokens/s is None when timing noise hides the n - 1 extra steps (CPU load)
+            assert row["e2e_tokens_per_s"] > 0
+            assert row["tokens_per_s"] is None or row["tokens_per_s"] > 0
     for sdpa, ours in zip(rows[::2], rows[1::2]):
         assert sdpa["speedup"] is None
         assert ours["speedup"] == pytest.approx(sdpa["ms"] / ours["ms"])
