@@ -231,10 +231,12 @@ def _selection_configs(rows_per_sequence: int) -> list:
             ("block-topk", block_topk),
             *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants),
             ("block-topk, attention without PDL", block_topk, dict(pdl=False)),
-            ("block-topk, attention unsplit", block_topk, dict(split=False))]
+            ("block-topk, attention unsplit", block_topk, dict(split=False)),
+            ("block-topk, attention split", block_topk, dict(split=True))]
 
 
-def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
+def sweep_decode(shapes, out: list, *, profile_only: bool = False,
+                 index_dtypes=("bf16", "fp8", "nvfp4", "fp8-kv")) -> None:
     """Per shape (requests x tokens x context) and index dtype: the CUDA time of each kernel of
     one decode step and the graph-replayed step time, for each selection design and launch
     configuration (the first is the baseline the others' selections are compared with)."""
@@ -251,7 +253,7 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False) -> None:
         cache = decode.make_cache_set(settings, length, batch)
         queries = decode.make_queries(settings, batch, q_tokens)
         configs = _selection_configs(q_tokens * CONFIG.num_kv_heads)
-        for index_dtype in (*settings.index_dtypes, "nvfp4", "fp8-kv"):
+        for index_dtype in index_dtypes:
             step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
                                           index_dtype={"nvfp4": "fp8", "fp8-kv": "bf16"}.get(
                                               index_dtype, index_dtype),
@@ -360,6 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", type=lambda t: [parse_shape(x) for x in t.split(",")],
                         default=[(1, 1, 64 << 10), (1, 1, 1 << 20)],
                         help="decode: requests x tokens x context, e.g. 1x1x64k,4x16x128k")
+    parser.add_argument("--index-dtypes", default="bf16,fp8,nvfp4,fp8-kv",
+                        help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches)")
     parser.add_argument("--profile-only", action="store_true",
                         help="decode: the two selection designs' defaults only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
@@ -371,7 +375,8 @@ def main(argv=None) -> int:
     if args.what == "profile":
         profile(args.lengths, rows)
     elif args.what == "decode":
-        sweep_decode(args.shapes, rows, profile_only=args.profile_only)
+        sweep_decode(args.shapes, rows, profile_only=args.profile_only,
+                     index_dtypes=tuple(args.index_dtypes.split(",")))
     elif args.what == "backward":
         sweep_backward(args.length, _backward_configs(), rows)
     elif args.what == "attention":
