@@ -134,15 +134,15 @@ def _paged_index_case(lens_q, lens_k, groups, index_dim, page_size, dtype, *, in
 
 
 # lens_q, lens_k, groups, index_dim, page_size, topk, init_blocks, local_blocks, dtype, integer,
-# segment (negative: the same, ranked by tl.topk)
+# segment (rows ranked by tl.topk, or by max rounds where a segment is narrower than topk: case4)
 DECODE_CASES = [
     ([1, 1, 1], [300, 17, 64], 2, 16, 16, 4, 0, 1, torch.float32, False, 1024),
     ([4, 16, 1, 7], [200, 90, 500, 7], 4, 32, 16, 5, 1, 2, torch.float32, True, 1024),  # ties
     ([1, 3], [2500, 129], 3, 16, 16, 6, 1, 1, torch.bfloat16, False, 32),  # 5 segments
     ([2, 1], [1000, 40], 1, 16, 32, 8, 0, 1, torch.float16, True, 8),  # ties across segments
     ([16], [33], 6, 16, 16, 16, 2, 2, torch.float32, True, 1024),  # topk > blocks, group 6
-    ([1, 3], [2500, 129], 3, 16, 16, 6, 1, 1, torch.float32, True, -32),  # bitonic, segments
-    ([4, 1], [300, 900], 2, 16, 16, 5, 0, 1, torch.bfloat16, False, -1024),  # bitonic, one segment
+    ([1, 3], [2500, 129], 3, 16, 16, 6, 1, 1, torch.float32, True, 32),  # ties across 5 segments
+    ([4, 1], [300, 900], 2, 16, 16, 5, 0, 1, torch.bfloat16, False, 1024),  # one segment
 ]
 
 
@@ -155,8 +155,7 @@ def test_decode_selection_matches_reference(case):
         lens_q, lens_k, groups, index_dim, page_size, dtype, integer=integer, seed=len(lens_q) + topk)
     kwargs = dict(topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
     expected = reference.select_blocks(qi, ki, cu_q, cu_k, block_size=page_size, **kwargs)
-    config = PageTopkConfig(segment=abs(segment), bitonic=segment < 0)
-    segment = abs(segment)
+    config = PageTopkConfig(segment=segment)
     plan = plan_selection(qi.shape[0], len(lens_q), groups, max(lens_q), table.shape[1], topk=topk,
                           device=qi.device, config=config)
     assert isinstance(plan, BlockTopkPlan) and plan.num_segments == -(-table.shape[1] // min(segment, 1 << (table.shape[1] - 1).bit_length()))

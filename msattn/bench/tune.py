@@ -225,7 +225,7 @@ def _selection_configs(rows_per_sequence: int) -> list:
     """The decode selections raced: the fused indexer (split keys merged in the same launch)
     and the block-score + top-k kernels with their launch variants."""
     block_topk = indexer.PageTopkConfig()
-    variants = [dict(bitonic=False), dict(segment=512), dict(score_stages=3),
+    variants = [dict(segment=512), dict(score_stages=3),
                 dict(programs_per_sm=8, batched_programs_per_sm=4)]
     return [("fused", indexer.launch_config(rows_per_sequence, is_cuda=True)),
             ("block-topk", block_topk),

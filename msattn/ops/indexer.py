@@ -453,9 +453,6 @@ class PageTopkConfig:
         segment: most blocks of a row one top-k program ranks (a power of two); rows with more
             blocks are ranked in segments whose lists the row's last segment merges.
         topk_warps: warps of a top-k program.
-        min_block_r: fewest (token, group) rows of a score tile (padding rows cost registers,
-            not bandwidth).
-        bitonic: rank with ``tl.topk`` (a bitonic top-k) instead of ``topk`` rounds of a max.
     """
 
     programs_per_sm: int = 4
@@ -465,8 +462,6 @@ class PageTopkConfig:
     score_stages: int = 2
     segment: int = 1024
     topk_warps: int = 4
-    min_block_r: int = 16
-    bitonic: bool = True
 
 
 @triton.jit
@@ -814,7 +809,7 @@ class BlockTopkPlan:
 def _plan_block_topk(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                      topk: int, device: torch.device, config: PageTopkConfig) -> BlockTopkPlan:
     rows_per_sequence = max(1, max_len_q * num_groups)
-    block_r = min(max(64, config.min_block_r), max(config.min_block_r, triton.next_power_of_2(rows_per_sequence)))
+    block_r = min(64, max(16, triton.next_power_of_2(rows_per_sequence)))
     num_tiles = triton.cdiv(rows_per_sequence, block_r)
     max_blocks = max(1, max_blocks)
     programs = (config.programs_per_sm if batch == 1 else config.batched_programs_per_sm) \
@@ -875,7 +870,7 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
         stride_out_token=out.stride(1), max_len_q=plan.max_len_q, NUM_GROUPS=plan.num_groups,
         BLOCK_SIZE=block_size, SEGMENT=plan.segment, NUM_SEGMENTS=plan.num_segments,
         CANDIDATES_PAD=triton.next_power_of_2(plan.num_segments * plan.topk_pad), TOPK=plan.topk,
-        TOPK_PAD=plan.topk_pad, PAGED=paged, BITONIC=config.bitonic and plan.segment >= plan.topk_pad,
+        TOPK_PAD=plan.topk_pad, PAGED=paged, BITONIC=plan.segment >= plan.topk_pad,
         PDL=pdl, num_warps=config.topk_warps,
         **({"launch_pdl": True} if pdl else {}))
 
