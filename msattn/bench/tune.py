@@ -5,6 +5,7 @@
     python3 -m msattn.bench.tune indexer --length 256k            # indexer configs
     python3 -m msattn.bench.tune decode --shapes 1x1x64k,4x16x128k  # decode: selection designs
     python3 -m msattn.bench.tune backward --length 128k           # sparse-attention backward configs
+    python3 -m msattn.bench.tune train --lengths 32k,128k         # CUDA time of every kernel of a step
 
 M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs (decode: one
 query token against a random paged cache, bf16 and fp8 index keys, CUDA-graph replays of
@@ -92,6 +93,32 @@ def profile(lengths, out: list) -> None:
         for name, ms in kernels.items():
             print(f"  {ms:10.3f} ms  {name}", flush=True)
         out.append({"kind": "profile", "seq_len": length, "kernels_ms": kernels})
+        del x
+        release_memory(torch.device("cuda"))
+
+
+def profile_train(lengths, out: list) -> None:
+    """CUDA time per kernel of one training step of the attention (``msattn.bench.train``:
+    selection, sparse forward and backward, indexer loss forward and backward)."""
+    from msattn.bench import train
+
+    for length in lengths:
+        settings = train.TrainSettings(
+            op="train", device=torch.device("cuda"), config=CONFIG, lengths=(length,), batch=1,
+            dtype=torch.bfloat16, backend="triton", warmup=1, repeats=1, time_budget_s=1.0,
+            dense=False, dense_max_len=None)
+        x = train.make_inputs(settings, length)
+        train.msa_step(settings, length, x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            train.msa_step(settings, length, x)
+            torch.cuda.synchronize()
+        kernels = _kernel_times(prof, 1e3, name_chars=90, digits=3)  # ms
+        kernels = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:30])
+        print(f"train profile {length}: total {sum(kernels.values()):.1f} ms", flush=True)
+        for name, ms in kernels.items():
+            print(f"  {ms:10.3f} ms  {name}", flush=True)
+        out.append({"kind": "train-profile", "seq_len": length, "kernels_ms": kernels})
         del x
         release_memory(torch.device("cuda"))
 
@@ -341,9 +368,12 @@ ATTENTION_CONFIGS = [
 def _backward_configs() -> list:
     from msattn.ops.sparse_attention_bwd import CUDA_CONFIG as default
 
-    return [default, dataclasses.replace(default, dq_mode="query"),
-            dataclasses.replace(default, block_m=128), dataclasses.replace(default, num_warps=4),
-            dataclasses.replace(default, tiles_per_program=16)]
+    variants = [dict(dq_mode="query"), dict(dq_mode="query", dq_num_warps=8),
+                dict(dq_mode="query", dq_block_n=128, dq_num_warps=8), dict(block_m=128),
+                dict(block_m=32), dict(num_warps=4), dict(block_m=32, num_warps=4),
+                dict(num_stages=1), dict(num_stages=3), dict(tiles_per_program=16),
+                dict(tiles_per_program=4), dict(block_n=64), dict(block_n=64, block_m=128)]
+    return [default] + [dataclasses.replace(default, **v) for v in variants]
 
 
 INDEXER_CONFIGS = [indexer.IndexerConfig(block_r=r, num_warps=w, num_stages=st)
@@ -353,7 +383,8 @@ INDEXER_CONFIGS = [indexer.IndexerConfig(block_r=r, num_warps=w, num_stages=st)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m msattn.bench.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("profile", "attention", "indexer", "decode", "backward"))
+    parser.add_argument("what", choices=("profile", "attention", "indexer", "decode", "backward",
+                                         "train"))
     parser.add_argument("--lengths", type=parse_lengths, default=(128 << 10,))
     parser.add_argument("--length", type=parse_length, default=128 << 10)
     parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
@@ -374,6 +405,8 @@ def main(argv=None) -> int:
     rows: list = []
     if args.what == "profile":
         profile(args.lengths, rows)
+    elif args.what == "train":
+        profile_train(args.lengths, rows)
     elif args.what == "decode":
         sweep_decode(args.shapes, rows, profile_only=args.profile_only,
                      index_dtypes=tuple(args.index_dtypes.split(",")))
