@@ -368,11 +368,12 @@ ATTENTION_CONFIGS = [
 def _backward_configs() -> list:
     from msattn.ops.sparse_attention_bwd import CUDA_CONFIG as default
 
-    variants = [dict(dq_mode="query"), dict(dq_mode="query", dq_num_warps=8),
-                dict(dq_mode="query", dq_block_n=128, dq_num_warps=8), dict(block_m=128),
-                dict(block_m=32), dict(num_warps=4), dict(block_m=32, num_warps=4),
-                dict(num_stages=1), dict(num_stages=3), dict(tiles_per_program=16),
-                dict(tiles_per_program=4), dict(block_n=64), dict(block_n=64, block_m=128)]
+    variants = [dict(block_m=32), dict(num_stages=1), dict(block_m=32, num_stages=1),
+                dict(block_m=128, block_n=64), dict(block_m=128, block_n=64, num_stages=1),
+                dict(block_m=32, tiles_per_program=16)]
+    variants += [dict(v, key_rows=True) for v in [{}] + variants + [dict(block_m=128)]]
+    variants += [dict(dq_mode="query", block_m=32), dict(dq_mode="query", block_m=32, key_rows=True),
+                 dict(dq_mode="query", block_m=128, block_n=64, key_rows=True)]
     return [default] + [dataclasses.replace(default, **v) for v in variants]
 
 
