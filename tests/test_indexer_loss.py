@@ -186,6 +186,38 @@ def test_triton_matches_reference(case):
         assert torch.equal(ki.grad.cpu()[~covered], torch.zeros_like(ki.grad.cpu()[~covered]))
 
 
+def test_selection_with_a_foreign_lse_and_grad_subsets():
+    """A selection with the dense attention's lse (the teacher's mass over the selected keys is
+    then below 1, so the sum(P) * Q term of the gradient is exercised); the loss without grad
+    equals the loss with; only ki requiring grad gets only dki."""
+    q, k, qi, ki, indices, cu_q, cu_k, scale, _ = _inputs([20, 9], [60, 9], 4, 2, 16, 16, 16, 2,
+                                                          torch.float32, seed=11)
+    _, lse = reference.dense_attention(q, k, torch.randn_like(k), cu_q, cu_k, softmax_scale=scale)
+    qi64 = qi.double().requires_grad_()
+    ki64 = ki.double().requires_grad_()
+    expected = reference.indexer_loss(q.double(), k.double(), qi64, ki64, indices, cu_q, cu_k,
+                                      block_size=16, softmax_scale=scale, lse=lse)
+    expected.backward()
+    expected = expected.detach()
+    with torch.no_grad():
+        no_grad = indexer_loss(q, k, qi, ki, indices, cu_q, cu_k, block_size=16,
+                               softmax_scale=scale, lse=lse)
+    assert abs(float(no_grad) - float(expected)) <= 1e-4 * abs(float(expected))
+    ki.requires_grad_()
+    loss = indexer_loss(q, k, qi, ki, indices, cu_q, cu_k, block_size=16, softmax_scale=scale,
+                        lse=lse)
+    loss.backward()
+    assert float(loss) == float(no_grad)
+    assert qi.grad is None
+    error = (ki.grad.double() - ki64.grad).norm() / ki64.grad.norm()
+    assert error < 1e-4, float(error)
+    qi.requires_grad_()
+    indexer_loss(q, k, qi, ki, indices, cu_q, cu_k, block_size=16, softmax_scale=scale,
+                 lse=lse).backward()
+    error = (qi.grad.double() - qi64.grad).norm() / qi64.grad.norm()
+    assert error < 1e-4, float(error)
+
+
 def test_reference_gives_no_gradient_to_q_k():
     q, k, qi, ki, indices, cu_q, cu_k, scale, _ = _inputs([10], [30], 4, 2, 16, 16, 16, 2,
                                                          torch.float32, seed=5)

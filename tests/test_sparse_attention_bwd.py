@@ -115,16 +115,16 @@ def _config(**changes):
     return BackwardConfig(**{**INTERPRETER_CONFIG.__dict__, **changes})
 
 
-@pytest.mark.parametrize("dq_mode,key_rows", [("atomic", False), ("atomic", True), ("query", False)])
+@pytest.mark.parametrize("dq_mode", ["atomic", "query"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_backward_matches_reference_fp32(name, dq_mode, key_rows):
+def test_backward_matches_reference_fp32(name, dq_mode):
     lens_q, lens_k, heads, groups, head_dim, block_size, topk = CASES[name]
     q, k, v, do, dlse, indices, cu_q, cu_k = _inputs(lens_q, lens_k, heads, groups, head_dim,
                                                      block_size, topk, torch.float32)
     dlse = dlse if name in ("group1", "t_lt_s_group6") else None  # lse in the loss or not
     scale = head_dim ** -0.5
     grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=block_size,
-                          scale=scale, config=_config(dq_mode=dq_mode, key_rows=key_rows))
+                          scale=scale, config=_config(dq_mode=dq_mode))
     expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=block_size,
                                 scale=scale)
     _check_fp32(grads, expected)
@@ -142,8 +142,7 @@ def test_backward_16bit(dtype):
     _check_16bit(grads, expected)
 
 
-@pytest.mark.parametrize("key_rows", [False, True])
-def test_split_buckets_and_key_tiles(key_rows):
+def test_split_buckets_and_key_tiles():
     """Every token selects block 0: its bucket takes many programs (float32 atomics for dK, dV
     and dQ); 16-key tiles of 64-key blocks (four programs a bucket)."""
     lens = [80]
@@ -151,8 +150,7 @@ def test_split_buckets_and_key_tiles(key_rows):
     indices = torch.full((1, 80, 2), -1, dtype=torch.int32, device=DEVICE)
     indices[:, :, 0] = 0
     indices[:, 64:, 1] = 1
-    config = _config(block_m=16, block_n=16, tiles_per_program=1, dq_mode="atomic",
-                     key_rows=key_rows)
+    config = _config(block_m=16, block_n=16, tiles_per_program=1, dq_mode="atomic")
     csr = build_block_csr(indices, cu_q, cu_k, block_size=64, total_k=80, row_start=0,
                           row_end=80, group_size=2, block_m=16, tiles_per_program=1)
     programs = csr.program_start[1:] - csr.program_start[:-1]

@@ -6,6 +6,7 @@
     python3 -m msattn.bench.tune decode --shapes 1x1x64k,4x16x128k  # decode: selection designs
     python3 -m msattn.bench.tune backward --length 128k           # sparse-attention backward configs
     python3 -m msattn.bench.tune train --lengths 32k,128k         # CUDA time of every kernel of a step
+    python3 -m msattn.bench.tune loss --length 128k               # indexer-loss configs (fwd + bwd)
 
 M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs (decode: one
 query token against a random paged cache, bf16 and fp8 index keys, CUDA-graph replays of
@@ -198,6 +199,48 @@ def sweep_backward(length: int, configs: list, out: list) -> None:
         release_memory(torch.device("cuda"))
 
 
+def sweep_loss(length: int, configs: list, out: list) -> None:
+    """The indexer loss (forward with gradients, then backward) with each launch configuration:
+    time, and the differences of the loss and the gradients from the first configuration."""
+    from msattn.ops import indexer_loss as loss_ops
+
+    x = _inputs(length)
+    _, lse = _attend(x)
+    qi, ki = x.qi.detach().requires_grad_(), x.ki.detach().requires_grad_()
+
+    def run(y, config):
+        loss = loss_ops.indexer_loss(y.q, y.k, qi, ki, y.indices, y.cu_seqlens, y.cu_seqlens,
+                                     block_size=CONFIG.block_size,
+                                     softmax_scale=CONFIG.head_dim ** -0.5, lse=lse, config=config)
+        return (loss,) + torch.autograd.grad(loss, (qi, ki))
+
+    expected = None
+    for config in configs:
+        row = {"kind": "indexer-loss", "seq_len": length, "config": dataclasses.asdict(config)}
+        try:
+            got = run(x, config)
+            if expected is None:
+                expected = got
+            row["max_abs_diff"] = [float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected)]
+            del got
+            row["ms"] = _time(lambda y: run(y, config), x)
+        except Exception as error:  # a config that does not compile or fit is reported, not fatal
+            row["error"] = str(error).splitlines()[0][:200]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        release_memory(torch.device("cuda"))
+
+
+def _loss_configs() -> list:
+    from msattn.ops.indexer_loss import CUDA_CONFIG as default
+
+    variants = [dict(block_e=128, tiles_per_program=2), dict(block_e=32, tiles_per_program=8),
+                dict(tiles_per_program=8), dict(tiles_per_program=2), dict(backward_warps=4),
+                dict(backward_stages=2), dict(block_e=128, tiles_per_program=2, backward_warps=4),
+                dict(block_e=128, tiles_per_program=4)]
+    return [default] + [dataclasses.replace(default, **v) for v in variants]
+
+
 def _decode_settings(length: int, batch: int = 1, q_tokens: int = 1) -> decode.DecodeSettings:
     return decode.DecodeSettings(
         op="tune-decode", device=torch.device("cuda"), config=CONFIG, lengths=(length,),
@@ -368,12 +411,11 @@ ATTENTION_CONFIGS = [
 def _backward_configs() -> list:
     from msattn.ops.sparse_attention_bwd import CUDA_CONFIG as default
 
-    variants = [dict(block_m=32), dict(num_stages=1), dict(block_m=32, num_stages=1),
-                dict(block_m=128, block_n=64), dict(block_m=128, block_n=64, num_stages=1),
-                dict(block_m=32, tiles_per_program=16)]
-    variants += [dict(v, key_rows=True) for v in [{}] + variants + [dict(block_m=128)]]
-    variants += [dict(dq_mode="query", block_m=32), dict(dq_mode="query", block_m=32, key_rows=True),
-                 dict(dq_mode="query", block_m=128, block_n=64, key_rows=True)]
+    variants = [dict(block_m=32), dict(num_stages=1), dict(tiles_per_program=16),
+                dict(tiles_per_program=4), dict(num_warps=4), dict(block_n=64),
+                dict(block_m=32, tiles_per_program=16), dict(dq_mode="query"),
+                dict(dq_mode="query", dq_block_n=128, dq_num_warps=8),
+                dict(dq_mode="query", dq_num_stages=3)]
     return [default] + [dataclasses.replace(default, **v) for v in variants]
 
 
@@ -385,7 +427,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m msattn.bench.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("profile", "attention", "indexer", "decode", "backward",
-                                         "train"))
+                                         "train", "loss"))
     parser.add_argument("--lengths", type=parse_lengths, default=(128 << 10,))
     parser.add_argument("--length", type=parse_length, default=128 << 10)
     parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
@@ -413,6 +455,8 @@ def main(argv=None) -> int:
                      index_dtypes=tuple(args.index_dtypes.split(",")))
     elif args.what == "backward":
         sweep_backward(args.length, _backward_configs(), rows)
+    elif args.what == "loss":
+        sweep_loss(args.length, _loss_configs(), rows)
     elif args.what == "attention":
         chunks = [int(c) or None for c in args.chunk_rows.split(",")]
         configs = [sparse_attention.CUDA_CONFIG] if args.default_config else ATTENTION_CONFIGS

@@ -9,21 +9,28 @@ the index scores ``qi . ki * Di**-0.5``; the loss is the mean over ``(t, g)`` of
 As in fla-org/flash-linear-attention, the autograd function (:class:`IndexerLossFunction`) lives
 beside the op it differentiates.
 
-* Forward (``_indexer_loss_fwd_kernel``), query-outer: one program per (query token, group), the
-  group's heads the rows of the teacher tile. Without ``lse`` a first pass over the token's blocks
-  finds each head's normaliser (and stores it for the backward). The second pass keeps, online,
-  the student log-normaliser ``L`` (running max and sum of exp), ``sum P log P``, ``sum P s`` and
-  ``sum P``; the row's loss is ``sum P log P - sum P s + L sum P``.
-* Backward (``_indexer_loss_bwd_kernel``), KV-outer: one program per (group, key block) and a
-  range of the query rows that see the block (from the selection CSR of
-  :mod:`msattn.ops.selection_csr`, or every causal row when dense). It recomputes ``P`` and ``Q``
-  for the block, ``ds = Q sum(P) - P``, accumulates ``dki`` of the block's keys in the program
-  over its rows (then one fp32 atomic add per program) and adds ``ds @ ki`` to ``dqi`` with fp32
-  atomics. Why KV-outer rather than query-outer with ``dki`` atomics: query-outer would issue
-  ``topk * bs * Di`` atomics per (token, group) (7e10 at 64K tokens in the M3 shape) onto a few
-  hot blocks; KV-outer divides the ``dki`` atomics by the rows a program handles, and its ``dqi``
-  atomics (``topk * Di`` per row) spread over distinct rows. The teacher recompute is the same
-  either way.
+* With a selection, KV-outer (``_indexer_loss_kv_kernel``): one program per (group, key block)
+  and a range of the entries that chose the block (the selection CSR of
+  :mod:`msattn.ops.selection_csr`); the block's ``k`` and ``ki`` stay on chip while the entries'
+  rows stream past. One pass recomputes the teacher ``P`` (heads looped, from the main branch's
+  LSE) and the index scores ``s``, and adds each row's ``sum P log P``, ``sum P s``, ``sum P``
+  (fp32 atomics), stores each entry's partial student normaliser (max and sum of exp over the
+  block) and, when gradients are wanted, adds the ``-P`` part of ``ds = Q sum(P) - P`` to
+  ``dqi`` (atomics) and ``dki`` (accumulated over the program's rows, one atomic add). The rows'
+  student log-normalisers ``L`` come from their entries' partials; the loss of a row is
+  ``sum P log P - sum P s + L sum P``. A second, student-only pass (no ``k``, no heads) adds the
+  ``Q sum(P)`` part. The backward only scales the float32 gradients by the upstream gradient.
+  Without ``lse`` a query-outer pass (``_indexer_loss_fwd_kernel``, ``LSE_ONLY``) first finds
+  each head's normaliser over the token's selected keys.
+* Dense warm-up: the query-outer ``_indexer_loss_fwd_kernel`` (one program per (query token,
+  group), the group's heads the rows of the teacher tile; without ``lse`` a first pass finds
+  each head's normaliser) keeps, online, ``L``, ``sum P log P``, ``sum P s`` and ``sum P``; the
+  backward runs the KV-outer kernel over every causal (row, block) pair with ``ds`` whole.
+  Why KV-outer for the gradients: query-outer would issue ``topk * bs * Di`` ``dki`` atomics
+  per (token, group) (7e10 at 64K tokens in the M3 shape) onto a few hot blocks; KV-outer
+  divides them by the rows a program handles, and its ``dqi`` atomics (``topk * Di`` per row)
+  spread over distinct rows. Why KV-outer for the selected forward too: query-outer reloads a
+  block's ``k`` for every token that chose it (0.5 TB of cache traffic at 128K).
 
 No host synchronisation in forward or backward, except the dense variant's bound on the blocks of
 a sequence when ``max_seqlen_k`` is not given (derived once, in the forward, by one ``.item()``).
@@ -37,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.selection_csr import build_block_csr, row_positions
+from msattn.ops.selection_csr import BlockCSR, build_block_csr, row_positions
 from msattn.ops.utils import dot_options, mma
 
 _LOG2E = 1.4426950408889634
@@ -50,11 +57,11 @@ class IndexerLossConfig:
     """Launch configuration of the loss kernels.
 
     Attributes:
-        forward_warps, forward_stages: the query-outer forward.
-        block_e: query rows per backward tile (>= 16).
-        tiles_per_program: backward tiles of one key block per program (the block's K and ki are
-            loaded once for them, and its ``dki`` is added once).
-        backward_warps, backward_stages: the KV-outer backward.
+        forward_warps, forward_stages: the query-outer kernel (dense warm-up, teacher LSE).
+        block_e: query rows per KV-outer tile (>= 16).
+        tiles_per_program: KV-outer tiles of one key block per program (the block's K and ki
+            are loaded once for them, and its ``dki`` is added once).
+        backward_warps, backward_stages: the KV-outer kernel.
     """
 
     forward_warps: int = 4
@@ -82,7 +89,7 @@ def launch_config(qi: torch.Tensor) -> IndexerLossConfig:
 # q [total_q, H, D], k [total_k, G, D], qi [total_q, G, Di], ki [total_k, Di], indices
 # [G, total_q, TOPK] (absent when DENSE: every causal block), lse [total_q, H] (when HAS_LSE).
 # Writes row_loss, student_lse (natural log), teacher_mass (sum of P) [total_q, G] float32 and,
-# without lse, the teacher's log-sum-exp teacher_lse [total_q, H] float32.
+# without lse, the teacher's log-sum-exp teacher_lse [total_q, H] float32 (LSE_ONLY: that alone).
 @triton.jit
 def _indexer_loss_fwd_kernel(
         q_ptr, k_ptr, qi_ptr, ki_ptr, indices_ptr, lse_ptr, position_ptr, key_start_ptr,
@@ -93,7 +100,8 @@ def _indexer_loss_fwd_kernel(
         GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, INDEX_DIM: tl.constexpr, BLOCK_DI: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, DENSE: tl.constexpr,
-        HAS_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        HAS_LSE: tl.constexpr, LSE_ONLY: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     position = tl.load(position_ptr + token)
@@ -150,45 +158,46 @@ def _indexer_loss_fwd_kernel(
                         float("-inf"))
         tl.store(teacher_lse_ptr + token * num_heads + heads, lse2 * LN2, mask=head_mask)
 
-    student_max = tl.full([1], float("-inf"), tl.float32)
-    student_sum = tl.zeros([1], tl.float32)
-    p_log_p = tl.zeros([1], tl.float32)  # log2 units
-    p_s = tl.zeros([1], tl.float32)  # log2 units
-    mass = tl.zeros([1], tl.float32)
-    for step in range(num_steps):
-        if DENSE:
-            block = step
-        else:
-            block = tl.load(index_row + step)
-        key = block * BLOCK_SIZE + offs
-        key_mask = (key >= 0) & (key <= position)
-        k = tl.load(k_ptr + (key_start + key)[:, None] * stride_k_token
-                    + group * stride_k_group + dim[None, :],
-                    mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-        ki = tl.load(ki_ptr + (key_start + key)[:, None] * stride_ki_token + idim[None, :],
-                     mask=key_mask[:, None] & idim_mask[None, :], other=0.0)
-        scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-        p = tl.where(head_mask[:, None] & key_mask[None, :],
-                     tl.exp2(scores - lse2[:, None]), 0.0)
-        p = tl.sum(p, axis=0) / GROUP_SIZE  # [BLOCK_SIZE]
-        s = tl.sum(mma(qi, tl.trans(ki), DOT_PRECISION, DOT_UPCAST), axis=0) * index_scale_log2
-        p_s += tl.sum(tl.where(key_mask, p * s, 0.0), axis=0)
-        s = tl.where(key_mask, s, float("-inf"))
-        new_max = tl.maximum(student_max, tl.max(s, axis=0))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        student_sum = student_sum * tl.exp2(student_max - safe_max) + tl.sum(
-            tl.exp2(s - safe_max), axis=0)
-        student_max = new_max
-        p_log_p += tl.sum(tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
-        mass += tl.sum(p, axis=0)
-    has_keys = student_sum > 0
-    student_lse2 = tl.where(has_keys, student_max + tl.log2(tl.where(has_keys, student_sum, 1.0)),
-                            0.0)
-    loss = tl.where(has_keys, (p_log_p - p_s + student_lse2 * mass) * LN2, 0.0)
-    out = token * num_groups + group + tl.arange(0, 1)
-    tl.store(row_loss_ptr + out, loss)
-    tl.store(student_lse_ptr + out, student_lse2 * LN2)
-    tl.store(teacher_mass_ptr + out, mass)
+    if not LSE_ONLY:  # second pass: the loss terms of the row
+        student_max = tl.full([1], float("-inf"), tl.float32)
+        student_sum = tl.zeros([1], tl.float32)
+        p_log_p = tl.zeros([1], tl.float32)  # log2 units
+        p_s = tl.zeros([1], tl.float32)  # log2 units
+        mass = tl.zeros([1], tl.float32)
+        for step in range(num_steps):
+            if DENSE:
+                block = step
+            else:
+                block = tl.load(index_row + step)
+            key = block * BLOCK_SIZE + offs
+            key_mask = (key >= 0) & (key <= position)
+            k = tl.load(k_ptr + (key_start + key)[:, None] * stride_k_token
+                        + group * stride_k_group + dim[None, :],
+                        mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+            ki = tl.load(ki_ptr + (key_start + key)[:, None] * stride_ki_token + idim[None, :],
+                         mask=key_mask[:, None] & idim_mask[None, :], other=0.0)
+            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+            p = tl.where(head_mask[:, None] & key_mask[None, :],
+                         tl.exp2(scores - lse2[:, None]), 0.0)
+            p = tl.sum(p, axis=0) / GROUP_SIZE  # [BLOCK_SIZE]
+            s = tl.sum(mma(qi, tl.trans(ki), DOT_PRECISION, DOT_UPCAST), axis=0) * index_scale_log2
+            p_s += tl.sum(tl.where(key_mask, p * s, 0.0), axis=0)
+            s = tl.where(key_mask, s, float("-inf"))
+            new_max = tl.maximum(student_max, tl.max(s, axis=0))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            student_sum = student_sum * tl.exp2(student_max - safe_max) + tl.sum(
+                tl.exp2(s - safe_max), axis=0)
+            student_max = new_max
+            p_log_p += tl.sum(tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)), 0.0), axis=0)
+            mass += tl.sum(p, axis=0)
+        has_keys = student_sum > 0
+        student_lse2 = tl.where(has_keys, student_max + tl.log2(tl.where(has_keys, student_sum, 1.0)),
+                                0.0)
+        loss = tl.where(has_keys, (p_log_p - p_s + student_lse2 * mass) * LN2, 0.0)
+        out = token * num_groups + group + tl.arange(0, 1)
+        tl.store(row_loss_ptr + out, loss)
+        tl.store(student_lse_ptr + out, student_lse2 * LN2)
+        tl.store(teacher_mass_ptr + out, mass)
 
 
 # One program: one group x one key block x up to TILES_PER_PROGRAM tiles of BLOCK_E query rows that
@@ -196,13 +205,18 @@ def _indexer_loss_fwd_kernel(
 # (csr.max_programs,); programs past the real ones exit). DENSE: the rows are the block's
 # sequence's queries at or after the block start (grid: (num_blocks, G, row splits)).
 # q [total_q, H, D], k [total_k, G, D], qi [total_q, G, Di], ki [total_k, Di], teacher_lse
-# [total_q, H], student_lse and teacher_mass [total_q, G] (float32, natural log).
-# Adds (fp32 atomics) ds @ ki to dqi [total_q, G, Di] and ds^T @ qi to dki [total_k, Di], both
-# float32 and without the factor grad * Di**-0.5 / (total_q * G), where ds = Q * sum(P) - P.
+# [total_q, H] (natural log). What it computes over the (row, key) tile, with P the teacher
+# (TEACHER: recomputed from q, k, teacher_lse) and Q the student (STUDENT: exp of the index
+# scores minus student_lse, times teacher_mass, both float32 [total_q, G]):
+# * TERMS: adds sum P log2 P, sum P s2, sum P (s2: index scores in log2 units) into row_terms
+#   float32 [3, total_q * G], and stores each entry's max of s2 and sum of exp2(s2 - max) at the
+#   entry's id in entry_max, entry_sum float32 [G * total_q * TOPK].
+# * GRAD: with ds = mass * Q - P (the terms present), adds ds @ ki to dqi [total_q, G, Di] and
+#   ds^T @ qi to dki [total_k, Di] (float32 atomics; without the factor grad * Di**-0.5 / rows).
 @triton.jit
-def _indexer_loss_bwd_kernel(
+def _indexer_loss_kv_kernel(
         q_ptr, k_ptr, qi_ptr, ki_ptr, teacher_lse_ptr, student_lse_ptr, teacher_mass_ptr,
-        dqi_ptr, dki_ptr,
+        dqi_ptr, dki_ptr, row_terms_ptr, entry_max_ptr, entry_sum_ptr,
         entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr,
         block_key_start_ptr, block_position_ptr, block_num_keys_ptr, block_seq_ptr,
         row_position_ptr, cu_seqlens_q_ptr, cu_seqlens_k_ptr,
@@ -212,7 +226,8 @@ def _indexer_loss_bwd_kernel(
         GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         INDEX_DIM: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TOPK: tl.constexpr, BLOCK_E: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
-        DENSE: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        DENSE: tl.constexpr, TEACHER: tl.constexpr, STUDENT: tl.constexpr, TERMS: tl.constexpr,
+        GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     rows_per_program = TILES_PER_PROGRAM * BLOCK_E
     if DENSE:
         block = tl.program_id(0)
@@ -252,12 +267,13 @@ def _indexer_loss_bwd_kernel(
         offs = tl.arange(0, BLOCK_SIZE)
         key_mask = offs < num_keys
         keys = key_start + offs
-        k = tl.load(k_ptr + keys[:, None] * stride_k_token + group * stride_k_group + dim[None, :],
-                    mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
         ki = tl.load(ki_ptr + keys[:, None] * stride_ki_token + idim[None, :],
                      mask=key_mask[:, None] & idim_mask[None, :], other=0.0)
-        k_t = tl.trans(k)
         ki_t = tl.trans(ki)
+        if TEACHER:
+            k_t = tl.trans(tl.load(k_ptr + keys[:, None] * stride_k_token + group * stride_k_group
+                                   + dim[None, :], mask=key_mask[:, None] & dim_mask[None, :],
+                                   other=0.0))
         dki = tl.zeros([BLOCK_SIZE, BLOCK_DI], tl.float32)
         for tile_row in range(row_from, row_to, BLOCK_E):
             r = tile_row + tl.arange(0, BLOCK_E)
@@ -265,35 +281,55 @@ def _indexer_loss_bwd_kernel(
             if DENSE:
                 token = (q_start + r).to(tl.int64)
                 position = len_k - len_q + r
+                entry = r  # unused
             else:
                 entry = tl.load(entries_ptr + entry_start + r, mask=row_mask, other=0)
                 token = ((entry // TOPK) % rows).to(tl.int64)
                 position = tl.load(row_position_ptr + token, mask=row_mask, other=-1)
             visible = (row_mask[:, None] & key_mask[None, :]
                        & ((key_position + offs)[None, :] <= position[:, None]))
-            p = tl.zeros([BLOCK_E, BLOCK_SIZE], tl.float32)
-            for h in range(GROUP_SIZE):
-                head = group * GROUP_SIZE + h
-                q = tl.load(q_ptr + token[:, None] * stride_q_token + head * stride_q_head
-                            + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
-                scores = mma(q, k_t, DOT_PRECISION, DOT_UPCAST) * scale_log2
-                lse2 = tl.load(teacher_lse_ptr + token * stride_lse_token + head, mask=row_mask,
-                               other=0.0) * LOG2E
-                p += tl.where(visible, tl.exp2(scores - lse2[:, None]), 0.0)
-            p = p / GROUP_SIZE
             row = token * num_groups + group
             qi = tl.load(qi_ptr + token[:, None] * stride_qi_token + group * stride_qi_group
                          + idim[None, :], mask=row_mask[:, None] & idim_mask[None, :], other=0.0)
             s = mma(qi, ki_t, DOT_PRECISION, DOT_UPCAST) * index_scale_log2
-            student_lse2 = tl.load(student_lse_ptr + row, mask=row_mask, other=0.0) * LOG2E
-            mass = tl.load(teacher_mass_ptr + row, mask=row_mask, other=0.0)
-            ds = tl.where(visible, tl.exp2(s - student_lse2[:, None]) * mass[:, None] - p, 0.0)
-            dqi = mma(ds.to(ki.dtype), ki, DOT_PRECISION, DOT_UPCAST)
-            tl.atomic_add(dqi_ptr + row[:, None] * INDEX_DIM + idim[None, :], dqi,
-                          mask=row_mask[:, None] & idim_mask[None, :], sem="relaxed")
-            dki += mma(tl.trans(ds.to(qi.dtype)), qi, DOT_PRECISION, DOT_UPCAST)
-        tl.atomic_add(dki_ptr + keys[:, None] * INDEX_DIM + idim[None, :], dki,
-                      mask=key_mask[:, None] & idim_mask[None, :], sem="relaxed")
+            ds = tl.zeros([BLOCK_E, BLOCK_SIZE], tl.float32)
+            if TEACHER:
+                p = tl.zeros([BLOCK_E, BLOCK_SIZE], tl.float32)
+                for h in range(GROUP_SIZE):
+                    head = group * GROUP_SIZE + h
+                    q = tl.load(q_ptr + token[:, None] * stride_q_token + head * stride_q_head
+                                + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :],
+                                other=0.0)
+                    scores = mma(q, k_t, DOT_PRECISION, DOT_UPCAST) * scale_log2
+                    lse2 = tl.load(teacher_lse_ptr + token * stride_lse_token + head,
+                                   mask=row_mask, other=0.0) * LOG2E
+                    p += tl.where(visible, tl.exp2(scores - lse2[:, None]), 0.0)
+                p = p / GROUP_SIZE
+                ds -= p
+                if TERMS:
+                    p_log_p = tl.sum(tl.where(p > 0, p * tl.log2(tl.where(p > 0, p, 1.0)), 0.0), axis=1)
+                    tl.atomic_add(row_terms_ptr + row, p_log_p, mask=row_mask, sem="relaxed")
+                    tl.atomic_add(row_terms_ptr + rows * num_groups + row, tl.sum(p * s, axis=1),
+                                  mask=row_mask, sem="relaxed")
+                    tl.atomic_add(row_terms_ptr + 2 * rows * num_groups + row, tl.sum(p, axis=1),
+                                  mask=row_mask, sem="relaxed")
+            if TERMS:  # the entry's partial log-normaliser of the student (a valid entry sees a key)
+                s_max = tl.max(tl.where(visible, s, float("-inf")), axis=1)
+                s_sum = tl.sum(tl.where(visible, tl.exp2(s - s_max[:, None]), 0.0), axis=1)
+                tl.store(entry_max_ptr + entry, s_max, mask=row_mask)
+                tl.store(entry_sum_ptr + entry, s_sum, mask=row_mask)
+            if STUDENT:
+                student_lse2 = tl.load(student_lse_ptr + row, mask=row_mask, other=0.0) * LOG2E
+                mass = tl.load(teacher_mass_ptr + row, mask=row_mask, other=0.0)
+                ds += tl.where(visible, tl.exp2(s - student_lse2[:, None]) * mass[:, None], 0.0)
+            if GRAD:
+                dqi = mma(ds.to(ki.dtype), ki, DOT_PRECISION, DOT_UPCAST)
+                tl.atomic_add(dqi_ptr + row[:, None] * INDEX_DIM + idim[None, :], dqi,
+                              mask=row_mask[:, None] & idim_mask[None, :], sem="relaxed")
+                dki += mma(tl.trans(ds.to(qi.dtype)), qi, DOT_PRECISION, DOT_UPCAST)
+        if GRAD:
+            tl.atomic_add(dki_ptr + keys[:, None] * INDEX_DIM + idim[None, :], dki,
+                          mask=key_mask[:, None] & idim_mask[None, :], sem="relaxed")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -309,26 +345,16 @@ def _dims(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor) -> dict:
                 BLOCK_DI=max(16, triton.next_power_of_2(index_dim)))
 
 
-def indexer_loss_rows(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
-                      indices: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
-                      cu_seqlens_k: torch.Tensor, *, block_size: int, softmax_scale: float,
-                      lse: torch.Tensor | None = None, config: IndexerLossConfig | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward kernel: per (token, group) terms of the loss (no autograd).
-
-    Returns ``(row_loss, student_lse, teacher_mass, teacher_lse)``: ``[total_q, G]`` float32
-    ``KL(P || Q)``, the student's log-normaliser and ``sum(P)`` of every row, and the teacher
-    log-sum-exp ``[total_q, H]`` float32 (``lse`` itself when given). The loss is
-    ``row_loss.sum() / (total_q * G)``.
-    """
+def _teacher_rows(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
+                  indices: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, *, block_size: int, softmax_scale: float,
+                  lse: torch.Tensor | None, lse_only: bool, config: IndexerLossConfig):
+    """The query-outer kernel: ``(row_loss, student_lse, teacher_mass, teacher_lse)`` (see the
+    kernel), or with ``lse_only`` the teacher's log-sum-exp ``[total_q, H]`` float32 alone."""
     total_q, num_heads, _ = q.shape
     num_groups = k.shape[1]
-    config = config or launch_config(qi)
-    q, k, qi, ki = (_last_dim_contiguous(t) for t in (q, k, qi, ki))
-    dense = indices is None
-    if not dense:
-        indices = _last_dim_contiguous(indices)
     device = qi.device
+    dense = indices is None
     row_loss = torch.empty(total_q, num_groups, dtype=torch.float32, device=device)
     student_lse = torch.empty_like(row_loss)
     teacher_mass = torch.empty_like(row_loss)
@@ -336,30 +362,31 @@ def indexer_loss_rows(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: to
         teacher_lse = torch.empty(total_q, num_heads, dtype=torch.float32, device=device)
     else:
         teacher_lse = _last_dim_contiguous(lse.float())
-    if total_q == 0:
-        return row_loss, student_lse, teacher_mass, teacher_lse
-    position = row_positions(cu_seqlens_q, cu_seqlens_k, 0, total_q)
-    seq = torch.searchsorted(cu_seqlens_q[1:], torch.arange(total_q, device=device),
-                             right=True).clamp_max(cu_seqlens_q.numel() - 2)
-    key_start = cu_seqlens_k[seq].to(torch.int32)
-    dims = _dims(q, k, qi)
-    _indexer_loss_fwd_kernel[(total_q, num_groups)](
-        q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, indices_ptr=indices,
-        lse_ptr=None if lse is None else teacher_lse, position_ptr=position.to(torch.int32),
-        key_start_ptr=key_start, row_loss_ptr=row_loss, student_lse_ptr=student_lse,
-        teacher_mass_ptr=teacher_mass, teacher_lse_ptr=teacher_lse if lse is None else None,
-        stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_k_token=k.stride(0),
-        stride_k_group=k.stride(1), stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
-        stride_ki_token=ki.stride(0),
-        stride_indices_group=0 if dense else indices.stride(0),
-        stride_indices_token=0 if dense else indices.stride(1),
-        stride_lse_token=teacher_lse.stride(0), num_heads=num_heads, num_groups=num_groups,
-        scale_log2=softmax_scale * _LOG2E,
-        index_scale_log2=qi.shape[-1] ** -0.5 * _LOG2E,
-        BLOCK_H=max(16, triton.next_power_of_2(dims["GROUP_SIZE"])), BLOCK_SIZE=block_size,
-        TOPK=1 if dense else indices.shape[-1], DENSE=dense, HAS_LSE=lse is not None,
-        **dims, **dot_options(qi.dtype), num_warps=config.forward_warps,
-        num_stages=config.forward_stages)
+    if total_q > 0:
+        position = row_positions(cu_seqlens_q, cu_seqlens_k, 0, total_q)
+        seq = torch.searchsorted(cu_seqlens_q[1:], torch.arange(total_q, device=device),
+                                 right=True).clamp_max(cu_seqlens_q.numel() - 2)
+        key_start = cu_seqlens_k[seq].to(torch.int32)
+        dims = _dims(q, k, qi)
+        _indexer_loss_fwd_kernel[(total_q, num_groups)](
+            q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, indices_ptr=indices,
+            lse_ptr=None if lse is None else teacher_lse, position_ptr=position.to(torch.int32),
+            key_start_ptr=key_start, row_loss_ptr=row_loss, student_lse_ptr=student_lse,
+            teacher_mass_ptr=teacher_mass, teacher_lse_ptr=teacher_lse if lse is None else None,
+            stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_k_token=k.stride(0),
+            stride_k_group=k.stride(1), stride_qi_token=qi.stride(0),
+            stride_qi_group=qi.stride(1), stride_ki_token=ki.stride(0),
+            stride_indices_group=0 if dense else indices.stride(0),
+            stride_indices_token=0 if dense else indices.stride(1),
+            stride_lse_token=teacher_lse.stride(0), num_heads=num_heads, num_groups=num_groups,
+            scale_log2=softmax_scale * _LOG2E,
+            index_scale_log2=qi.shape[-1] ** -0.5 * _LOG2E,
+            BLOCK_H=max(16, triton.next_power_of_2(dims["GROUP_SIZE"])), BLOCK_SIZE=block_size,
+            TOPK=1 if dense else indices.shape[-1], DENSE=dense, HAS_LSE=lse is not None,
+            LSE_ONLY=lse_only, **dims, **dot_options(qi.dtype), num_warps=config.forward_warps,
+            num_stages=config.forward_stages)
+    if lse_only:
+        return teacher_lse
     return row_loss, student_lse, teacher_mass, teacher_lse
 
 
@@ -383,100 +410,179 @@ def _dense_key_blocks(cu_seqlens_k: torch.Tensor, *, block_size: int, total_k: i
             seq.to(torch.int32), num_blocks)
 
 
-def indexer_loss_grads(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
-                       indices: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
-                       cu_seqlens_k: torch.Tensor, teacher_lse: torch.Tensor,
-                       student_lse: torch.Tensor, teacher_mass: torch.Tensor,
-                       grad: torch.Tensor, *, block_size: int, softmax_scale: float,
-                       max_seqlen_k: int | None = None, config: IndexerLossConfig | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward kernel: ``(dqi, dki)`` in the dtypes of qi, ki for the upstream gradient
-    ``grad`` (0-d tensor) of the loss, from the forward's ``teacher_lse``, ``student_lse``,
-    ``teacher_mass`` (see :func:`indexer_loss_rows`). Dense needs ``max_seqlen_k``."""
-    total_q, num_heads, _ = q.shape
-    num_groups = k.shape[1]
-    total_k = k.shape[0]
+def _launch_kv(q, k, qi, ki, *, csr: BlockCSR | None, cu_seqlens_q, cu_seqlens_k, topk: int,
+               max_seqlen_k: int | None, block_size: int, softmax_scale: float,
+               config: IndexerLossConfig, teacher_lse=None, student_lse=None,
+               teacher_mass=None, dqi=None, dki=None, row_terms=None, entry_max=None,
+               entry_sum=None) -> None:
+    """One launch of ``_indexer_loss_kv_kernel`` over the rows of ``csr`` (sparse) or every
+    causal (row, block) pair (``csr=None``: dense, needs ``max_seqlen_k``). The terms computed
+    follow from the buffers given: TEACHER with ``teacher_lse``, STUDENT with ``student_lse``
+    and ``teacher_mass``, GRAD with ``dqi``/``dki``, TERMS with ``row_terms``."""
+    num_heads = q.shape[1]
+    total_k, num_groups = k.shape[:2]
+    rows_per_program = config.block_e * config.tiles_per_program
+    common = dict(
+        q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, teacher_lse_ptr=teacher_lse,
+        student_lse_ptr=student_lse, teacher_mass_ptr=teacher_mass, dqi_ptr=dqi, dki_ptr=dki,
+        row_terms_ptr=row_terms, entry_max_ptr=entry_max, entry_sum_ptr=entry_sum,
+        stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_k_token=k.stride(0),
+        stride_k_group=k.stride(1), stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
+        stride_ki_token=ki.stride(0),
+        stride_lse_token=0 if teacher_lse is None else teacher_lse.stride(0),
+        num_heads=num_heads, num_groups=num_groups, rows=q.shape[0],
+        scale_log2=softmax_scale * _LOG2E, index_scale_log2=qi.shape[-1] ** -0.5 * _LOG2E,
+        BLOCK_SIZE=block_size, BLOCK_E=config.block_e, TOPK=topk,
+        TILES_PER_PROGRAM=config.tiles_per_program, DENSE=csr is None,
+        TEACHER=teacher_lse is not None, STUDENT=student_lse is not None,
+        TERMS=row_terms is not None, GRAD=dqi is not None, **_dims(q, k, qi),
+        **dot_options(qi.dtype), num_warps=config.backward_warps,
+        num_stages=config.backward_stages)
+    if csr is None:
+        if max_seqlen_k is None:
+            raise ValueError("the dense indexer-loss backward needs max_seqlen_k")
+        key_start, position, num_keys, block_seq, num_blocks = _dense_key_blocks(
+            cu_seqlens_k, block_size=block_size, total_k=total_k)
+        grid = (num_blocks, num_groups, triton.cdiv(max(max_seqlen_k, 1), rows_per_program))
+        _indexer_loss_kv_kernel[grid](
+            entries_ptr=None, bucket_start_ptr=None, program_start_ptr=None,
+            program_bucket_ptr=None, block_key_start_ptr=key_start, block_position_ptr=position,
+            block_num_keys_ptr=num_keys, block_seq_ptr=block_seq, row_position_ptr=None,
+            cu_seqlens_q_ptr=cu_seqlens_q, cu_seqlens_k_ptr=cu_seqlens_k, num_buckets=0,
+            num_blocks=num_blocks, **common)
+    else:
+        _indexer_loss_kv_kernel[(csr.max_programs,)](
+            entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
+            program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
+            block_key_start_ptr=csr.block_key_start, block_position_ptr=csr.block_position,
+            block_num_keys_ptr=csr.block_num_keys, block_seq_ptr=None,
+            row_position_ptr=csr.row_position, cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None,
+            num_buckets=num_groups * csr.num_blocks, num_blocks=csr.num_blocks, **common)
+
+
+def _sparse_rows(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, *, block_size: int,
+                 softmax_scale: float, lse: torch.Tensor | None, with_grad: bool,
+                 config: IndexerLossConfig):
+    """The selected-blocks loss, KV-outer: ``(row_loss [total_q, G], dqi, dki)`` float32, the
+    gradients unscaled (see ``_indexer_loss_kv_kernel``) or None without ``with_grad``.
+
+    1. (without ``lse``) the teacher's log-sum-exp, query-outer;
+    2. one KV-outer pass: the teacher's terms of every row, each entry's partial student
+       normaliser and, with grad, the ``-P`` part of the gradients;
+    3. the rows' student log-normalisers from their entries' partials (torch);
+    4. with grad, a second, student-only KV-outer pass adds the ``sum(P) * Q`` part.
+    """
+    total_q, num_groups = qi.shape[:2]
+    device = qi.device
+    topk = indices.shape[-1]
+    if lse is None:
+        teacher_lse = _teacher_rows(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k,
+                                    block_size=block_size, softmax_scale=softmax_scale, lse=None,
+                                    lse_only=True, config=config)
+    else:
+        teacher_lse = _last_dim_contiguous(lse.float())
+    csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                          total_k=k.shape[0], row_start=0, row_end=total_q, group_size=1,
+                          block_m=config.block_e, tiles_per_program=config.tiles_per_program)
+    row_terms = torch.zeros(3, total_q, num_groups, dtype=torch.float32, device=device)
+    entry_max = torch.full((num_groups, total_q, topk), float("-inf"), dtype=torch.float32,
+                           device=device)
+    entry_sum = torch.zeros_like(entry_max)
+    dqi = dki = None
+    if with_grad:
+        dqi = torch.zeros(total_q, num_groups, qi.shape[-1], dtype=torch.float32, device=device)
+        dki = torch.zeros(ki.shape, dtype=torch.float32, device=device)
+    kv = dict(csr=csr, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, topk=topk,
+              max_seqlen_k=None, block_size=block_size, softmax_scale=softmax_scale,
+              config=config, dqi=dqi, dki=dki)
+    if total_q > 0 and k.shape[0] > 0:
+        _launch_kv(q, k, qi, ki, teacher_lse=teacher_lse, row_terms=row_terms,
+                   entry_max=entry_max, entry_sum=entry_sum, **kv)
+    row_max = entry_max.amax(-1, keepdim=True)
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = (entry_sum * torch.exp2(entry_max - row_max)).sum(-1)  # [G, total_q]
+    has_keys = (row_sum > 0).t()
+    student_lse2 = torch.where(has_keys, (row_max[..., 0] + torch.log2(row_sum)).t(), 0.0)
+    p_log_p, p_s, mass = row_terms.unbind(0)
+    row_loss = torch.where(has_keys, (p_log_p - p_s + student_lse2 * mass) * (1 / _LOG2E), 0.0)
+    if with_grad and total_q > 0 and k.shape[0] > 0:
+        _launch_kv(q, k, qi, ki, student_lse=(student_lse2 * (1 / _LOG2E)).contiguous(),
+                   teacher_mass=mass, **kv)
+    return row_loss, dqi, dki
+
+
+def indexer_loss_rows(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
+                      indices: torch.Tensor | None, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, *, block_size: int, softmax_scale: float,
+                      lse: torch.Tensor | None = None, config: IndexerLossConfig | None = None
+                      ) -> torch.Tensor:
+    """``KL(P || Q)`` of every (token, group): ``[total_q, G]`` float32 (no autograd); the loss
+    is ``row_loss.sum() / (total_q * G)``."""
     config = config or launch_config(qi)
     q, k, qi, ki = (_last_dim_contiguous(t) for t in (q, k, qi, ki))
-    dense = indices is None
-    device = qi.device
-    dqi = torch.zeros(total_q, num_groups, qi.shape[-1], dtype=torch.float32, device=device)
-    dki = torch.zeros(total_k, ki.shape[-1], dtype=torch.float32, device=device)
-    if total_q > 0 and total_k > 0:
-        rows_per_program = config.block_e * config.tiles_per_program
-        common = dict(
-            q_ptr=q, k_ptr=k, qi_ptr=qi, ki_ptr=ki, teacher_lse_ptr=teacher_lse,
-            student_lse_ptr=student_lse, teacher_mass_ptr=teacher_mass, dqi_ptr=dqi,
-            dki_ptr=dki, stride_q_token=q.stride(0), stride_q_head=q.stride(1),
-            stride_k_token=k.stride(0), stride_k_group=k.stride(1),
-            stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
-            stride_ki_token=ki.stride(0), stride_lse_token=teacher_lse.stride(0),
-            num_heads=num_heads, num_groups=num_groups, rows=total_q,
-            scale_log2=softmax_scale * _LOG2E,
-            index_scale_log2=qi.shape[-1] ** -0.5 * _LOG2E, BLOCK_SIZE=block_size,
-            BLOCK_E=config.block_e, TILES_PER_PROGRAM=config.tiles_per_program, DENSE=dense,
-            **_dims(q, k, qi), **dot_options(qi.dtype), num_warps=config.backward_warps,
-            num_stages=config.backward_stages)
-        if dense:
-            if max_seqlen_k is None:
-                raise ValueError("the dense indexer-loss backward needs max_seqlen_k")
-            key_start, position, num_keys, block_seq, num_blocks = _dense_key_blocks(
-                cu_seqlens_k, block_size=block_size, total_k=total_k)
-            grid = (num_blocks, num_groups, triton.cdiv(max(max_seqlen_k, 1), rows_per_program))
-            _indexer_loss_bwd_kernel[grid](
-                entries_ptr=None, bucket_start_ptr=None, program_start_ptr=None,
-                program_bucket_ptr=None, block_key_start_ptr=key_start,
-                block_position_ptr=position, block_num_keys_ptr=num_keys,
-                block_seq_ptr=block_seq, row_position_ptr=None, cu_seqlens_q_ptr=cu_seqlens_q,
-                cu_seqlens_k_ptr=cu_seqlens_k, num_buckets=0, num_blocks=num_blocks, TOPK=1,
-                **common)
-        else:
-            indices = _last_dim_contiguous(indices)
-            csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
-                                  total_k=total_k, row_start=0, row_end=total_q, group_size=1,
-                                  block_m=config.block_e,
-                                  tiles_per_program=config.tiles_per_program)
-            _indexer_loss_bwd_kernel[(csr.max_programs,)](
-                entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
-                program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
-                block_key_start_ptr=csr.block_key_start, block_position_ptr=csr.block_position,
-                block_num_keys_ptr=csr.block_num_keys, block_seq_ptr=None,
-                row_position_ptr=csr.row_position, cu_seqlens_q_ptr=None, cu_seqlens_k_ptr=None,
-                num_buckets=num_groups * csr.num_blocks, num_blocks=csr.num_blocks,
-                TOPK=indices.shape[-1], **common)
-    factor = grad.float() * (qi.shape[-1] ** -0.5 / max(total_q * num_groups, 1))
-    return (dqi * factor).to(qi.dtype), (dki * factor).to(ki.dtype)
+    kwargs = dict(block_size=block_size, softmax_scale=softmax_scale, lse=lse, config=config)
+    if indices is None:
+        return _teacher_rows(q, k, qi, ki, None, cu_seqlens_q, cu_seqlens_k, lse_only=False,
+                             **kwargs)[0]
+    return _sparse_rows(q, k, qi, ki, _last_dim_contiguous(indices), cu_seqlens_q, cu_seqlens_k,
+                        with_grad=False, **kwargs)[0]
 
 
 class IndexerLossFunction(torch.autograd.Function):
     """Autograd of the indexer loss: gradients to ``qi`` and ``ki`` only (the teacher is a
-    constant; q, k and lse get None)."""
+    constant; q, k and lse get None). With a selection the forward computes the float32
+    gradients too (when asked for: ``with_grad``) and the backward only scales them; the dense
+    warm-up computes them in the backward."""
 
     @staticmethod
     def forward(ctx, qi, ki, q, k, indices, cu_seqlens_q, cu_seqlens_k, block_size,
-                softmax_scale, lse, max_seqlen_k, config):
-        row_loss, student_lse, teacher_mass, teacher_lse = indexer_loss_rows(
-            q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
-            softmax_scale=softmax_scale, lse=lse, config=config)
-        if indices is None and max_seqlen_k is None and ctx.needs_input_grad[:2] != (False, False):
-            # Host synchronisation: the dense backward's grid needs a bound on a sequence's keys.
-            max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) if \
-                cu_seqlens_k.numel() > 1 else 0
-        ctx.save_for_backward(q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, teacher_lse,
-                              student_lse, teacher_mass)
-        ctx.block_size, ctx.softmax_scale = block_size, softmax_scale
-        ctx.max_seqlen_k, ctx.config = max_seqlen_k, config
+                softmax_scale, lse, max_seqlen_k, config, with_grad):
+        config = config or launch_config(qi)
+        ctx.dtypes = qi.dtype, ki.dtype
+        q, k, qi, ki = (_last_dim_contiguous(t) for t in (q, k, qi, ki))
+        kwargs = dict(block_size=block_size, softmax_scale=softmax_scale, lse=lse, config=config)
+        ctx.dense = indices is None
+        if ctx.dense:
+            row_loss, student_lse, teacher_mass, teacher_lse = _teacher_rows(
+                q, k, qi, ki, None, cu_seqlens_q, cu_seqlens_k, lse_only=False, **kwargs)
+            if with_grad and max_seqlen_k is None:
+                # Host synchronisation: the dense backward's grid needs a bound on a sequence's keys.
+                max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max().item()) if \
+                    cu_seqlens_k.numel() > 1 else 0
+            ctx.save_for_backward(q, k, qi, ki, cu_seqlens_q, cu_seqlens_k, teacher_lse,
+                                  student_lse, teacher_mass)
+            ctx.block_size, ctx.softmax_scale = block_size, softmax_scale
+            ctx.max_seqlen_k, ctx.config = max_seqlen_k, config
+        else:
+            row_loss, dqi, dki = _sparse_rows(q, k, qi, ki, _last_dim_contiguous(indices),
+                                              cu_seqlens_q, cu_seqlens_k, with_grad=with_grad,
+                                              **kwargs)
+            ctx.save_for_backward(dqi, dki)
+        ctx.factor = qi.shape[-1] ** -0.5 / max(row_loss.numel(), 1)
         return row_loss.sum() / max(row_loss.numel(), 1)
 
     @staticmethod
     def backward(ctx, grad):
-        (q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, teacher_lse, student_lse,
-         teacher_mass) = ctx.saved_tensors
-        dqi, dki = indexer_loss_grads(
-            q, k, qi, ki, indices, cu_seqlens_q, cu_seqlens_k, teacher_lse, student_lse,
-            teacher_mass, grad, block_size=ctx.block_size, softmax_scale=ctx.softmax_scale,
-            max_seqlen_k=ctx.max_seqlen_k, config=ctx.config)
-        return (dqi, dki) + (None,) * 10
+        if ctx.dense:
+            (q, k, qi, ki, cu_seqlens_q, cu_seqlens_k, teacher_lse, student_lse,
+             teacher_mass) = ctx.saved_tensors
+            dqi = torch.zeros(qi.shape, dtype=torch.float32, device=qi.device)
+            dki = torch.zeros(ki.shape, dtype=torch.float32, device=ki.device)
+            if q.shape[0] > 0 and k.shape[0] > 0:
+                _launch_kv(q, k, qi, ki, csr=None, cu_seqlens_q=cu_seqlens_q,
+                           cu_seqlens_k=cu_seqlens_k, topk=1, max_seqlen_k=ctx.max_seqlen_k,
+                           block_size=ctx.block_size, softmax_scale=ctx.softmax_scale,
+                           config=ctx.config, teacher_lse=teacher_lse, student_lse=student_lse,
+                           teacher_mass=teacher_mass, dqi=dqi, dki=dki)
+        else:
+            dqi, dki = ctx.saved_tensors
+            if dqi is None:
+                raise RuntimeError("msattn indexer loss: the forward ran without gradients "
+                                   "(under torch.no_grad() or with qi, ki not requiring grad)")
+        factor = grad.float() * ctx.factor
+        need_dqi, need_dki = ctx.needs_input_grad[:2]
+        return ((dqi * factor).to(ctx.dtypes[0]) if need_dqi else None,
+                (dki * factor).to(ctx.dtypes[1]) if need_dki else None) + (None,) * 11
 
 
 def indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
@@ -498,7 +604,11 @@ def indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.T
             dense, with grad) it is derived in the forward by one host synchronisation.
         config: launch configuration instead of :func:`launch_config`'s.
     Returns:
-        0-d float32 loss; differentiable in ``qi`` and ``ki`` (q, k get no gradient).
+        0-d float32 loss; differentiable in ``qi`` and ``ki`` (q, k get no gradient). With a
+        selection and grad enabled, the gradients are computed in this call (float32, held
+        until the backward): ``[total_q, G, Di]`` and ``[total_k, Di]``.
     """
+    with_grad = torch.is_grad_enabled() and (qi.requires_grad or ki.requires_grad)
     return IndexerLossFunction.apply(qi, ki, q, k, indices, cu_seqlens_q, cu_seqlens_k,
-                                     block_size, softmax_scale, lse, max_seqlen_k, config)
+                                     block_size, softmax_scale, lse, max_seqlen_k, config,
+                                     with_grad)

@@ -61,8 +61,6 @@ class BackwardConfig:
         num_warps, num_stages: of the KV-outer kernel.
         dq_mode: ``"atomic"`` (dQ from the KV-outer kernel through float32 atomics) or
             ``"query"`` (separate query-outer kernel, deterministic).
-        key_rows: the KV-outer tiles put keys on the rows (``[BLOCK_N, BLOCK_M]``: ``k q^T``),
-            so ``p^T`` and ``ds^T`` enter the dV and dK products without a transpose.
         dq_block_n, dq_num_warps, dq_num_stages: of the query-outer dQ kernel (keys per step).
         preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
         finish_warps: of the kernel that zero-fills / casts dK and dV.
@@ -74,7 +72,6 @@ class BackwardConfig:
     num_warps: int = 8
     num_stages: int = 2
     dq_mode: str = "atomic"
-    key_rows: bool = False
     dq_block_n: int = 64
     dq_num_warps: int = 4
     dq_num_stages: int = 2
@@ -183,7 +180,7 @@ def _block_backward_kernel(
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
         COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
-        KEY_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
         bucket = tl.load(program_bucket_ptr + pid)
@@ -209,8 +206,6 @@ def _block_backward_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + key_rows[:, None] * stride_v_token + group * stride_v_group + dim[None, :],
                     mask=kv_mask, other=0.0)
-        k_t = tl.trans(k)
-        v_t = tl.trans(v)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for tile_row in range(first_row, last_row, BLOCK_M):
@@ -229,38 +224,23 @@ def _block_backward_kernel(
                          + dim[None, :], mask=row_dim_mask, other=0.0)
             row_flat = token * num_heads + head
             lse2 = tl.load(lse2_ptr + row_flat, mask=row_mask, other=float("inf"))
-            if KEY_ROWS:  # tiles [BLOCK_N keys, BLOCK_M rows]: p^T and ds^T feed dV, dK as is
-                scores_t = mma(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST) * scale_log2
-                visible_t = key_mask[:, None] & ((key_position + key_offs)[:, None] <= position[None, :])
-                p_t = tl.where(visible_t, tl.exp2(scores_t - lse2[None, :]), 0.0)
-                if COMPUTE_DV:
-                    dv += mma(p_t.to(do.dtype), do, DOT_PRECISION, DOT_UPCAST)
-                if NEED_DS:  # COMPUTE_DK or COMPUTE_DQ
-                    delta = tl.load(delta_ptr + row_flat, mask=row_mask, other=0.0)
-                    dp_t = mma(v, tl.trans(do), DOT_PRECISION, DOT_UPCAST)
-                    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-                    if COMPUTE_DK:
-                        dk += mma(ds_t, q, DOT_PRECISION, DOT_UPCAST)
-                    if COMPUTE_DQ:
-                        dq = mma(tl.trans(ds_t), k, DOT_PRECISION, DOT_UPCAST) * scale
-                        tl.atomic_add(dq_acc_ptr + row_flat[:, None] * HEAD_DIM + dim[None, :], dq,
-                                      mask=row_dim_mask, sem="relaxed")
-            else:  # tiles [BLOCK_M rows, BLOCK_N keys]
-                scores = mma(q, k_t, DOT_PRECISION, DOT_UPCAST) * scale_log2
-                visible = key_mask[None, :] & ((key_position + key_offs)[None, :] <= position[:, None])
-                p = tl.where(visible, tl.exp2(scores - lse2[:, None]), 0.0)
-                if COMPUTE_DV:
-                    dv += mma(tl.trans(p.to(do.dtype)), do, DOT_PRECISION, DOT_UPCAST)
-                if NEED_DS:  # COMPUTE_DK or COMPUTE_DQ
-                    delta = tl.load(delta_ptr + row_flat, mask=row_mask, other=0.0)
-                    dp = mma(do, v_t, DOT_PRECISION, DOT_UPCAST)
-                    ds = p * (dp - delta[:, None])
-                    if COMPUTE_DK:
-                        dk += mma(tl.trans(ds.to(q.dtype)), q, DOT_PRECISION, DOT_UPCAST)
-                    if COMPUTE_DQ:
-                        dq = mma(ds.to(k.dtype), k, DOT_PRECISION, DOT_UPCAST) * scale
-                        tl.atomic_add(dq_acc_ptr + row_flat[:, None] * HEAD_DIM + dim[None, :], dq,
-                                      mask=row_dim_mask, sem="relaxed")
+            # Tiles [BLOCK_N keys, BLOCK_M rows] (k q^T): p^T and ds^T feed dV and dK as they
+            # are (measured 1.8x faster at 128K than [BLOCK_M, BLOCK_N] tiles with transposes).
+            scores_t = mma(k, tl.trans(q), DOT_PRECISION, DOT_UPCAST) * scale_log2
+            visible_t = key_mask[:, None] & ((key_position + key_offs)[:, None] <= position[None, :])
+            p_t = tl.where(visible_t, tl.exp2(scores_t - lse2[None, :]), 0.0)
+            if COMPUTE_DV:
+                dv += mma(p_t.to(do.dtype), do, DOT_PRECISION, DOT_UPCAST)
+            if NEED_DS:  # COMPUTE_DK or COMPUTE_DQ
+                delta = tl.load(delta_ptr + row_flat, mask=row_mask, other=0.0)
+                dp_t = mma(v, tl.trans(do), DOT_PRECISION, DOT_UPCAST)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+                if COMPUTE_DK:
+                    dk += mma(ds_t, q, DOT_PRECISION, DOT_UPCAST)
+                if COMPUTE_DQ:
+                    dq = mma(tl.trans(ds_t), k, DOT_PRECISION, DOT_UPCAST) * scale
+                    tl.atomic_add(dq_acc_ptr + row_flat[:, None] * HEAD_DIM + dim[None, :], dq,
+                                  mask=row_dim_mask, sem="relaxed")
         split_slot = bucket * 0  # int32; its slot among the split buckets (CAN_SPLIT)
         if CAN_SPLIT:
             split_slot = tl.load(split_slot_ptr + bucket)
@@ -490,7 +470,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
             COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
-            NEED_DS=need_dk or dq_atomic, KEY_ROWS=config.key_rows, **dots,
+            NEED_DS=need_dk or dq_atomic, **dots,
             num_warps=config.num_warps, num_stages=config.num_stages)
         # 3. Zeros for unselected blocks, casts of split buckets.
         _finish_kernel[(num_buckets,)](
