@@ -35,10 +35,10 @@ step() {
 # Memcheck: small-shape tests of every kernel and launch path under compute-sanitizer (the
 # forward kernels, then the backward and indexer-loss kernels).
 run_memcheck() {
-  step memcheck-fwd memcheck-fwd.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  step memcheck-fwd memcheck-fwd.log timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
       python3 -m pytest -q -x tests/test_indexer.py tests/test_sparse_attention.py tests/test_paged.py \
       -k "not gpu and (two_level or public or wrapper or matches_reference or split or paged_selection or chunk or decode_selection)"
-  step memcheck-bwd memcheck-bwd.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  step memcheck-bwd memcheck-bwd.log timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
       python3 -m pytest -q -x tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py \
       -k "backward_matches_reference_fp32 or backward_16bit or split_buckets or exact_zeros or bitwise or triton_matches_reference"
 }

@@ -130,12 +130,13 @@ def test_backward_matches_reference_fp32(name, dq_mode):
     _check_fp32(grads, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_backward_16bit(dtype):
+@pytest.mark.parametrize("dtype,dq_mode", [(torch.bfloat16, "auto"), (torch.float16, "auto"),
+                                           (torch.bfloat16, "group")])
+def test_backward_16bit(dtype, dq_mode):
     q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([30, 10], [100, 10], 6, 2, 32, 32, 3, dtype,
                                                      seed=3)
     grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32, scale=32 ** -0.5,
-                          triton_forward=dtype == torch.bfloat16)
+                          triton_forward=dtype == torch.bfloat16, config=_config(dq_mode=dq_mode))
     assert all(g.dtype == dtype for g in grads)
     expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32,
                                 scale=32 ** -0.5)
@@ -163,6 +164,19 @@ def test_split_buckets_and_key_tiles():
 
 def replace_config(config, **changes):
     return BackwardConfig(**{**config.__dict__, **changes})
+
+
+def test_auto_dq_mode_bounds_the_float32_buffer():
+    from msattn.ops.sparse_attention_bwd import resolve_dq_mode
+
+    q = torch.empty(10, 4, 16, dtype=torch.bfloat16)
+    auto = _config(dq_mode="auto")
+    buffer = 10 * 4 * 16 * 4  # float32 dQ of 4 heads, 2 groups
+    assert resolve_dq_mode(auto, q, 2, max_bytes=buffer) == "atomic"
+    assert resolve_dq_mode(auto, q, 2, max_bytes=buffer - 1) == "group"
+    assert resolve_dq_mode(auto, q, 2, max_bytes=buffer // 2 - 1) == "query"
+    assert resolve_dq_mode(auto, q.float(), 2, max_bytes=0) == "atomic"  # dQ itself accumulates
+    assert resolve_dq_mode(_config(dq_mode="atomic"), q, 2, max_bytes=0) == "atomic"
 
 
 def test_unselected_blocks_get_exact_zeros():

@@ -413,7 +413,8 @@ def _backward_configs() -> list:
 
     variants = [dict(block_m=32), dict(num_stages=1), dict(tiles_per_program=16),
                 dict(tiles_per_program=4), dict(num_warps=4), dict(block_n=64),
-                dict(block_m=32, tiles_per_program=16), dict(dq_mode="query"),
+                dict(block_m=32, tiles_per_program=16), dict(dq_mode="atomic"),
+                dict(dq_mode="group"), dict(dq_mode="query"),
                 dict(dq_mode="query", dq_block_n=128, dq_num_warps=8),
                 dict(dq_mode="query", dq_num_stages=3)]
     return [default] + [dataclasses.replace(default, **v) for v in variants]

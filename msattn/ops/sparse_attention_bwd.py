@@ -45,7 +45,11 @@ from msattn.ops.selection_csr import build_block_csr, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
 from msattn.ops.utils import dot_options, mma
 
-DQ_MODES = ("atomic", "query")
+DQ_MODES = ("auto", "atomic", "group", "query")
+# dq_mode "auto": the atomic dQ while its float32 buffer [total_q, H, D] stays within this many
+# bytes (4 GiB: 128K tokens at the M3 shape), else "group" while one group's [total_q, H / G, D]
+# does, else the query-outer dQ (1.8x slower on an H200 at 128K, no float32 buffer).
+ATOMIC_DQ_MAX_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,11 @@ class BackwardConfig:
         tiles_per_program: row tiles of one bucket per KV-outer program; buckets with more rows
             are split over several programs (float32 atomics for dK/dV).
         num_warps, num_stages: of the KV-outer kernel.
-        dq_mode: ``"atomic"`` (dQ from the KV-outer kernel through float32 atomics) or
-            ``"query"`` (separate query-outer kernel, deterministic).
+        dq_mode: ``"atomic"`` (dQ from the KV-outer kernel through float32 atomics),
+            ``"group"`` (the same, one launch per group, reusing a float32 buffer of one
+            group's heads), ``"query"`` (separate query-outer kernel, deterministic) or
+            ``"auto"`` (the first of atomic, group whose buffer fits ``ATOMIC_DQ_MAX_BYTES``,
+            else query).
         dq_block_n, dq_num_warps, dq_num_stages: of the query-outer dQ kernel (keys per step).
         preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
         finish_warps: of the kernel that zero-fills / casts dK and dV.
@@ -71,7 +78,7 @@ class BackwardConfig:
     tiles_per_program: int = 8
     num_warps: int = 8
     num_stages: int = 2
-    dq_mode: str = "atomic"
+    dq_mode: str = "auto"
     dq_block_n: int = 64
     dq_num_warps: int = 4
     dq_num_stages: int = 2
@@ -90,13 +97,27 @@ class BackwardConfig:
             raise ValueError(f"tiles_per_program must be >= 1, got {self.tiles_per_program}")
 
 
-# Hopper (H100/H200), 16-bit inputs: first guesses, to be tuned on the GPU.
+# Hopper (H100/H200), 16-bit inputs: the fastest of the H200 sweeps at 32K and 128K
+# (benchmarks/results/tuning/tune-backward_*.json).
 CUDA_CONFIG = BackwardConfig()
 # float32 inputs on CUDA: tiles twice as large in bytes, so fewer rows and keys per program.
 CUDA_FP32_CONFIG = BackwardConfig(block_m=32, block_n=64, num_warps=4, num_stages=1, dq_block_n=32)
 # Triton's CPU interpreter: few, large programs are fastest; small splits so tests exercise them.
 INTERPRETER_CONFIG = BackwardConfig(block_m=16, block_n=64, tiles_per_program=2, num_warps=4,
                                     num_stages=1, dq_block_n=64, preprocess_rows=64)
+
+
+def resolve_dq_mode(config: BackwardConfig, q: torch.Tensor, num_groups: int, *,
+                    max_bytes: int = ATOMIC_DQ_MAX_BYTES) -> str:
+    """``"atomic"``, ``"group"`` or ``"query"`` for ``config.dq_mode`` and q ``[total_q, H, D]``
+    with ``num_groups`` KV heads: "auto" takes atomic when its float32 dQ buffer (none for a
+    float32 q) needs at most ``max_bytes``, else group when one group's part does."""
+    if config.dq_mode != "auto":
+        return config.dq_mode
+    buffer_bytes = 0 if q.dtype == torch.float32 else q.numel() * 4
+    if buffer_bytes <= max_bytes:
+        return "atomic"
+    return "group" if buffer_bytes // num_groups <= max_bytes else "query"
 
 
 def launch_config(q: torch.Tensor) -> BackwardConfig:
@@ -161,11 +182,12 @@ def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_of
 
 # One program: key tile program_id(1) (BLOCK_N keys) of one (group, key block) bucket x up to
 # rows_per_program of the bucket's packed (entry, head) rows, in tiles of BLOCK_M; K and V of the
-# tile are loaded once. Grid: (csr.max_programs, BLOCK_SIZE // BLOCK_N); programs past the real
-# ones exit. q, do [total_q, H, D]; k, v [total_k, G, D]; lse2, delta float32 [total_q, H].
+# tile are loaded once. Grid: (a bound on the programs of buckets [first_bucket, last_bucket),
+# BLOCK_SIZE // BLOCK_N); programs past the real ones exit. q, do [total_q, H, D]; k, v
+# [total_k, G, D]; lse2, delta float32 [total_q, H].
 # Writes dk, dv [total_k, G, D] for unsplit buckets, adds into dk_acc, dv_acc float32
 # [num_split, BLOCK_SIZE, D] for split ones (CAN_SPLIT); COMPUTE_DQ: adds ds k * scale into
-# dq_acc float32 [total_q, H, D] with atomics.
+# dq_acc float32 [total_q, dq_acc_heads, D] (heads from dq_acc_first_head on) with atomics.
 @triton.jit
 def _block_backward_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
@@ -174,15 +196,15 @@ def _block_backward_kernel(
         block_key_start_ptr, block_position_ptr, block_num_keys_ptr, row_position_ptr,
         stride_q_token, stride_q_head, stride_k_token, stride_k_group,
         stride_v_token, stride_v_group, stride_do_token, stride_do_head,
-        num_rows, num_heads, num_groups, num_buckets, num_blocks, rows_per_program,
-        scale, scale_log2,
+        num_rows, num_heads, num_groups, first_bucket, last_bucket, dq_acc_heads,
+        dq_acc_first_head, num_blocks, rows_per_program, scale, scale_log2,
         GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
         COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    if pid < tl.load(program_start_ptr + num_buckets):
+    pid = tl.program_id(0) + tl.load(program_start_ptr + first_bucket)
+    if pid < tl.load(program_start_ptr + last_bucket):
         bucket = tl.load(program_bucket_ptr + pid)
         group = bucket // num_blocks
         block = bucket % num_blocks
@@ -239,7 +261,8 @@ def _block_backward_kernel(
                     dk += mma(ds_t, q, DOT_PRECISION, DOT_UPCAST)
                 if COMPUTE_DQ:
                     dq = mma(tl.trans(ds_t), k, DOT_PRECISION, DOT_UPCAST) * scale
-                    tl.atomic_add(dq_acc_ptr + row_flat[:, None] * HEAD_DIM + dim[None, :], dq,
+                    acc_row = token * dq_acc_heads + head - dq_acc_first_head
+                    tl.atomic_add(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :], dq,
                                   mask=row_dim_mask, sem="relaxed")
         split_slot = bucket * 0  # int32; its slot among the split buckets (CAN_SPLIT)
         if CAN_SPLIT:
@@ -383,6 +406,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
     device = q.device
     if config is None:
         config = launch_config(q)
+    config = replace(config, dq_mode=resolve_dq_mode(config, q, num_groups))
     if deterministic:
         config = replace(config, dq_mode="query")
     if not (need_dk or need_dv):  # the KV-outer kernel would run only for dq
@@ -421,7 +445,8 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         PREPROCESS_ROWS=config.preprocess_rows, HAS_DLSE=dlse is not None,
         num_warps=config.preprocess_warps)
 
-    dq_atomic = need_dq and config.dq_mode == "atomic"
+    dq_atomic = need_dq and config.dq_mode in ("atomic", "group")
+    per_group = dq_atomic and config.dq_mode == "group" and q.dtype != torch.float32
     position = None
     if need_dk or need_dv:
         # 2. KV-outer dK / dV (and dQ through atomics).
@@ -448,30 +473,44 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             dk_acc = torch.zeros(acc_shape, dtype=torch.float32, device=device) if need_dk else None
             dv_acc = torch.zeros(acc_shape, dtype=torch.float32, device=device) if need_dv else None
         dq_acc = None
-        if dq_atomic:
+        if per_group:  # one group's heads at a time
+            dq_acc = torch.empty(total_q, group_size, head_dim, dtype=torch.float32, device=device)
+        elif dq_atomic:
             dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else \
                 torch.empty(q.shape, dtype=torch.float32, device=device)
             dq_acc.zero_()
-        _block_backward_kernel[(csr.max_programs, block_size // block_n)](
-            q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
-            dq_acc_ptr=dq_acc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
-            entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
-            program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
-            split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
-            block_position_ptr=csr.block_position, block_num_keys_ptr=csr.block_num_keys,
-            row_position_ptr=csr.row_position,
-            stride_q_token=q.stride(0), stride_q_head=q.stride(1),
-            stride_k_token=k.stride(0), stride_k_group=k.stride(1),
-            stride_v_token=v.stride(0), stride_v_group=v.stride(1),
-            stride_do_token=do.stride(0), stride_do_head=do.stride(1),
-            num_rows=total_q, num_heads=num_heads, num_groups=num_groups, num_buckets=num_buckets,
-            num_blocks=csr.num_blocks, rows_per_program=rows_per_program,
-            scale=softmax_scale, scale_log2=scale_log2,
-            GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
-            COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
-            NEED_DS=need_dk or dq_atomic, **dots,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+        launches = [(g, g + 1) for g in range(num_groups)] if per_group else [(0, num_groups)]
+        for first_group, last_group in launches:
+            if per_group:
+                dq_acc.zero_()
+            # Programs of the launch's groups: a host bound on their number is the grid.
+            num_programs = (triton.cdiv((last_group - first_group) * rows_per_group, rows_per_program)
+                            + (last_group - first_group) * csr.num_blocks)
+            _block_backward_kernel[(min(num_programs, csr.max_programs), block_size // block_n)](
+                q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
+                dq_acc_ptr=dq_acc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
+                entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
+                program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
+                split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
+                block_position_ptr=csr.block_position, block_num_keys_ptr=csr.block_num_keys,
+                row_position_ptr=csr.row_position,
+                stride_q_token=q.stride(0), stride_q_head=q.stride(1),
+                stride_k_token=k.stride(0), stride_k_group=k.stride(1),
+                stride_v_token=v.stride(0), stride_v_group=v.stride(1),
+                stride_do_token=do.stride(0), stride_do_head=do.stride(1),
+                num_rows=total_q, num_heads=num_heads, num_groups=num_groups,
+                first_bucket=first_group * csr.num_blocks, last_bucket=last_group * csr.num_blocks,
+                dq_acc_heads=group_size if per_group else num_heads,
+                dq_acc_first_head=first_group * group_size if per_group else 0,
+                num_blocks=csr.num_blocks, rows_per_program=rows_per_program,
+                scale=softmax_scale, scale_log2=scale_log2,
+                GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
+                COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
+                NEED_DS=need_dk or dq_atomic, **dots,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+            if per_group:
+                dq[:, first_group * group_size:last_group * group_size].copy_(dq_acc)
         # 3. Zeros for unselected blocks, casts of split buckets.
         _finish_kernel[(num_buckets,)](
             dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
@@ -480,7 +519,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             num_groups=num_groups, num_blocks=csr.num_blocks, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_N=min(32, block_size), BLOCK_SIZE=block_size, CAN_SPLIT=can_split, HAS_DK=need_dk,
             HAS_DV=need_dv, num_warps=config.finish_warps)
-        if dq_atomic and dq_acc is not dq:
+        if dq_atomic and not per_group and dq_acc is not dq:
             dq.copy_(dq_acc)
 
     if need_dq and not dq_atomic:
