@@ -440,7 +440,8 @@ def main(argv=None) -> int:
     parser.add_argument("--index-dtypes", default="bf16,fp8,nvfp4,fp8-kv",
                         help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches)")
     parser.add_argument("--profile-only", action="store_true",
-                        help="decode: the two selection designs' defaults only")
+                        help="decode: the two selection designs' defaults only; backward: the "
+                             "default launch with each dQ mode only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -455,7 +456,10 @@ def main(argv=None) -> int:
         sweep_decode(args.shapes, rows, profile_only=args.profile_only,
                      index_dtypes=tuple(args.index_dtypes.split(",")))
     elif args.what == "backward":
-        sweep_backward(args.length, _backward_configs(), rows)
+        configs = _backward_configs()
+        if args.profile_only:
+            configs = [dataclasses.replace(configs[0], dq_mode=m) for m in ("atomic", "group", "query")]
+        sweep_backward(args.length, configs, rows)
     elif args.what == "loss":
         sweep_loss(args.length, _loss_configs(), rows)
     elif args.what == "attention":
