@@ -130,13 +130,12 @@ def test_backward_matches_reference_fp32(name, dq_mode):
     _check_fp32(grads, expected)
 
 
-@pytest.mark.parametrize("dtype,dq_mode", [(torch.bfloat16, "auto"), (torch.float16, "auto"),
-                                           (torch.bfloat16, "group")])
-def test_backward_16bit(dtype, dq_mode):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_16bit(dtype):
     q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([30, 10], [100, 10], 6, 2, 32, 32, 3, dtype,
                                                      seed=3)
     grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32, scale=32 ** -0.5,
-                          triton_forward=dtype == torch.bfloat16, config=_config(dq_mode=dq_mode))
+                          triton_forward=dtype == torch.bfloat16)
     assert all(g.dtype == dtype for g in grads)
     expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32,
                                 scale=32 ** -0.5)
@@ -166,17 +165,27 @@ def replace_config(config, **changes):
     return BackwardConfig(**{**config.__dict__, **changes})
 
 
-def test_auto_dq_mode_bounds_the_float32_buffer():
-    from msattn.ops.sparse_attention_bwd import resolve_dq_mode
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_atomic_dq_in_row_chunks(dtype):
+    """A float32 dQ buffer bound of 7 rows: the KV-outer kernel runs over chunks of query rows
+    (dK, dV summed over them in float32); same gradients, and exact zeros for unselected blocks."""
+    from msattn.ops.sparse_attention_bwd import atomic_dq_chunk_rows
 
-    q = torch.empty(10, 4, 16, dtype=torch.bfloat16)
-    auto = _config(dq_mode="auto")
-    buffer = 10 * 4 * 16 * 4  # float32 dQ of 4 heads, 2 groups
-    assert resolve_dq_mode(auto, q, 2, max_bytes=buffer) == "atomic"
-    assert resolve_dq_mode(auto, q, 2, max_bytes=buffer - 1) == "group"
-    assert resolve_dq_mode(auto, q, 2, max_bytes=buffer // 2 - 1) == "query"
-    assert resolve_dq_mode(auto, q.float(), 2, max_bytes=0) == "atomic"  # dQ itself accumulates
-    assert resolve_dq_mode(_config(dq_mode="atomic"), q, 2, max_bytes=0) == "atomic"
+    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([30, 10], [100, 10], 6, 2, 32, 32, 3, dtype,
+                                                     seed=12)
+    row_bytes = 6 * 32 * 4
+    config = _config(atomic_dq_max_bytes=row_bytes * 39, atomic_dq_chunk_bytes=row_bytes * 7)
+    assert atomic_dq_chunk_rows(config, q) == 7
+    assert atomic_dq_chunk_rows(_config(atomic_dq_max_bytes=row_bytes * 40), q) == 40
+    assert atomic_dq_chunk_rows(config, q.float()) == 40  # a float32 dQ accumulates in place
+    indices = torch.where(indices == 1, -1, indices)  # block 1 (keys 32-63): chosen by nobody
+    grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32, scale=32 ** -0.5,
+                          config=config)
+    expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=32,
+                                scale=32 ** -0.5)
+    _check_16bit(grads, expected)
+    for grad in grads[1:]:
+        assert torch.equal(grad[32:64], torch.zeros_like(grad[32:64]))
 
 
 def test_unselected_blocks_get_exact_zeros():

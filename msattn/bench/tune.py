@@ -413,8 +413,8 @@ def _backward_configs() -> list:
 
     variants = [dict(block_m=32), dict(num_stages=1), dict(tiles_per_program=16),
                 dict(tiles_per_program=4), dict(num_warps=4), dict(block_n=64),
-                dict(block_m=32, tiles_per_program=16), dict(dq_mode="atomic"),
-                dict(dq_mode="group"), dict(dq_mode="query"),
+                dict(block_m=32, tiles_per_program=16), dict(atomic_dq_max_bytes=1 << 30),
+                dict(atomic_dq_max_bytes=1 << 30, atomic_dq_chunk_bytes=1 << 29), dict(dq_mode="query"),
                 dict(dq_mode="query", dq_block_n=128, dq_num_warps=8),
                 dict(dq_mode="query", dq_num_stages=3)]
     return [default] + [dataclasses.replace(default, **v) for v in variants]
@@ -441,7 +441,7 @@ def main(argv=None) -> int:
                         help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches)")
     parser.add_argument("--profile-only", action="store_true",
                         help="decode: the two selection designs' defaults only; backward: the "
-                             "default launch with each dQ mode only")
+                             "default launch with each way of accumulating dQ only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -457,8 +457,10 @@ def main(argv=None) -> int:
                      index_dtypes=tuple(args.index_dtypes.split(",")))
     elif args.what == "backward":
         configs = _backward_configs()
-        if args.profile_only:
-            configs = [dataclasses.replace(configs[0], dq_mode=m) for m in ("atomic", "group", "query")]
+        if args.profile_only:  # the default, all rows at once, chunks of 0.5 GiB, query-outer dQ
+            configs = [configs[0], dataclasses.replace(configs[0], atomic_dq_max_bytes=1 << 40),
+                       dataclasses.replace(configs[0], atomic_dq_chunk_bytes=1 << 29),
+                       dataclasses.replace(configs[0], dq_mode="query")]
         sweep_backward(args.length, configs, rows)
     elif args.what == "loss":
         sweep_loss(args.length, _loss_configs(), rows)

@@ -45,11 +45,7 @@ from msattn.ops.selection_csr import build_block_csr, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
 from msattn.ops.utils import dot_options, mma
 
-DQ_MODES = ("auto", "atomic", "group", "query")
-# dq_mode "auto": the atomic dQ while its float32 buffer [total_q, H, D] stays within this many
-# bytes (4 GiB: 128K tokens at the M3 shape), else "group" while one group's [total_q, H / G, D]
-# does, else the query-outer dQ (1.8x slower on an H200 at 128K, no float32 buffer).
-ATOMIC_DQ_MAX_BYTES = 4 << 30
+DQ_MODES = ("atomic", "query")
 
 
 @dataclass(frozen=True)
@@ -63,11 +59,15 @@ class BackwardConfig:
         tiles_per_program: row tiles of one bucket per KV-outer program; buckets with more rows
             are split over several programs (float32 atomics for dK/dV).
         num_warps, num_stages: of the KV-outer kernel.
-        dq_mode: ``"atomic"`` (dQ from the KV-outer kernel through float32 atomics),
-            ``"group"`` (the same, one launch per group, reusing a float32 buffer of one
-            group's heads), ``"query"`` (separate query-outer kernel, deterministic) or
-            ``"auto"`` (the first of atomic, group whose buffer fits ``ATOMIC_DQ_MAX_BYTES``,
-            else query).
+        dq_mode: ``"atomic"`` (dQ from the KV-outer kernel through float32 atomics) or
+            ``"query"`` (separate query-outer kernel, deterministic; 1.8x slower on an H200 at
+            128K).
+        atomic_dq_max_bytes, atomic_dq_chunk_bytes: the atomic dQ accumulates into a float32
+            ``[rows, H, D]`` buffer (none for float32 q). When all rows need more than
+            ``atomic_dq_max_bytes`` (4 GiB: 128K tokens at the M3 shape), the KV-outer kernel
+            runs over chunks of query rows whose buffer takes at most ``atomic_dq_chunk_bytes``,
+            and dK, dV then accumulate in float32 over the chunks (``[G * blocks, block, D]``
+            each).
         dq_block_n, dq_num_warps, dq_num_stages: of the query-outer dQ kernel (keys per step).
         preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
         finish_warps: of the kernel that zero-fills / casts dK and dV.
@@ -78,7 +78,9 @@ class BackwardConfig:
     tiles_per_program: int = 8
     num_warps: int = 8
     num_stages: int = 2
-    dq_mode: str = "auto"
+    dq_mode: str = "atomic"
+    atomic_dq_max_bytes: int = 4 << 30
+    atomic_dq_chunk_bytes: int = 1 << 30
     dq_block_n: int = 64
     dq_num_warps: int = 4
     dq_num_stages: int = 2
@@ -107,17 +109,14 @@ INTERPRETER_CONFIG = BackwardConfig(block_m=16, block_n=64, tiles_per_program=2,
                                     num_stages=1, dq_block_n=64, preprocess_rows=64)
 
 
-def resolve_dq_mode(config: BackwardConfig, q: torch.Tensor, num_groups: int, *,
-                    max_bytes: int = ATOMIC_DQ_MAX_BYTES) -> str:
-    """``"atomic"``, ``"group"`` or ``"query"`` for ``config.dq_mode`` and q ``[total_q, H, D]``
-    with ``num_groups`` KV heads: "auto" takes atomic when its float32 dQ buffer (none for a
-    float32 q) needs at most ``max_bytes``, else group when one group's part does."""
-    if config.dq_mode != "auto":
-        return config.dq_mode
-    buffer_bytes = 0 if q.dtype == torch.float32 else q.numel() * 4
-    if buffer_bytes <= max_bytes:
-        return "atomic"
-    return "group" if buffer_bytes // num_groups <= max_bytes else "query"
+def atomic_dq_chunk_rows(config: BackwardConfig, q: torch.Tensor) -> int:
+    """Query rows per KV-outer launch of the atomic dQ (see ``BackwardConfig``) for q
+    ``[total_q, H, D]``: all of them, or as many as ``atomic_dq_chunk_bytes`` of float32 hold."""
+    total_q = q.shape[0]
+    row_bytes = q[0].numel() * 4
+    if q.dtype == torch.float32 or total_q * row_bytes <= config.atomic_dq_max_bytes:
+        return max(total_q, 1)
+    return max(config.atomic_dq_chunk_bytes // row_bytes, 1)
 
 
 def launch_config(q: torch.Tensor) -> BackwardConfig:
@@ -182,12 +181,12 @@ def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_of
 
 # One program: key tile program_id(1) (BLOCK_N keys) of one (group, key block) bucket x up to
 # rows_per_program of the bucket's packed (entry, head) rows, in tiles of BLOCK_M; K and V of the
-# tile are loaded once. Grid: (a bound on the programs of buckets [first_bucket, last_bucket),
-# BLOCK_SIZE // BLOCK_N); programs past the real ones exit. q, do [total_q, H, D]; k, v
+# tile are loaded once. Grid: (csr.max_programs, BLOCK_SIZE // BLOCK_N); programs past the real
+# ones exit. The CSR covers the query rows [row_start, row_start + num_rows). q, do [total_q, H, D]; k, v
 # [total_k, G, D]; lse2, delta float32 [total_q, H].
 # Writes dk, dv [total_k, G, D] for unsplit buckets, adds into dk_acc, dv_acc float32
-# [num_split, BLOCK_SIZE, D] for split ones (CAN_SPLIT); COMPUTE_DQ: adds ds k * scale into
-# dq_acc float32 [total_q, dq_acc_heads, D] (heads from dq_acc_first_head on) with atomics.
+# [num_split, BLOCK_SIZE, D] for split ones (CAN_SPLIT; always_split: every bucket, at slot
+# = bucket); COMPUTE_DQ: adds ds k * scale into dq_acc float32 [num_rows, H, D] with atomics.
 @triton.jit
 def _block_backward_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
@@ -196,20 +195,20 @@ def _block_backward_kernel(
         block_key_start_ptr, block_position_ptr, block_num_keys_ptr, row_position_ptr,
         stride_q_token, stride_q_head, stride_k_token, stride_k_group,
         stride_v_token, stride_v_group, stride_do_token, stride_do_head,
-        num_rows, num_heads, num_groups, first_bucket, last_bucket, dq_acc_heads,
-        dq_acc_first_head, num_blocks, rows_per_program, scale, scale_log2,
+        row_start, num_rows, num_heads, num_groups, num_buckets, num_blocks, rows_per_program,
+        always_split, scale, scale_log2,
         GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
         COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    pid = tl.program_id(0) + tl.load(program_start_ptr + first_bucket)
-    if pid < tl.load(program_start_ptr + last_bucket):
+    pid = tl.program_id(0)
+    if pid < tl.load(program_start_ptr + num_buckets):
         bucket = tl.load(program_bucket_ptr + pid)
         group = bucket // num_blocks
         block = bucket % num_blocks
         first_program = tl.load(program_start_ptr + bucket)
-        split = tl.load(program_start_ptr + bucket + 1) - first_program > 1
+        split = (tl.load(program_start_ptr + bucket + 1) - first_program > 1) | (always_split != 0)
         key_start = tl.load(block_key_start_ptr + block)
         key_position = tl.load(block_position_ptr + block)
         num_keys = tl.load(block_num_keys_ptr + block)
@@ -235,10 +234,10 @@ def _block_backward_kernel(
             entry_index = entry_start + rows_in_bucket // GROUP_SIZE
             row_mask = rows_in_bucket < last_row
             entry = tl.load(entries_ptr + entry_index, mask=row_mask, other=0)
-            token = (entry // TOPK) % num_rows
+            chunk_row = (entry // TOPK) % num_rows  # row of the launch's chunk
             head = group * GROUP_SIZE + rows_in_bucket % GROUP_SIZE
-            position = tl.load(row_position_ptr + token, mask=row_mask, other=-1)
-            token = token.to(tl.int64)
+            position = tl.load(row_position_ptr + chunk_row, mask=row_mask, other=-1)
+            token = (row_start + chunk_row).to(tl.int64)
             row_dim_mask = row_mask[:, None] & dim_mask[None, :]
             q = tl.load(q_ptr + token[:, None] * stride_q_token + head[:, None] * stride_q_head
                         + dim[None, :], mask=row_dim_mask, other=0.0)
@@ -261,7 +260,7 @@ def _block_backward_kernel(
                     dk += mma(ds_t, q, DOT_PRECISION, DOT_UPCAST)
                 if COMPUTE_DQ:
                     dq = mma(tl.trans(ds_t), k, DOT_PRECISION, DOT_UPCAST) * scale
-                    acc_row = token * dq_acc_heads + head - dq_acc_first_head
+                    acc_row = chunk_row.to(tl.int64) * num_heads + head
                     tl.atomic_add(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :], dq,
                                   mask=row_dim_mask, sem="relaxed")
         split_slot = bucket * 0  # int32; its slot among the split buckets (CAN_SPLIT)
@@ -283,7 +282,7 @@ def _block_backward_kernel(
 @triton.jit
 def _finish_kernel(
         dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr, program_start_ptr, split_slot_ptr,
-        block_key_start_ptr, block_num_keys_ptr, num_groups, num_blocks,
+        block_key_start_ptr, block_num_keys_ptr, num_groups, num_blocks, always_split,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, HAS_DK: tl.constexpr,
         HAS_DV: tl.constexpr):
@@ -291,6 +290,7 @@ def _finish_kernel(
     group = bucket // num_blocks
     block = bucket % num_blocks
     programs = tl.load(program_start_ptr + bucket + 1) - tl.load(program_start_ptr + bucket)
+    programs = tl.where(always_split != 0, 2, programs)  # every bucket in the float32 sums
     num_keys = tl.load(block_num_keys_ptr + block)
     if (programs != 1) & (num_keys > 0):
         key_start = tl.load(block_key_start_ptr + block)
@@ -406,7 +406,6 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
     device = q.device
     if config is None:
         config = launch_config(q)
-    config = replace(config, dq_mode=resolve_dq_mode(config, q, num_groups))
     if deterministic:
         config = replace(config, dq_mode="query")
     if not (need_dk or need_dv):  # the KV-outer kernel would run only for dq
@@ -445,11 +444,11 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         PREPROCESS_ROWS=config.preprocess_rows, HAS_DLSE=dlse is not None,
         num_warps=config.preprocess_warps)
 
-    dq_atomic = need_dq and config.dq_mode in ("atomic", "group")
-    per_group = dq_atomic and config.dq_mode == "group" and q.dtype != torch.float32
+    dq_atomic = need_dq and config.dq_mode == "atomic"
     position = None
     if need_dk or need_dv:
-        # 2. KV-outer dK / dV (and dQ through atomics).
+        # 2. KV-outer dK / dV (and dQ through atomics), over chunks of query rows when the
+        # float32 dQ of all rows would be too large.
         block_n = min(config.block_n, block_size)
         rows_per_group = total_q * topk * group_size  # bound on the rows of one bucket
         if deterministic:  # one program per bucket (and key tile)
@@ -457,38 +456,44 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         else:
             tiles_per_program = config.tiles_per_program
         rows_per_program = config.block_m * tiles_per_program
-        csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
-                              total_k=total_k, row_start=0, row_end=total_q, group_size=group_size,
-                              block_m=config.block_m, tiles_per_program=tiles_per_program)
-        position = csr.row_position
-        num_buckets = num_groups * csr.num_blocks
+        chunk_rows = atomic_dq_chunk_rows(config, q) if dq_atomic else total_q
+        chunks = [(start, min(start + chunk_rows, total_q)) for start in range(0, total_q, chunk_rows)]
+        always_split = len(chunks) > 1  # dK, dV summed over the chunks in float32
+        num_blocks = total_k // block_size + cu_seqlens_q.numel() - 1  # as build_block_csr's
+        num_buckets = num_groups * num_blocks
         # A split bucket has more than rows_per_program rows: this bounds how many there are.
-        max_split = min(num_buckets, num_groups * rows_per_group // (rows_per_program + 1))
-        can_split = max_split > 0 and rows_per_program < rows_per_group
-        split_slot = dk_acc = dv_acc = None
+        max_split = num_buckets if always_split else \
+            min(num_buckets, num_groups * rows_per_group // (rows_per_program + 1))
+        can_split = max_split > 0 and (always_split or rows_per_program < rows_per_group)
+        dk_acc = dv_acc = None
         if can_split:
-            programs = csr.program_start[1:] - csr.program_start[:-1]
-            split_slot = (torch.cumsum(programs > 1, 0, dtype=torch.int32) - 1).to(torch.int32)
             acc_shape = (max_split, block_size, head_dim)
             dk_acc = torch.zeros(acc_shape, dtype=torch.float32, device=device) if need_dk else None
             dv_acc = torch.zeros(acc_shape, dtype=torch.float32, device=device) if need_dv else None
         dq_acc = None
-        if per_group:  # one group's heads at a time
-            dq_acc = torch.empty(total_q, group_size, head_dim, dtype=torch.float32, device=device)
-        elif dq_atomic:
+        if dq_atomic:
             dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else \
-                torch.empty(q.shape, dtype=torch.float32, device=device)
-            dq_acc.zero_()
-        launches = [(g, g + 1) for g in range(num_groups)] if per_group else [(0, num_groups)]
-        for first_group, last_group in launches:
-            if per_group:
+                torch.empty((chunk_rows,) + q.shape[1:], dtype=torch.float32, device=device)
+        split_slot = None
+        for row_start, row_end in chunks:
+            csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                                  total_k=total_k, row_start=row_start, row_end=row_end,
+                                  group_size=group_size, block_m=config.block_m,
+                                  tiles_per_program=tiles_per_program)
+            if always_split:
+                split_slot = torch.arange(num_buckets, dtype=torch.int32, device=device)
+            elif can_split:
+                programs = csr.program_start[1:] - csr.program_start[:-1]
+                split_slot = (torch.cumsum(programs > 1, 0, dtype=torch.int32) - 1).to(torch.int32)
+            chunk_dq = dq_acc
+            if dq_atomic and dq_acc is not dq:
+                chunk_dq = dq_acc[:row_end - row_start]
+                chunk_dq.zero_()
+            elif dq_atomic:
                 dq_acc.zero_()
-            # Programs of the launch's groups: a host bound on their number is the grid.
-            num_programs = (triton.cdiv((last_group - first_group) * rows_per_group, rows_per_program)
-                            + (last_group - first_group) * csr.num_blocks)
-            _block_backward_kernel[(min(num_programs, csr.max_programs), block_size // block_n)](
+            _block_backward_kernel[(csr.max_programs, block_size // block_n)](
                 q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
-                dq_acc_ptr=dq_acc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
+                dq_acc_ptr=chunk_dq, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
                 entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
                 program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
                 split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
@@ -498,29 +503,28 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 stride_k_token=k.stride(0), stride_k_group=k.stride(1),
                 stride_v_token=v.stride(0), stride_v_group=v.stride(1),
                 stride_do_token=do.stride(0), stride_do_head=do.stride(1),
-                num_rows=total_q, num_heads=num_heads, num_groups=num_groups,
-                first_bucket=first_group * csr.num_blocks, last_bucket=last_group * csr.num_blocks,
-                dq_acc_heads=group_size if per_group else num_heads,
-                dq_acc_first_head=first_group * group_size if per_group else 0,
-                num_blocks=csr.num_blocks, rows_per_program=rows_per_program,
+                row_start=row_start, num_rows=row_end - row_start, num_heads=num_heads,
+                num_groups=num_groups, num_buckets=num_buckets, num_blocks=num_blocks,
+                rows_per_program=rows_per_program, always_split=int(always_split),
                 scale=softmax_scale, scale_log2=scale_log2,
                 GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d,
                 BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
                 COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
                 NEED_DS=need_dk or dq_atomic, **dots,
                 num_warps=config.num_warps, num_stages=config.num_stages)
-            if per_group:
-                dq[:, first_group * group_size:last_group * group_size].copy_(dq_acc)
+            if dq_atomic and dq_acc is not dq:
+                dq[row_start:row_end].copy_(chunk_dq)
+        if not always_split:
+            position = csr.row_position
         # 3. Zeros for unselected blocks, casts of split buckets.
         _finish_kernel[(num_buckets,)](
             dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
             program_start_ptr=csr.program_start, split_slot_ptr=split_slot,
             block_key_start_ptr=csr.block_key_start, block_num_keys_ptr=csr.block_num_keys,
-            num_groups=num_groups, num_blocks=csr.num_blocks, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_N=min(32, block_size), BLOCK_SIZE=block_size, CAN_SPLIT=can_split, HAS_DK=need_dk,
-            HAS_DV=need_dv, num_warps=config.finish_warps)
-        if dq_atomic and not per_group and dq_acc is not dq:
-            dq.copy_(dq_acc)
+            num_groups=num_groups, num_blocks=num_blocks, always_split=int(always_split),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=min(32, block_size),
+            BLOCK_SIZE=block_size, CAN_SPLIT=can_split, HAS_DK=need_dk, HAS_DV=need_dv,
+            num_warps=config.finish_warps)
 
     if need_dq and not dq_atomic:
         # 4. Query-outer dQ.
