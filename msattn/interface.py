@@ -335,7 +335,10 @@ def msa_indexer_loss(q, k, qi, ki, indices, *, block_size=128, cu_seqlens_q=None
         block_size, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
             backend: as :func:`msa_attention` (:func:`msattn.dispatch.indexer_loss_path`).
     Returns:
-        A 0-d float32 tensor.
+        A 0-d float32 tensor. With a selection and gradients wanted (grad mode on, ``qi`` or
+        ``ki`` requiring grad), the Triton backend computes the gradients in this call, in one
+        pass over the selected blocks with the loss, and holds them in float32 until the
+        backward (``4 * (total_q * G + total_k) * Di`` bytes); the backward only scales them.
     """
     check_block_size(block_size)
     q, k, _, cu_q, cu_k, layout = _to_varlen_attention(q, k, k, cu_seqlens_q, cu_seqlens_k,
