@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import msattn
-from msattn.bench import cli, train
+from msattn.bench import cli, dense, train
 from msattn.config import MSAConfig
 
 TINY = ["--lengths", "256,512", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
@@ -133,6 +133,18 @@ def test_train_dense_skipped(tmp_path, capsys, no_cuda):
     (row,) = json.loads(path.read_text())["rows"]
     assert row["dense_status"] == "skipped" and row["dense_ms"] is None and row["speedup"] is None
     assert "dense skipped" in capsys.readouterr().out
+
+
+def test_train_dense_kernels(tmp_path, no_cuda):
+    cli.main(["bench", "train-cpu", *TINY, "--lengths", "256", "--dense-kernels", "flash",
+              "--out", str(tmp_path), "--no-plot"])
+    (path,) = tmp_path.glob("*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["dense_status"] == "measured" and list(row["dense_candidates_ms"]) == ["flash"]
+    assert json.loads(path.read_text())["settings"]["dense_kernels"] == ["flash"]
+    with pytest.raises(ValueError, match="dense_kernels: none of"):
+        dense.candidates(torch.device("cpu"), ("cudnn",))
+    assert list(dense.candidates(torch.device("cuda"), ("cudnn",))) == ["cudnn"]
 
 
 def test_train_needs_gpu(capsys, no_cuda):

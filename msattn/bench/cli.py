@@ -30,7 +30,7 @@ from typing import Iterator, Sequence
 import torch
 
 from msattn.dispatch import NAMES as BACKENDS
-from msattn.bench import decode, hf, peer, prefill, report, train
+from msattn.bench import decode, dense, hf, peer, prefill, report, train
 from msattn.bench.timing import matmul_tflops
 from msattn.config import MSAConfig
 
@@ -81,6 +81,11 @@ def _some_of(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
 def _impls(text: str) -> tuple[str, ...]:
     """Comma-separated attention implementations among ``hf.IMPLS``."""
     return _some_of(text, hf.IMPLS, "implementation")
+
+
+def _dense_kernels(text: str) -> tuple[str, ...]:
+    """Comma-separated dense kernels among ``dense.CANDIDATES``."""
+    return _some_of(text, tuple(dense.CANDIDATES["cuda"]), "dense kernel")
 
 
 def index_dtypes(text: str) -> tuple[str, ...]:
@@ -269,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="time per measurement; fewer timed calls when they would take longer")
     run.add_argument("--no-dense", action="store_true", help="do not measure dense attention")
     run.add_argument("--dense-max-len", type=parse_length, help="skip dense beyond this length")
+    run.add_argument("--dense-kernels", type=_dense_kernels,
+                     help="dense kernels to race (prefill, train), some of "
+                          f"{','.join(dense.CANDIDATES['cuda'])} (default: all)")
     run.add_argument("--seed", type=int, default=0)
     out = bench.add_argument_group("output")
     out.add_argument("--out", type=Path, help="folder of the JSON and plot (default: the suite's)")
@@ -300,7 +308,8 @@ def _settings(args: argparse.Namespace, suite: Suite, parser) -> prefill.Prefill
         op=suite.op, device=torch.device(suite.device), config=config, lengths=pick("lengths"),
         batch=args.batch or 1, dtype=DTYPES[pick("dtype")], backend=pick("backend"),
         warmup=pick("warmup"), repeats=pick("repeats"), time_budget_s=pick("time_budget_s"),
-        dense=not args.no_dense, dense_max_len=args.dense_max_len, seed=args.seed)
+        dense=not args.no_dense, dense_max_len=args.dense_max_len, seed=args.seed,
+        dense_kernels=args.dense_kernels)
 
 
 def _header(env: dict, settings: prefill.PrefillSettings, ceiling: float, matmul_size: int) -> str:
@@ -318,6 +327,8 @@ def _decode_settings(args: argparse.Namespace, suite: Suite, parser) -> decode.D
     config = _config(args, suite, parser)
     if args.batch is not None and args.batches is not None:
         parser.error("give --batch or --batches, not both")
+    if args.dense_kernels is not None:
+        parser.error("--dense-kernels: for the prefill and train suites (decode races its own)")
     batches = args.batches or ((args.batch,) if args.batch else suite.batches)
 
     pick = partial(_pick, args, suite)
@@ -444,8 +455,9 @@ def _hf_settings(args: argparse.Namespace, suite: Suite, parser) -> hf.HFSetting
     config = _config(args, suite, parser)
     if args.batch not in (None, 1):
         parser.error("the hf suites run batch 1 only")
-    if args.no_dense or args.dense_max_len is not None:
-        parser.error("--no-dense, --dense-max-len: not for the hf suites (use --impls)")
+    if args.no_dense or args.dense_max_len is not None or args.dense_kernels is not None:
+        parser.error("--no-dense, --dense-max-len, --dense-kernels: not for the hf suites "
+                     "(use --impls)")
     pick = partial(_pick, args, suite)
     layers = pick("layers")
     if layers < 2:

@@ -59,6 +59,16 @@ def _expand_kv(qkv):
     return q, k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
 
 
+def candidates(device: torch.device, names: tuple[str, ...] | None = None) -> dict[str, SDPBackend]:
+    """The dense kernels raced on ``device``: all of :data:`CANDIDATES`, or those in ``names``."""
+    kernels = CANDIDATES[device.type]
+    chosen = {name: kernel for name, kernel in kernels.items() if names is None or name in names}
+    if not chosen:
+        raise ValueError(f"dense_kernels: none of {names} runs on {device.type} "
+                         f"(its candidates: {', '.join(kernels)})")
+    return chosen
+
+
 def _time_kernel(kernel: SDPBackend, sets: list, measure: Callable) -> tuple[Timing, str]:
     """Time one kernel: native GQA if it runs, else expanded K/V; returns the timing and how."""
     native = partial(_sdpa, kernel=kernel, gqa=True)
@@ -76,7 +86,8 @@ def _first_line(error: Exception) -> str:
 
 
 def measure_dense(config: MSAConfig, *, batch: int, seq_len: int, dtype: torch.dtype,
-                  device: torch.device, l2_bytes: int, measure: Callable) -> DenseResult:
+                  device: torch.device, l2_bytes: int, measure: Callable,
+                  kernels: tuple[str, ...] | None = None) -> DenseResult:
     """Race the dense candidates of ``device`` on random inputs of ``config``'s shape.
 
     ``measure(fn, inputs) -> Timing`` times ``fn`` over the list of input sets.
@@ -91,7 +102,7 @@ def measure_dense(config: MSAConfig, *, batch: int, seq_len: int, dtype: torch.d
     sets = [make_set()]
     add_input_sets(sets, make_set, l2_bytes, sum(t.numel() * t.element_size() for t in sets[0]))
     result = DenseResult()
-    for name, kernel in CANDIDATES[device.type].items():
+    for name, kernel in candidates(device, kernels).items():
         try:
             timing, how = _time_kernel(kernel, sets, measure)
         except RuntimeError as error:  # unsupported here, or out of memory

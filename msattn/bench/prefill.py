@@ -42,6 +42,7 @@ class PrefillSettings:
     dense: bool
     dense_max_len: int | None  # None: dense at every length
     seed: int = 0
+    dense_kernels: tuple[str, ...] | None = None  # None: race every candidate of the device
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
@@ -178,7 +179,8 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
     if dense_status is None:
         progress("dense attention")
         dense = measure_dense(config, batch=batch, seq_len=seq_len, dtype=settings.dtype,
-                              device=device, l2_bytes=l2_bytes, measure=measure)
+                              device=device, l2_bytes=l2_bytes, measure=measure,
+                              kernels=settings.dense_kernels)
         dense_status = "measured" if dense.timing else "failed"
     dense_ms = dense.timing.ms if dense and dense.timing else None
 

@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import msattn
 from msattn import dispatch
 from msattn.bench import metrics
-from msattn.bench.dense import CANDIDATES, DenseResult, _first_line, row_fields
+from msattn.bench.dense import DenseResult, _first_line, candidates, row_fields
 from msattn.bench.prefill import PrefillSettings, _dense_skipped, run_lengths, start_length
 from msattn.bench.report import dense_ms_cell, dtype_name, format_length, number_cell
 from msattn.bench.timing import add_input_sets, release_memory, synchronize
@@ -259,7 +259,7 @@ def measure_dense_train(settings: TrainSettings, seq_len: int, l2_bytes: int, me
     :class:`msattn.bench.dense.DenseResult` and the winner's per-stage medians."""
     sets = _dense_sets(settings, seq_len, l2_bytes)
     result, stages = DenseResult(), None
-    for name, kernel in CANDIDATES[settings.device.type].items():
+    for name, kernel in candidates(settings.device, settings.dense_kernels).items():
         clock = StageClock(settings.device)
         try:
             label, candidate_sets, gqa = name, sets, True

@@ -411,12 +411,13 @@ ATTENTION_CONFIGS = [
 def _backward_configs() -> list:
     from msattn.ops.sparse_attention_bwd import CUDA_CONFIG as default
 
-    variants = [dict(block_m=32), dict(num_stages=1), dict(tiles_per_program=16),
-                dict(tiles_per_program=4), dict(num_warps=4), dict(block_n=64),
-                dict(block_m=32, tiles_per_program=16), dict(atomic_dq_max_bytes=1 << 30),
-                dict(atomic_dq_max_bytes=1 << 30, atomic_dq_chunk_bytes=1 << 29), dict(dq_mode="query"),
-                dict(dq_mode="query", dq_block_n=128, dq_num_warps=8),
-                dict(dq_mode="query", dq_num_stages=3)]
+    # Rows per program (block_m x tiles_per_program) set how often a split bucket adds its dK/dV
+    # tile into float32 with atomics: at 128K a bucket holds ~32K rows on average.
+    variants = [dict(tiles_per_program=16), dict(tiles_per_program=32),
+                dict(tiles_per_program=64), dict(tiles_per_program=32, num_stages=3),
+                dict(tiles_per_program=32, num_stages=1), dict(block_m=32, tiles_per_program=64),
+                dict(tiles_per_program=64, block_n=64, num_warps=4),
+                dict(atomic_dq_max_bytes=1 << 30), dict(dq_mode="query")]
     return [default] + [dataclasses.replace(default, **v) for v in variants]
 
 
