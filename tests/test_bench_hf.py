@@ -38,6 +38,7 @@ def test_hf_cpu_suite_end_to_end(tmp_path, capsys, no_cuda):
         assert row["ms"] > 0 and row["peak_gib"] is None
         if row["mode"] == "prefill":
             assert row["tokens_per_s"] > 0
+            assert row["sparse_layer_ms"] is None and row["full_layer_ms"] is None  # CUDA only
         else:  # decode tokens/s is None when timing noise hides the n - 1 extra steps (CPU load)
             assert row["e2e_tokens_per_s"] > 0
             assert row["tokens_per_s"] is None or row["tokens_per_s"] > 0
@@ -110,4 +111,9 @@ def test_hf_suite_on_gpu(tmp_path, capsys):
         assert row["status"] == "ok", row["error"]
         assert row["peak_gib"] > 0 and row["ms"] > 0
     assert all(r["speedup"] > 0 for r in rows if r["impl"] == "msattn")
+    for row in rows:
+        if row["mode"] == "prefill":  # one MSA layer and the full layer, timed inside the model
+            assert 0 < row["sparse_layer_ms"] < row["ms"] and 0 < row["full_layer_ms"] < row["ms"]
+            if row["impl"] == "msattn":
+                assert row["sparse_layer_speedup"] > 0
     assert "speedup" in capsys.readouterr().out

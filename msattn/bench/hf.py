@@ -8,7 +8,9 @@ top-16, one local block) in a few layers: layer 0 full attention, the others MSA
 attention dominates. Random weights (transformers' initialisation), one model for both
 implementations (``set_attn_implementation``), batch 1.
 
-- prefill: ``model(ids, use_cache=False, logits_to_keep=1)`` on random token ids;
+- prefill: ``model(ids, use_cache=False, logits_to_keep=1)`` on random token ids; on CUDA also
+  the median time of one MSA layer's attention module (``self_attn``: projections, norms,
+  rotary, index branch, selection and attention) inside those calls (:class:`LayerClock`);
 - generate: ``model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)`` (the
   default ``DynamicCache``), timed for ``n = new_tokens`` and ``n = 1``; the decode rate is
   ``(new_tokens - 1) / (t(new_tokens) - t(1))``.
@@ -27,6 +29,7 @@ runs the fused selection and the sparse kernels.
 from __future__ import annotations
 
 import gc
+import statistics
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable, Iterator
@@ -183,18 +186,64 @@ def _set_impl(model, impl: str) -> None:
     model.set_attn_implementation(impl)
 
 
+class LayerClock:
+    """Times every forward of the models' attention modules (``self_attn`` of each decoder layer)
+    with CUDA events recorded by forward hooks, split into the full-attention layer and the MSA
+    layers; used inside whole-model calls, so each layer runs exactly as in the model."""
+
+    def __init__(self, model):
+        self.device = next(model.parameters()).device
+        self.pending: dict[str, list] = {"full": [], "sparse": []}
+        self.handles = []
+        if self.device.type != "cuda":
+            return
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            kind = "sparse" if getattr(attn, "indexer", None) is not None else "full"
+            self.handles.append(attn.register_forward_pre_hook(partial(self._start, kind)))
+            self.handles.append(attn.register_forward_hook(partial(self._end, kind)))
+
+    def _start(self, kind, module, args):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.pending[kind].append([event, None])
+
+    def _end(self, kind, module, args, output):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.pending[kind][-1][1] = event
+
+    def median_ms(self, kind: str) -> float | None:
+        """Median time of one forward of a layer of ``kind`` ("full" or "sparse"), or None."""
+        synchronize(self.device)
+        times = [a.elapsed_time(b) for a, b in self.pending[kind] if b is not None]
+        return statistics.median(times) if times else None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def prefill_rows(settings: HFSettings, model, seq_len: int, progress) -> list[dict]:
     ids = _ids(settings, seq_len)
     rows = {}
     for impl in settings.impls:
         progress(f"prefill {impl}")
         _set_impl(model, impl)
-        with torch.inference_mode():
-            m = measure_call(settings, partial(_prefill, model, ids))
+        clock = LayerClock(model)
+        try:
+            with torch.inference_mode():
+                m = measure_call(settings, partial(_prefill, model, ids))
+            ok = m.status == "ok"
+            layer_ms = {kind: clock.median_ms(kind) if ok else None for kind in ("full", "sparse")}
+        finally:
+            clock.close()
         row = _row(settings, "prefill", seq_len, impl, m)
         row["tokens_per_s"] = seq_len / (m.timing.ms / 1e3) if m.timing else None
+        row.update({"sparse_layer_ms": layer_ms["sparse"], "full_layer_ms": layer_ms["full"],
+                    "sparse_layer_speedup": None})
         rows[impl] = row
-    _speedups(rows, ("ms", "speedup"))
+    _speedups(rows, ("ms", "speedup"), ("sparse_layer_ms", "sparse_layer_speedup"))
     return list(rows.values())
 
 
@@ -295,6 +344,8 @@ CELLS: dict[str, Callable[[dict], str]] = {
     "ms/token": number_cell("decode_ms_per_token", ".2f"),
     "peak GiB": number_cell("peak_gib", ".2f"),
     "speedup": number_cell("speedup", ".3g", suffix="x"),
+    "MSA layer ms": number_cell("sparse_layer_ms", ",.2f"),
+    "layer speedup": number_cell("sparse_layer_speedup", ".3g", suffix="x"),
     "decode speedup": number_cell("decode_speedup", ".3g", suffix="x"),
 }
 COLUMNS = tuple(CELLS)

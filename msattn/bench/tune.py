@@ -412,12 +412,14 @@ def _backward_configs() -> list:
     from msattn.ops.sparse_attention_bwd import CUDA_CONFIG as default
 
     # Rows per program (block_m x tiles_per_program) set how often a split bucket adds its dK/dV
-    # tile into float32 with atomics: at 128K a bucket holds ~32K rows on average.
-    variants = [dict(tiles_per_program=16), dict(tiles_per_program=32),
-                dict(tiles_per_program=64), dict(tiles_per_program=32, num_stages=3),
-                dict(tiles_per_program=32, num_stages=1), dict(block_m=32, tiles_per_program=64),
-                dict(tiles_per_program=64, block_n=64, num_warps=4),
-                dict(atomic_dq_max_bytes=1 << 30), dict(dq_mode="query")]
+    # tile into float32 with atomics (at 128K a bucket holds ~32K rows on average); the atomic
+    # dQ's chunks of rows set how many float32 dQ rows the concurrent programs add into.
+    variants = [dict(tiles_per_program=32), dict(tiles_per_program=128), dict(num_stages=3),
+                dict(atomic_dq_max_bytes=1 << 30),
+                dict(atomic_dq_max_bytes=1 << 29, atomic_dq_chunk_bytes=1 << 29),
+                dict(atomic_dq_max_bytes=1 << 28, atomic_dq_chunk_bytes=1 << 28),
+                dict(atomic_dq_max_bytes=1 << 27, atomic_dq_chunk_bytes=1 << 27),
+                dict(dq_mode="query")]
     return [default] + [dataclasses.replace(default, **v) for v in variants]
 
 

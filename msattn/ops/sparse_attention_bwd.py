@@ -75,7 +75,7 @@ class BackwardConfig:
 
     block_m: int = 64
     block_n: int = 128
-    tiles_per_program: int = 8
+    tiles_per_program: int = 64
     num_warps: int = 8
     num_stages: int = 2
     dq_mode: str = "atomic"
@@ -100,10 +100,12 @@ class BackwardConfig:
 
 
 # Hopper (H100/H200), 16-bit inputs: the fastest of the H200 sweeps at 32K and 128K
-# (benchmarks/results/tuning/tune-backward_*.json).
+# (benchmarks/results/tuning/tune-backward_*.json; 4096 rows a program: 109.7 ms at 128K
+# against 120.2 with 512, tune-backward_nvidia-h200_20261203-071405.json).
 CUDA_CONFIG = BackwardConfig()
 # float32 inputs on CUDA: tiles twice as large in bytes, so fewer rows and keys per program.
-CUDA_FP32_CONFIG = BackwardConfig(block_m=32, block_n=64, num_warps=4, num_stages=1, dq_block_n=32)
+CUDA_FP32_CONFIG = BackwardConfig(block_m=32, block_n=64, tiles_per_program=8, num_warps=4,
+                                  num_stages=1, dq_block_n=32)
 # Triton's CPU interpreter: few, large programs are fastest; small splits so tests exercise them.
 INTERPRETER_CONFIG = BackwardConfig(block_m=16, block_n=64, tiles_per_program=2, num_warps=4,
                                     num_stages=1, dq_block_n=64, preprocess_rows=64)
