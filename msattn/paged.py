@@ -279,6 +279,15 @@ class MSAPagedWrapper:
 
         if self._plan is None:
             raise RuntimeError("MSAPagedWrapper.run() needs plan() first")
+        # dtype rules only (attributes of the tensors, no host synchronisation)
+        dtype, kv_dtype, index_dtype = self._plan
+        for name, tensor, planned in (("q", q, dtype), ("k_cache", k_cache, kv_dtype),
+                                      ("v_cache", v_cache, kv_dtype),
+                                      ("index_cache", index_cache, index_dtype)):
+            if tensor.dtype != planned:
+                raise TypeError(f"{name} must have the planned dtype {planned}, got {tensor.dtype} "
+                                "(plan(dtype=, kv_dtype=, index_dtype=) sets them)")
+        check_kv_scales(k_cache, v_cache, k_scale, v_scale, q_dtype=q.dtype)
         o = self.o if out is None else out
         lse = self.lse if lse is None else lse
         run_selection(self.selection_plan, qi, index_cache, self.cu_seqlens_q, seq_lens,

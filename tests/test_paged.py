@@ -536,6 +536,14 @@ def test_fp8_kv_wrapper_run():
     expected_o, expected_lse = msattn.msa_paged_attention(
         *args[:6], c["cu_q"], c["seq_lens"], return_lse=True, backend="triton", **scales, **kwargs)
     assert torch.equal(o, expected_o) and torch.equal(lse, expected_lse)
+    # the run checks the planned dtypes and the scales of fp8 caches (no host sync)
+    with pytest.raises(ValueError, match="k_scale .* is required"):
+        wrapper.run(*args, v_scale=c["v_scale"])
+    bf16_caches = (c["k_cache"].bfloat16(), c["v_cache"].bfloat16())
+    with pytest.raises(TypeError, match="k_cache must have the planned dtype"):
+        wrapper.run(*args[:2], *bf16_caches, *args[4:])
+    with pytest.raises(TypeError, match="q must have the planned dtype"):
+        wrapper.run(c["q"].half(), *args[1:], **scales)
 
 
 def test_fp8_kv_wrapper_plan_dtypes():
