@@ -287,7 +287,7 @@ class MSAPagedWrapper:
             if tensor.dtype != planned:
                 raise TypeError(f"{name} must have the planned dtype {planned}, got {tensor.dtype} "
                                 "(plan(dtype=, kv_dtype=, index_dtype=) sets them)")
-        check_kv_scales(k_cache, v_cache, k_scale, v_scale, q_dtype=q.dtype)
+        check_kv_scales(k_cache, v_cache, k_scale, v_scale)  # plan() fixed how dtypes pair up
         o = self.o if out is None else out
         lse = self.lse if lse is None else lse
         run_selection(self.selection_plan, qi, index_cache, self.cu_seqlens_q, seq_lens,
