@@ -58,6 +58,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import msattn
 
@@ -76,6 +77,8 @@ __all__ = ["NAME", "MSAIndexerOutput", "attention_forward", "from_hf_block_indic
 NAME = "msattn"
 SPARSE_LAYER_TYPE = "minimax_m3_sparse"
 
+# SDPA kernels of a dense decode step, in order of preference (see _dense).
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _LOCK = threading.Lock()
 _STATE = {"backend": "auto", "original_indexer_forward": None, "registered": False}
 
@@ -377,13 +380,21 @@ def _sparse_varlen(q, k, v, index: MSAIndexerOutput, scaling, lead: list[int], b
 def _dense(q, k, v, scaling, lead):
     """Dense causal GQA attention (torch SDPA) of the last ``Tq`` of ``Tk`` positions; q
     ``[B, Tq, H, D]``, k/v ``[B, Tk, G, D]`` -> ``[B, Tq, H, D]``. With padding, a boolean
-    ``[B, 1, Tq, Tk]`` mask; padded queries give zeros."""
+    ``[B, 1, Tq, Tk]`` mask; padded queries give zeros.
+
+    One decode token (``Tq == 1``, no padding) sees every key: no mask, the K/V heads shared by
+    the query heads (``enable_gqa``, no copies), and flash first: cuDNN builds a new execution
+    plan for every new key length, tens of milliseconds of host time per step."""
     batch, q_len, num_heads, _ = q.shape
     k_len, num_groups = k.shape[1], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if lead is None and q_len == 1:
+        with sdpa_kernel(_DECODE_BACKENDS):
+            o = F.scaled_dot_product_attention(qt, kt, vt, scale=scaling, enable_gqa=True)
+        return o.transpose(1, 2)
     rep = num_heads // num_groups
-    qt = q.transpose(1, 2)
-    kt = k.transpose(1, 2).repeat_interleave(rep, dim=1)
-    vt = v.transpose(1, 2).repeat_interleave(rep, dim=1)
+    kt = kt.repeat_interleave(rep, dim=1)  # cuDNN, the fastest prefill kernel, takes no GQA
+    vt = vt.repeat_interleave(rep, dim=1)
     if lead is None and q_len == k_len:
         o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scaling)
         return o.transpose(1, 2)
