@@ -16,7 +16,8 @@ from msattn.backends import triton as triton_backend
 from msattn.cache import (dequantize_index_keys, dequantize_kv, gather_paged, quantize_index_keys,
                           quantize_kv, write_paged_cache)
 from msattn.ops.indexer import launch_config, select_blocks_paged
-from msattn.ops.paged_attention import plan_paged_attention, run_paged_attention
+from msattn.ops.paged_attention import (PagedAttentionConfig, plan_paged_attention,
+                                        run_paged_attention)
 from tests.kernel_cases import (DEVICE, assert_selection_matches, cu_seqlens, paginate,
                                 random_tensor)
 
@@ -101,11 +102,13 @@ def test_fp8_keys_with_bf16_queries_of_any_magnitude(query_scale):
 
 
 # lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, split
-ATTENTION_CASES = [
-    ([1, 1, 1], [300, 17, 64], 8, 2, 32, 16, 4, torch.float32, True),  # decode, slots split
-    ([1, 1, 1], [300, 17, 64], 8, 2, 32, 16, 4, torch.float32, False),  # decode, one program
-    ([4, 16, 1], [200, 90, 500], 12, 2, 16, 16, 5, torch.bfloat16, True),  # group 6
-    ([3, 2], [100, 2], 3, 3, 64, 32, 3, torch.float16, False),  # group 1, short request
+ATTENTION_CASES = [  # (..., split, block_n: keys per tile of the kernel)
+    ([1, 1, 1], [300, 17, 64], 8, 2, 32, 16, 4, torch.float32, True, 64),  # decode, slots split
+    ([1, 1, 1], [300, 17, 64], 8, 2, 32, 16, 4, torch.float32, False, 64),  # decode, one program
+    ([4, 16, 1], [200, 90, 500], 12, 2, 16, 16, 5, torch.bfloat16, True, 64),  # group 6
+    ([3, 2], [100, 2], 3, 3, 64, 32, 3, torch.float16, False, 16),  # group 1, two tiles a page
+    ([1, 3], [700, 260], 8, 2, 32, 64, 3, torch.float32, True, 16),  # four tiles a page, split
+    ([2, 5], [129, 400], 4, 1, 32, 64, 4, torch.bfloat16, False, 32),  # partial last tiles
 ]
 
 
@@ -123,7 +126,7 @@ def _check(o, lse, expected_o, expected_lse):
 
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=[f"case{i}" for i in range(len(ATTENTION_CASES))])
 def test_decode_attention_matches_contiguous(case):
-    lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, split = case
+    lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, split, block_n = case
     c = _case(lens_q, lens_k, heads, groups, head_dim, 16, page_size, dtype, seed=topk)
     indices = reference.select_blocks(c["qi"], c["ki"], c["cu_q"], c["cu_k"], block_size=page_size,
                                       topk=topk, init_blocks=0, local_blocks=1)
@@ -132,7 +135,8 @@ def test_decode_attention_matches_contiguous(case):
                                                           c["cu_k"], block_size=page_size,
                                                           softmax_scale=scale)
     plan = plan_paged_attention(c["q"].shape[0], len(lens_q), max(lens_q), heads, groups, head_dim,
-                                topk, dtype, c["q"].device, split=split)
+                                topk, dtype, c["q"].device, split=split,
+                                config=PagedAttentionConfig(block_n=block_n))
     for _ in range(2):  # the second launch of the plan finds its merge counters reset
         o, lse = run_paged_attention(plan, c["q"], c["k_cache"], c["v_cache"], indices,
                                      c["block_table"], c["cu_q"], c["seq_lens"],

@@ -302,7 +302,17 @@ def _selection_configs(rows_per_sequence: int) -> list:
             *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants),
             ("block-topk, attention without PDL", block_topk, dict(pdl=False)),
             ("block-topk, attention unsplit", block_topk, dict(split=False)),
-            ("block-topk, attention split", block_topk, dict(split=True))]
+            ("block-topk, attention split", block_topk, dict(split=True)),
+            *((f"block-topk, attention {c}", block_topk, dict(config=c)) for c in _attention_configs())]
+
+
+def _attention_configs() -> list:
+    """Decode-attention launch variants (the default is the plan's own)."""
+    from msattn.ops.paged_attention import PagedAttentionConfig
+
+    return [PagedAttentionConfig(block_n=n, num_warps=w, num_stages=s)
+            for n, w, s in ((128, 4, 2), (128, 8, 2), (64, 4, 2), (64, 4, 4), (64, 8, 3),
+                            (32, 4, 3), (32, 4, 5), (32, 2, 4))]
 
 
 def sweep_decode(shapes, out: list, *, profile_only: bool = False,
@@ -350,10 +360,12 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False,
                     step = _decode_step(wrapper, cache, queries, index_dtype)
                     step(None)
                     torch.cuda.synchronize()
-                    got = wrapper.indices.sort(-1).values.clone()
+                    got = wrapper.indices.sort(-1).values.clone(), wrapper.o.float().clone()
                     if expected is None:
                         expected = got
-                    row["rows_differing"] = int((got != expected).any(-1).sum())
+                    row["rows_differing"] = int((got[0] != expected[0]).any(-1).sum())
+                    # the attention of the same selection: equal up to accumulation order
+                    row["o_max_abs_diff"] = float((got[1] - expected[1]).abs().max())
                     row["timeline_us"] = _timeline_us(step)
                     row["us"] = round(decode.measure(settings, step, [None]).timing.ms * 1e3, 2)
                     row["gbps"] = round(step_bytes / (row["us"] * 1e3), 1)
@@ -366,16 +378,20 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False,
         release_memory(torch.device("cuda"))
 
 
-def _replan_attention(wrapper, *, pdl: bool | None = None, split: bool | None = None):
-    """The wrapper's attention plan launched without PDL (``pdl=False``) or planned with the
-    slots split or not (``split``)."""
+def _replan_attention(wrapper, *, pdl: bool | None = None, split: bool | None = None,
+                      config=None):
+    """The wrapper's attention plan launched without PDL (``pdl=False``), planned with the
+    slots split or not (``split``), or with another launch configuration (``config``)."""
     from msattn.ops import paged_attention
 
     plan = wrapper.attention_plan
     if split is not None:
         plan = paged_attention.plan_paged_attention(
             plan.total_q, plan.batch, plan.max_len_q, plan.num_heads, plan.num_groups,
-            plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split)
+            plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split,
+            config=plan.config)
+    if config is not None:
+        plan = dataclasses.replace(plan, config=config)
     return plan if pdl is None else dataclasses.replace(plan, pdl=pdl)
 
 

@@ -33,7 +33,8 @@ from msattn.ops.utils import (LOG2E, arrive_last, device_sm_count, dot_options, 
 # or their G stride). Not split: writes o [total_q, H, D], lse [total_q, H].
 # Split (one slot per program): writes partial_o [total_q, H, TOPK, D], partial_lse
 # [total_q, H, TOPK]; the last of the TOPK programs of a (token, group) (counters [total_q, G])
-# merges them into o and lse. Grid: (B * max_len_q, G, 1 or TOPK).
+# merges them into o and lse. Pages are read in tiles of BLOCK_N keys (TILES_PER_PAGE a page).
+# Grid: (B * max_len_q, G, 1 or TOPK).
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, indices_ptr, block_table_ptr, cu_seqlens_q_ptr, seq_lens_ptr,
@@ -45,7 +46,7 @@ def _paged_attention_kernel(
         max_len_q, num_heads, scale_log2,
         GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
-        SPLIT: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr, KV_FP8: tl.constexpr,
+        BLOCK_N: tl.constexpr, TILES_PER_PAGE: tl.constexpr, SPLIT: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr, KV_FP8: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     batch = tl.program_id(0) // max_len_q
     query = tl.program_id(0) % max_len_q
@@ -66,7 +67,7 @@ def _paged_attention_kernel(
             scale_log2 = scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale)
         if PDL:  # launched while the indexer drains: wait for its selection
             gdc_wait()
-        offs = tl.arange(0, PAGE_SIZE)
+        offs = tl.arange(0, BLOCK_N)
         row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -77,27 +78,34 @@ def _paged_attention_kernel(
             slot_from = 0
             slot_to = TOPK
         index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
-        for slot in range(slot_from, slot_to):
-            block = tl.load(index_row + slot)
-            if (block >= 0) & (block * PAGE_SIZE <= position):
-                page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table + block)
-                key_mask = block * PAGE_SIZE + offs <= position
-                kv_mask = key_mask[:, None] & dim_mask[None, :]
-                k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + offs[:, None] * stride_k_token
-                            + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + offs[:, None] * stride_v_token
-                            + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
-                if KV_FP8:  # exact in fp16 and bf16
-                    k = k.to(q.dtype)
-                    v = v.to(q.dtype)
-                scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-                scores = tl.where(key_mask[None, :], scores, float("-inf"))
-                new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-                correction = tl.exp2(row_max - new_max)
-                p = tl.exp2(scores - new_max[:, None])
-                row_sum = row_sum * correction + tl.sum(p, axis=1)
-                acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-                row_max = new_max
+        # One BLOCK_N-key tile of a selected page an iteration. Masked loads, no branch: the
+        # pipeliner keeps the next tiles' index, page and K/V loads in flight (a branch around
+        # them made every tile wait for its own chain of dependent loads).
+        for tile in range(slot_from * TILES_PER_PAGE, slot_to * TILES_PER_PAGE):
+            block = tl.load(index_row + tile // TILES_PER_PAGE)
+            keys = block * PAGE_SIZE + (tile % TILES_PER_PAGE) * BLOCK_N + offs
+            key_mask = (keys >= 0) & (keys <= position)  # block -1 (padding): all negative
+            # a selected block is a block of the sequence; -1 reads entry 0, unused
+            page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table
+                           + tl.maximum(block, 0))
+            rows = (tile % TILES_PER_PAGE) * BLOCK_N + offs
+            kv_mask = key_mask[:, None] & dim_mask[None, :]
+            k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + rows[:, None] * stride_k_token
+                        + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + rows[:, None] * stride_v_token
+                        + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
+            if KV_FP8:  # exact in fp16 and bf16
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+            scores = tl.where(key_mask[None, :], scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: no NaN
+            correction = tl.exp2(row_max - safe_max)
+            p = tl.exp2(scores - safe_max[:, None])
+            row_sum = row_sum * correction + tl.sum(p, axis=1)
+            acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            row_max = new_max
         out, lse = finish_softmax(acc, row_max, row_sum)
         if KV_FP8:  # real V = v * v_scale
             out = out * tl.load(v_scale_ptr + group * stride_v_scale)
@@ -120,6 +128,16 @@ def _paged_attention_kernel(
 
 
 @dataclass(frozen=True)
+class PagedAttentionConfig:
+    """Launch configuration of the decode attention: keys per tile (``block_n``, at most a
+    page), warps and software-pipeline stages."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
 class PagedAttentionPlan:
     """Grid and workspace of one decode attention launch (fixed for graph capture)."""
 
@@ -132,6 +150,7 @@ class PagedAttentionPlan:
     topk: int
     split: bool
     pdl: bool  # programmatic dependent launch after the indexer
+    config: PagedAttentionConfig
     partial_o: torch.Tensor | None
     partial_lse: torch.Tensor | None
     counters: torch.Tensor | None  # int32 [total_q, G], zero between launches
@@ -139,7 +158,8 @@ class PagedAttentionPlan:
 
 def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: int, num_groups: int,
                          head_dim: int, topk: int, dtype: torch.dtype, device: torch.device,
-                         split: bool | None = None) -> PagedAttentionPlan:
+                         split: bool | None = None,
+                         config: PagedAttentionConfig | None = None) -> PagedAttentionPlan:
     """Choose whether to split the slots (when token x group programs cannot fill the GPU) and
     allocate the partial buffers. Launches of one plan must not run concurrently."""
     if split is None:
@@ -150,7 +170,8 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
         partial_lse = torch.empty(total_q * num_heads * topk, dtype=torch.float32, device=device)
         counters = torch.zeros(total_q * num_groups, dtype=torch.int32, device=device)
     return PagedAttentionPlan(total_q, batch, max_len_q, num_heads, num_groups, head_dim, topk,
-                              split, programmatic_launch(device), partial_o, partial_lse, counters)
+                              split, programmatic_launch(device), config or PagedAttentionConfig(),
+                              partial_o, partial_lse, counters)
 
 
 def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torch.Tensor,
@@ -172,6 +193,8 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
     page_size = k_cache.shape[1]
     group_size = plan.num_heads // plan.num_groups
     kv_fp8 = k_scale is not None
+    config = plan.config
+    block_n = min(config.block_n, page_size)
     _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
         q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, k_scale_ptr=k_scale, v_scale_ptr=v_scale,
         indices_ptr=indices, block_table_ptr=block_table,
@@ -188,6 +211,6 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
         num_heads=plan.num_heads, scale_log2=softmax_scale * LOG2E,
         GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=plan.topk,
         HEAD_DIM=plan.head_dim, BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size,
-        SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), PDL=plan.pdl, KV_FP8=kv_fp8,
-        **dot_options(q.dtype), num_warps=4, num_stages=2, **({"launch_pdl": True} if plan.pdl else {}))
+        BLOCK_N=block_n, TILES_PER_PAGE=page_size // block_n, SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), PDL=plan.pdl, KV_FP8=kv_fp8,
+        **dot_options(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages, **({"launch_pdl": True} if plan.pdl else {}))
     return o, lse
