@@ -311,8 +311,8 @@ def _attention_configs() -> list:
     from msattn.ops.paged_attention import PagedAttentionConfig
 
     return [PagedAttentionConfig(block_n=n, num_warps=w, num_stages=s)
-            for n, w, s in ((128, 4, 2), (128, 8, 2), (64, 4, 2), (64, 4, 4), (64, 8, 3),
-                            (32, 4, 3), (32, 4, 5), (32, 2, 4))]
+            for n, w, s in ((128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3), (64, 8, 3),
+                            (32, 4, 5))]
 
 
 def sweep_decode(shapes, out: list, *, profile_only: bool = False,
@@ -388,8 +388,7 @@ def _replan_attention(wrapper, *, pdl: bool | None = None, split: bool | None = 
     if split is not None:
         plan = paged_attention.plan_paged_attention(
             plan.total_q, plan.batch, plan.max_len_q, plan.num_heads, plan.num_groups,
-            plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split,
-            config=plan.config)
+            plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split)
     if config is not None:
         plan = dataclasses.replace(plan, config=config)
     return plan if pdl is None else dataclasses.replace(plan, pdl=pdl)

@@ -132,9 +132,17 @@ class PagedAttentionConfig:
     """Launch configuration of the decode attention: keys per tile (``block_n``, at most a
     page), warps and software-pipeline stages."""
 
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
+
+
+# Measured on an H200 (benchmarks/results/tuning/tune-decode_nvidia-h200_20261203-122641.json):
+# unsplit, whole pages with 4 warps and 2 stages were fastest (8 x 8 x 64K 114.5 us against 132.9
+# with 8 warps and 137.6 with 64-key tiles); split one page a program, 8 warps (1 x 1 x 64K 14.9
+# us against 19.0 with 4).
+UNSPLIT_CONFIG = PagedAttentionConfig()
+SPLIT_CONFIG = PagedAttentionConfig(num_warps=8)
 
 
 @dataclass(frozen=True)
@@ -170,7 +178,8 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
         partial_lse = torch.empty(total_q * num_heads * topk, dtype=torch.float32, device=device)
         counters = torch.zeros(total_q * num_groups, dtype=torch.int32, device=device)
     return PagedAttentionPlan(total_q, batch, max_len_q, num_heads, num_groups, head_dim, topk,
-                              split, programmatic_launch(device), config or PagedAttentionConfig(),
+                              split, programmatic_launch(device),
+                              config or (SPLIT_CONFIG if split else UNSPLIT_CONFIG),
                               partial_o, partial_lse, counters)
 
 
