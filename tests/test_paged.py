@@ -145,6 +145,47 @@ def test_decode_attention_matches_contiguous(case):
     assert not split or not plan.counters.any()
 
 
+SHARED_CASES = [  # (lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, tokens, block_n)
+    ([8, 1, 5], [700, 90, 400], 32, 2, 32, 32, 6, torch.float32, 8, 16),  # varlen, 2 tiles a page
+    ([16, 3], [900, 300], 12, 2, 16, 64, 4, torch.bfloat16, 4, 64),  # group 6, 4 chunks
+    ([2, 7], [40, 129], 3, 3, 64, 16, 3, torch.float16, 2, 16),  # group 1, -1-padded rows
+]
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=[f"case{i}" for i in range(len(SHARED_CASES))])
+@pytest.mark.parametrize("correlated", [False, True], ids=["random", "correlated"])
+def test_shared_pages_attention_matches_contiguous(case, correlated):
+    """The shared-pages kernel (a request's tokens in one program, each page read once) against
+    the contiguous reference: random selections and ones that the tokens mostly share."""
+    lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, tokens, block_n = case
+    c = _case(lens_q, lens_k, heads, groups, head_dim, 16, page_size, dtype, seed=tokens)
+    qi = c["qi"]
+    if correlated:  # every token of a request near its request's first index query
+        starts = c["cu_q"][:-1].long().repeat_interleave(torch.tensor(lens_q, device=qi.device))
+        qi = qi[starts] + 0.05 * qi
+    indices = reference.select_blocks(qi, c["ki"], c["cu_q"], c["cu_k"], block_size=page_size,
+                                      topk=topk, init_blocks=0, local_blocks=1)
+    scale = head_dim ** -0.5
+    expected_o, expected_lse = reference.sparse_attention(c["q"], c["k"], c["v"], indices, c["cu_q"],
+                                                          c["cu_k"], block_size=page_size,
+                                                          softmax_scale=scale)
+    config = PagedAttentionConfig(block_n=block_n, tokens_per_program=tokens)
+    plan = plan_paged_attention(c["q"].shape[0], len(lens_q), max(lens_q), heads, groups, head_dim,
+                                topk, dtype, c["q"].device, config=config)
+    assert not plan.split
+    o, lse = run_paged_attention(plan, c["q"], c["k_cache"], c["v_cache"], indices,
+                                 c["block_table"], c["cu_q"], c["seq_lens"], softmax_scale=scale,
+                                 out=_poisoned(c["q"]))
+    _check(o, lse, expected_o, expected_lse)
+
+
+def test_attention_config_rejects_non_powers_of_two():
+    with pytest.raises(ValueError, match="tokens_per_program"):
+        PagedAttentionConfig(tokens_per_program=3)
+    with pytest.raises(ValueError, match="block_n"):
+        PagedAttentionConfig(block_n=48)
+
+
 def _head_major(cache):
     """The same logical cache ``[P, page, G, D]`` stored head-major ``[P, G, page, D]``."""
     return cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)

@@ -311,15 +311,17 @@ def _attention_configs() -> list:
     from msattn.ops.paged_attention import PagedAttentionConfig
 
     return [PagedAttentionConfig(block_n=n, num_warps=w, num_stages=s)
-            for n, w, s in ((128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 4, 3), (64, 8, 3),
-                            (32, 4, 5))]
+            for n, w, s in ((128, 8, 2), (64, 4, 3), (64, 8, 3))] + [
+        PagedAttentionConfig(block_n=n, num_warps=w, num_stages=s, tokens_per_program=t)
+        for t in (2, 4, 8) for n, w, s in ((128, 4, 2), (128, 8, 2), (64, 8, 3))]
 
 
-def sweep_decode(shapes, out: list, *, profile_only: bool = False,
-                 index_dtypes=("bf16", "fp8", "nvfp4", "fp8-kv")) -> None:
-    """Per shape (requests x tokens x context) and index dtype: the CUDA time of each kernel of
-    one decode step and the graph-replayed step time, for each selection design and launch
-    configuration (the first is the baseline the others' selections are compared with)."""
+def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_only: bool = False,
+                 index_dtypes=("bf16", "fp8", "nvfp4", "fp8-kv"), workloads=("random",)) -> None:
+    """Per shape (requests x tokens x context), query workload and index dtype: the CUDA time of
+    each kernel of one decode step and the graph-replayed step time, for each selection design and
+    launch configuration (the first is the baseline the others' selections are compared with);
+    ``attention_only``: the default selection with each decode-attention launch variant."""
     settings = _decode_settings(0)
     bandwidth = decode.bandwidth_ceiling_gbps(settings)
     # The harness's own floor: graphs of one tiny kernel per step, timed as the steps are
@@ -331,9 +333,14 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False,
     for batch, q_tokens, length in shapes:
         settings = _decode_settings(length, batch, q_tokens)
         cache = decode.make_cache_set(settings, length, batch)
-        queries = decode.make_queries(settings, batch, q_tokens)
         configs = _selection_configs(q_tokens * CONFIG.num_kv_heads)
-        for index_dtype in index_dtypes:
+        if profile_only:
+            configs = configs[:2]
+        elif attention_only:
+            configs = [c for c in configs if c[0] == "block-topk" or "attention" in c[0]]
+        for workload, index_dtype in itertools.product(workloads if q_tokens > 1 else ("random",),
+                                                       index_dtypes):
+            queries = decode.make_queries(settings, batch, q_tokens, workload)
             step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
                                           index_dtype={"nvfp4": "fp8", "fp8-kv": "bf16"}.get(
                                               index_dtype, index_dtype),
@@ -344,9 +351,9 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False,
                 num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
                 head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
             expected = None
-            for name, config, *attention in configs[:2] if profile_only else configs:
+            for name, config, *attention in configs:
                 row = {"kind": "decode", "batch": batch, "q_tokens": q_tokens, "seq_len": length,
-                       "index_dtype": index_dtype, "selection": name,
+                       "workload": workload, "index_dtype": index_dtype, "selection": name,
                        "config": dataclasses.asdict(config)}
                 try:
                     if index_dtype == "nvfp4" and not isinstance(config, indexer.PageTopkConfig):
@@ -460,6 +467,11 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-only", action="store_true",
                         help="decode: the two selection designs' defaults only; backward: the "
                              "default launch with each way of accumulating dQ only")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="decode: the default selection with each attention launch variant")
+    parser.add_argument("--workloads", default="random",
+                        help="decode: query workloads of multi-token shapes, some of "
+                             "random,correlated")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -472,7 +484,9 @@ def main(argv=None) -> int:
         profile_train(args.lengths, rows)
     elif args.what == "decode":
         sweep_decode(args.shapes, rows, profile_only=args.profile_only,
-                     index_dtypes=tuple(args.index_dtypes.split(",")))
+                     attention_only=args.attention_only,
+                     index_dtypes=tuple(args.index_dtypes.split(",")),
+                     workloads=tuple(args.workloads.split(",")))
     elif args.what == "backward":
         configs = _backward_configs()
         if args.profile_only:  # the default, all rows at once, chunks of 0.5 GiB, query-outer dQ

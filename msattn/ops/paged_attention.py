@@ -127,14 +127,119 @@ def _paged_attention_kernel(
             tl.store(lse_ptr + token * num_heads + heads, lse, mask=head_mask)
 
 
+# One program: TOKENS consecutive query tokens of request ``b`` (chunk ``c`` of them, program_id(0)
+# = b * chunks_per_request + c) x one group; its rows are the (token, head of the group) pairs,
+# BLOCK_R = TOKENS * BLOCK_H. It reads each page that any of its tokens selected once (the union
+# of their selections, in order of first appearance) and masks per row the tokens that did not
+# choose it. Shapes as _paged_attention_kernel; writes o [total_q, H, D], lse [total_q, H].
+# Grid: (B * chunks_per_request, G).
+@triton.jit
+def _paged_shared_attention_kernel(
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, indices_ptr, block_table_ptr,
+        cu_seqlens_q_ptr, seq_lens_ptr, o_ptr, lse_ptr,
+        stride_q_token, stride_q_head, stride_k_page, stride_k_token, stride_k_group,
+        stride_v_page, stride_v_token, stride_v_group, stride_k_scale, stride_v_scale,
+        stride_indices_group, stride_indices_token, stride_block_table, stride_o_token,
+        stride_o_head, chunks_per_request, num_heads, scale_log2,
+        GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOKENS: tl.constexpr,
+        TOPK: tl.constexpr, TOPK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_PAGE: tl.constexpr,
+        PDL: tl.constexpr, KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr):
+    batch = tl.program_id(0) // chunks_per_request
+    first_query = (tl.program_id(0) % chunks_per_request) * TOKENS
+    group = tl.program_id(1)
+    q_start = tl.load(cu_seqlens_q_ptr + batch)
+    len_q = tl.load(cu_seqlens_q_ptr + batch + 1) - q_start
+    if first_query < len_q:
+        seq_len = tl.load(seq_lens_ptr + batch)
+        rows = tl.arange(0, TOKENS * BLOCK_H)
+        query = first_query + rows // BLOCK_H  # of the request
+        head = rows % BLOCK_H
+        row_mask = (head < GROUP_SIZE) & (query < len_q)
+        token = (q_start + query).to(tl.int64)
+        position = seq_len - len_q + query  # [BLOCK_R]
+        heads = group * GROUP_SIZE + head
+        dim = tl.arange(0, BLOCK_D)
+        dim_mask = dim < HEAD_DIM
+        q = tl.load(q_ptr + token[:, None] * stride_q_token + heads[:, None] * stride_q_head
+                    + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        if KV_FP8:  # real K = k * k_scale: scale the scores instead
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale)
+        if PDL:  # launched while the indexer drains: wait for its selection
+            gdc_wait()
+        index_group = indices_ptr + group * stride_indices_group
+        slots = tl.arange(0, TOPK_PAD)
+        # each row's selection [BLOCK_R, TOPK_PAD], -1 where none (or beyond its position)
+        chosen_blocks = tl.load(index_group + token[:, None] * stride_indices_token + slots[None, :],
+                                mask=row_mask[:, None] & (slots < TOPK)[None, :], other=-1)
+        chosen_blocks = tl.where(chosen_blocks * PAGE_SIZE <= position[:, None], chosen_blocks, -1)
+        # the union of the tokens' selections [TOKENS * TOPK_PAD]: first appearances, in order
+        flat = tl.arange(0, TOKENS * TOPK_PAD)
+        flat_query = first_query + flat // TOPK_PAD
+        flat_slot = flat % TOPK_PAD
+        blocks = tl.load(index_group + (q_start + flat_query).to(tl.int64) * stride_indices_token
+                         + flat_slot, mask=(flat_query < len_q) & (flat_slot < TOPK), other=-1)
+        blocks = tl.where(blocks * PAGE_SIZE <= seq_len - len_q + flat_query, blocks, -1)
+        seen = tl.max(((blocks[:, None] == blocks[None, :]) & (flat[None, :] < flat[:, None]))
+                      .to(tl.int32), axis=1)
+        is_first = (blocks >= 0) & (seen == 0)
+        order = tl.cumsum(is_first.to(tl.int32), 0) - 1
+        num_pages = tl.sum(is_first.to(tl.int32), 0)
+        offs = tl.arange(0, BLOCK_N)
+        row_max = tl.full([TOKENS * BLOCK_H], float("-inf"), tl.float32)
+        row_sum = tl.zeros([TOKENS * BLOCK_H], tl.float32)
+        acc = tl.zeros([TOKENS * BLOCK_H, BLOCK_D], tl.float32)
+        for tile in range(0, num_pages * TILES_PER_PAGE):
+            block = tl.sum(tl.where(is_first & (order == tile // TILES_PER_PAGE), blocks, 0), 0)
+            page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table + block)
+            in_page = (tile % TILES_PER_PAGE) * BLOCK_N + offs
+            keys = block * PAGE_SIZE + in_page
+            kv_mask = (keys < seq_len)[:, None] & dim_mask[None, :]
+            k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + in_page[:, None] * stride_k_token
+                        + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + in_page[:, None] * stride_v_token
+                        + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
+            if KV_FP8:  # exact in fp16 and bf16
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            row_chose = tl.max((chosen_blocks == block).to(tl.int32), axis=1) > 0
+            key_mask = row_chose[:, None] & (keys[None, :] <= position[:, None])
+            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+            scores = tl.where(key_mask, scores, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: no NaN
+            correction = tl.exp2(row_max - safe_max)
+            p = tl.exp2(scores - safe_max[:, None])
+            row_sum = row_sum * correction + tl.sum(p, axis=1)
+            acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+            row_max = new_max
+        out, lse = finish_softmax(acc, row_max, row_sum)
+        if KV_FP8:  # real V = v * v_scale
+            out = out * tl.load(v_scale_ptr + group * stride_v_scale)
+        tl.store(o_ptr + token[:, None] * stride_o_token + heads[:, None] * stride_o_head
+                 + dim[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & dim_mask[None, :])
+        tl.store(lse_ptr + token * num_heads + heads, lse, mask=row_mask)
+
+
 @dataclass(frozen=True)
 class PagedAttentionConfig:
     """Launch configuration of the decode attention: keys per tile (``block_n``, at most a
-    page), warps and software-pipeline stages."""
+    page), warps and software-pipeline stages; ``tokens_per_program`` > 1 runs the shared-pages
+    kernel (a request's tokens in programs of that many, each selected page read once for them;
+    the slots are then not split)."""
 
     block_n: int = 128
     num_warps: int = 4
     num_stages: int = 2
+    tokens_per_program: int = 1
+
+    def __post_init__(self):
+        for name in ("block_n", "tokens_per_program"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
 
 
 # Measured on an H200 (benchmarks/results/tuning/tune-decode_nvidia-h200_20261203-122641.json):
@@ -170,7 +275,9 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
                          config: PagedAttentionConfig | None = None) -> PagedAttentionPlan:
     """Choose whether to split the slots (when token x group programs cannot fill the GPU) and
     allocate the partial buffers. Launches of one plan must not run concurrently."""
-    if split is None:
+    if config is not None and config.tokens_per_program > 1:
+        split = False
+    elif split is None:
         split = batch * max_len_q * num_groups < device_sm_count(device)
     partial_o = partial_lse = counters = None
     if split:
@@ -204,22 +311,33 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
     kv_fp8 = k_scale is not None
     config = plan.config
     block_n = min(config.block_n, page_size)
-    _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
+    # tokens a program of the shared-pages kernel (a power of two: its rows are a tile), 1: none
+    tokens = min(config.tokens_per_program, triton.next_power_of_2(plan.max_len_q))
+    common = dict(
         q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, k_scale_ptr=k_scale, v_scale_ptr=v_scale,
-        indices_ptr=indices, block_table_ptr=block_table,
-        cu_seqlens_q_ptr=cu_seqlens_q, seq_lens_ptr=seq_lens, o_ptr=o, lse_ptr=lse,
-        partial_o_ptr=plan.partial_o, partial_lse_ptr=plan.partial_lse,
-        counters_ptr=plan.counters,  # None unless split
+        indices_ptr=indices, block_table_ptr=block_table, cu_seqlens_q_ptr=cu_seqlens_q,
+        seq_lens_ptr=seq_lens, o_ptr=o, lse_ptr=lse,
         stride_q_token=q.stride(0), stride_q_head=q.stride(1), stride_k_page=k_cache.stride(0),
         stride_k_token=k_cache.stride(1), stride_k_group=k_cache.stride(2),
         stride_v_page=v_cache.stride(0), stride_v_token=v_cache.stride(1),
         stride_v_group=v_cache.stride(2), stride_k_scale=scale_stride(k_scale),
         stride_v_scale=scale_stride(v_scale), stride_indices_group=indices.stride(0),
         stride_indices_token=indices.stride(1), stride_block_table=block_table.stride(0),
-        stride_o_token=o.stride(0), stride_o_head=o.stride(1), max_len_q=plan.max_len_q,
-        num_heads=plan.num_heads, scale_log2=softmax_scale * LOG2E,
-        GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=plan.topk,
-        HEAD_DIM=plan.head_dim, BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size,
-        BLOCK_N=block_n, TILES_PER_PAGE=page_size // block_n, SPLIT=plan.split, TOPK_PAD=triton.next_power_of_2(plan.topk), PDL=plan.pdl, KV_FP8=kv_fp8,
-        **dot_options(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages, **({"launch_pdl": True} if plan.pdl else {}))
+        stride_o_token=o.stride(0), stride_o_head=o.stride(1), num_heads=plan.num_heads,
+        scale_log2=softmax_scale * LOG2E, GROUP_SIZE=group_size,
+        BLOCK_H=max(triton.next_power_of_2(group_size), 16 // tokens), TOPK=plan.topk,
+        TOPK_PAD=triton.next_power_of_2(plan.topk), HEAD_DIM=plan.head_dim,
+        BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size, BLOCK_N=block_n,
+        TILES_PER_PAGE=page_size // block_n, PDL=plan.pdl, KV_FP8=kv_fp8, **dot_options(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+        **({"launch_pdl": True} if plan.pdl else {}))
+    if tokens > 1:
+        chunks = triton.cdiv(plan.max_len_q, tokens)
+        _paged_shared_attention_kernel[(plan.batch * chunks, plan.num_groups)](
+            chunks_per_request=chunks, TOKENS=tokens, **common)
+        return o, lse
+    _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
+        partial_o_ptr=plan.partial_o, partial_lse_ptr=plan.partial_lse,
+        counters_ptr=plan.counters,  # None unless split
+        max_len_q=plan.max_len_q, SPLIT=plan.split, **common)
     return o, lse
