@@ -430,6 +430,8 @@ ATTENTION_CONFIGS = [
     sparse_attention.AttentionConfig(block_m=m, num_warps=4, num_stages=st, tiles_per_program=16,
                                      combine_warps=c)
     for m, st, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
+
+
 def _backward_configs() -> list:
     from msattn.ops.sparse_attention_bwd import CUDA_CONFIG as default
 
@@ -437,10 +439,8 @@ def _backward_configs() -> list:
     # tile into float32 with atomics (at 128K a bucket holds ~32K rows on average); the atomic
     # dQ's chunks of rows set how many float32 dQ rows the concurrent programs add into.
     variants = [dict(tiles_per_program=32), dict(tiles_per_program=128), dict(num_stages=3),
-                dict(atomic_dq_max_bytes=1 << 30),
-                dict(atomic_dq_max_bytes=1 << 29, atomic_dq_chunk_bytes=1 << 29),
+                dict(atomic_dq_max_bytes=4 << 30),  # one buffer up to 128K
                 dict(atomic_dq_max_bytes=1 << 28, atomic_dq_chunk_bytes=1 << 28),
-                dict(atomic_dq_max_bytes=1 << 27, atomic_dq_chunk_bytes=1 << 27),
                 dict(dq_mode="query")]
     return [default] + [dataclasses.replace(default, **v) for v in variants]
 

@@ -64,10 +64,12 @@ class BackwardConfig:
             128K).
         atomic_dq_max_bytes, atomic_dq_chunk_bytes: the atomic dQ accumulates into a float32
             ``[rows, H, D]`` buffer (none for float32 q). When all rows need more than
-            ``atomic_dq_max_bytes`` (4 GiB: 128K tokens at the M3 shape), the KV-outer kernel
+            ``atomic_dq_max_bytes`` (1 GiB: 32K tokens at the M3 shape), the KV-outer kernel
             runs over chunks of query rows whose buffer takes at most ``atomic_dq_chunk_bytes``,
             and dK, dV then accumulate in float32 over the chunks (``[G * blocks, block, D]``
-            each).
+            each). On an H200 at 128K, chunks of 1 GiB took 102.2 ms against 110.3 for one
+            4 GiB buffer, with 3.9 GiB of workspace against 7.3
+            (benchmarks/results/tuning/tune-backward_nvidia-h200_20261203-124332.json).
         dq_block_n, dq_num_warps, dq_num_stages: of the query-outer dQ kernel (keys per step).
         preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
         finish_warps: of the kernel that zero-fills / casts dK and dV.
@@ -79,7 +81,7 @@ class BackwardConfig:
     num_warps: int = 8
     num_stages: int = 2
     dq_mode: str = "atomic"
-    atomic_dq_max_bytes: int = 4 << 30
+    atomic_dq_max_bytes: int = 1 << 30
     atomic_dq_chunk_bytes: int = 1 << 30
     dq_block_n: int = 64
     dq_num_warps: int = 4
