@@ -207,7 +207,7 @@ class MSAPagedWrapper:
 
     def plan(self, cu_seqlens_q: torch.Tensor, max_pages: int, *, dtype: torch.dtype = torch.bfloat16,
              kv_dtype: torch.dtype | None = None, index_dtype: torch.dtype = torch.bfloat16,
-             selection_config=None) -> None:
+             selection_config=None, attention_config=None) -> None:
         """Fix the batch layout and allocate the workspaces (call outside graph capture).
 
         Args:
@@ -219,6 +219,11 @@ class MSAPagedWrapper:
                 ``v_scale``); index_dtype: of the index cache (fp8 allowed).
             selection_config: an :class:`msattn.ops.indexer.IndexerConfig` instead of the tuned
                 one, for tuning.
+            attention_config: a :class:`msattn.ops.paged_attention.PagedAttentionConfig` instead
+                of the tuned one; ``tokens_per_program=8`` reads each page that several tokens of
+                a request chose once for all of them (faster only when the tokens mostly share
+                pages: 263 vs 306 us at 32 x 8 x 64K correlated on an H200, slower on random
+                selections; see benchmarks/README.md).
         """
         from msattn.ops import paged_attention
         from msattn.ops.indexer import plan_selection
@@ -250,7 +255,7 @@ class MSAPagedWrapper:
                                              config=selection_config)
         self.attention_plan = paged_attention.plan_paged_attention(
             total_q, batch, max_len_q, self.num_heads, self.num_kv_heads, self.head_dim, self.topk,
-            dtype, self.device)
+            dtype, self.device, config=attention_config)
         self.indices = torch.empty(self.num_kv_heads, total_q, self.topk, dtype=torch.int32,
                                    device=self.device)
         self.o = torch.empty(total_q, self.num_heads, self.head_dim, dtype=dtype, device=self.device)

@@ -248,6 +248,26 @@ def test_wrapper_run_matches_functional_and_is_reusable():
     assert torch.equal(wrapper.o, own_o)
 
 
+def test_wrapper_shared_pages_attention_config():
+    """plan(attention_config=) with tokens_per_program runs the shared-pages kernel: the same
+    output as the per-token kernel within bf16 rounding (another accumulation order)."""
+    lens_q, lens_k = [4, 1, 3], [300, 45, 160]
+    c = _case(lens_q, lens_k, 8, 2, 32, 16, 16, torch.bfloat16, seed=6)
+    kwargs = dict(topk=4, init_blocks=0, local_blocks=1)
+    args = (c["q"], c["qi"], c["k_cache"], c["v_cache"], c["index_cache"], c["block_table"],
+            c["seq_lens"])
+    expected_o, expected_lse = msattn.msa_paged_attention(*args[:6], c["cu_q"], c["seq_lens"],
+                                                          return_lse=True, backend="triton",
+                                                          **kwargs)
+    wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
+                                     page_size=16, device=DEVICE, backend="triton", **kwargs)
+    wrapper.plan(c["cu_q"], c["block_table"].shape[1],
+                 attention_config=PagedAttentionConfig(tokens_per_program=4))
+    assert not wrapper.attention_plan.split
+    o, lse = wrapper.run(*args, return_lse=True)
+    _check(o, lse, expected_o.float(), expected_lse)
+
+
 def test_wrapper_rejects_long_query_runs():
     wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
                                      page_size=16, device=DEVICE, backend="triton")
