@@ -6,6 +6,11 @@ cannot fill the GPU, the selected slots are split across programs (one slot each
 (token, group)'s programs to finish merges the partials by their LSEs
 (:func:`msattn.ops.sparse_attention.merge_slot_partials`), in the same launch.
 
+Opt-in (``PagedAttentionConfig.tokens_per_program`` > 1): the shared-pages kernel puts several
+tokens of a request in one program (rows = token x head) and reads each page of the union of
+their selections once, masked per row; faster only when the tokens share most pages and the grid
+stays full (see :data:`UNSPLIT_CONFIG` for the measured defaults).
+
 fp8 K/V caches (float8_e4m3fn with a per-tensor or per-KV-head float32 scale) are converted to
 q's 16-bit dtype in registers (exact), so the MMAs run on 16-bit operands; ``k_scale`` is folded
 into the softmax scale and ``v_scale`` into the output, one scalar each per program.
