@@ -32,6 +32,33 @@ from msattn.ops.utils import (LOG2E, arrive_last, device_sm_count, dot_options, 
                               gdc_wait, mma, programmatic_launch)
 
 
+@triton.jit
+def _attend_page_tile(q, k_ptr, v_ptr, page, rows, dim, kv_mask, key_mask, group, stride_k_page,
+                      stride_k_token, stride_k_group, stride_v_page, stride_v_token,
+                      stride_v_group, scale_log2, row_max, row_sum, acc, KV_FP8: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One online-softmax step of the rows of ``q [R, BLOCK_D]`` over a tile of keys of a page:
+    K/V rows ``rows [BLOCK_N]`` of page ``page`` (loaded where ``kv_mask [BLOCK_N, BLOCK_D]``),
+    scores kept where ``key_mask`` (``[1 or R, BLOCK_N]``). Returns the new
+    ``(row_max, row_sum, acc)`` (exp2 domain; rows without a key yet stay at -inf, 0, 0)."""
+    k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + rows[:, None] * stride_k_token
+                + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + rows[:, None] * stride_v_token
+                + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
+    if KV_FP8:  # exact in fp16 and bf16
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
+    scores = tl.where(key_mask, scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: no NaN
+    correction = tl.exp2(row_max - safe_max)
+    p = tl.exp2(scores - safe_max[:, None])
+    row_sum = row_sum * correction + tl.sum(p, axis=1)
+    acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
+    return new_max, row_sum, acc
+
+
 # One program: query token ``t`` of request ``b`` (program_id(0) = b * max_len_q + t) x one group
 # x one split of its selected slots. q [total_q, H, D]; k/v cache [num_pages, page_size, G, D];
 # indices [G, total_q, TOPK]; with KV_FP8, float8_e4m3fn caches and k/v scales [] or [G] (stride 0
@@ -94,23 +121,11 @@ def _paged_attention_kernel(
             page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table
                            + tl.maximum(block, 0))
             rows = (tile % TILES_PER_PAGE) * BLOCK_N + offs
-            kv_mask = key_mask[:, None] & dim_mask[None, :]
-            k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + rows[:, None] * stride_k_token
-                        + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + rows[:, None] * stride_v_token
-                        + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
-            if KV_FP8:  # exact in fp16 and bf16
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-            scores = tl.where(key_mask[None, :], scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: no NaN
-            correction = tl.exp2(row_max - safe_max)
-            p = tl.exp2(scores - safe_max[:, None])
-            row_sum = row_sum * correction + tl.sum(p, axis=1)
-            acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-            row_max = new_max
+            row_max, row_sum, acc = _attend_page_tile(
+                q, k_ptr, v_ptr, page, rows, dim, key_mask[:, None] & dim_mask[None, :],
+                key_mask[None, :], group, stride_k_page, stride_k_token, stride_k_group,
+                stride_v_page, stride_v_token, stride_v_group, scale_log2, row_max, row_sum, acc,
+                KV_FP8, DOT_PRECISION, DOT_UPCAST)
         out, lse = finish_softmax(acc, row_max, row_sum)
         if KV_FP8:  # real V = v * v_scale
             out = out * tl.load(v_scale_ptr + group * stride_v_scale)
@@ -200,25 +215,12 @@ def _paged_shared_attention_kernel(
             page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table + block)
             in_page = (tile % TILES_PER_PAGE) * BLOCK_N + offs
             keys = block * PAGE_SIZE + in_page
-            kv_mask = (keys < seq_len)[:, None] & dim_mask[None, :]
-            k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + in_page[:, None] * stride_k_token
-                        + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + in_page[:, None] * stride_v_token
-                        + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
-            if KV_FP8:  # exact in fp16 and bf16
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
             row_chose = tl.max((chosen_blocks == block).to(tl.int32), axis=1) > 0
-            key_mask = row_chose[:, None] & (keys[None, :] <= position[:, None])
-            scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
-            scores = tl.where(key_mask, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: no NaN
-            correction = tl.exp2(row_max - safe_max)
-            p = tl.exp2(scores - safe_max[:, None])
-            row_sum = row_sum * correction + tl.sum(p, axis=1)
-            acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
-            row_max = new_max
+            row_max, row_sum, acc = _attend_page_tile(
+                q, k_ptr, v_ptr, page, in_page, dim, (keys < seq_len)[:, None] & dim_mask[None, :],
+                row_chose[:, None] & (keys[None, :] <= position[:, None]), group, stride_k_page,
+                stride_k_token, stride_k_group, stride_v_page, stride_v_token, stride_v_group,
+                scale_log2, row_max, row_sum, acc, KV_FP8, DOT_PRECISION, DOT_UPCAST)
         out, lse = finish_softmax(acc, row_max, row_sum)
         if KV_FP8:  # real V = v * v_scale
             out = out * tl.load(v_scale_ptr + group * stride_v_scale)
