@@ -220,10 +220,11 @@ class MSAPagedWrapper:
             selection_config: an :class:`msattn.ops.indexer.IndexerConfig` instead of the tuned
                 one, for tuning.
             attention_config: a :class:`msattn.ops.paged_attention.PagedAttentionConfig` instead
-                of the tuned one; ``tokens_per_program=8`` reads each page that several tokens of
-                a request chose once for all of them (faster only when the tokens mostly share
-                pages: 263 vs 306 us at 32 x 8 x 64K correlated on an H200, slower on random
-                selections; see benchmarks/README.md).
+                of the tuned one; ``PagedAttentionConfig(tokens_per_program=8, num_warps=8)``
+                reads each page that several tokens of a request chose once for all of them
+                (faster only when the tokens mostly share pages and the grid is full: 263 vs 306
+                us at 32 x 8 x 64K correlated on an H200, slower on random selections and with
+                4 warps; see benchmarks/README.md).
         """
         from msattn.ops import paged_attention
         from msattn.ops.indexer import plan_selection

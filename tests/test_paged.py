@@ -148,7 +148,7 @@ def test_decode_attention_matches_contiguous(case):
 SHARED_CASES = [  # (lens_q, lens_k, heads, groups, head_dim, page_size, topk, dtype, tokens, block_n)
     ([8, 1, 5], [700, 90, 400], 32, 2, 32, 32, 6, torch.float32, 8, 16),  # varlen, 2 tiles a page
     ([16, 3], [900, 300], 12, 2, 16, 64, 4, torch.bfloat16, 4, 64),  # group 6, 4 chunks
-    ([2, 7], [40, 129], 3, 3, 64, 16, 3, torch.float16, 2, 16),  # group 1, -1-padded rows
+    ([2, 7], [40, 129], 3, 3, 64, 16, 3, torch.float16, 2, 16),  # group 1, partial last page
 ]
 
 
@@ -184,6 +184,22 @@ def test_attention_config_rejects_non_powers_of_two():
         PagedAttentionConfig(tokens_per_program=3)
     with pytest.raises(ValueError, match="block_n"):
         PagedAttentionConfig(block_n=48)
+    with pytest.raises(ValueError, match="block_n"):
+        PagedAttentionConfig(block_n=8)  # below an MMA's K
+    with pytest.raises(ValueError, match="tokens_per_program x topk"):
+        plan_paged_attention(64, 4, 16, 8, 2, 32, 32, torch.float32, torch.device(DEVICE),
+                             config=PagedAttentionConfig(tokens_per_program=16))
+
+
+def test_shared_pages_config_keeps_the_split_for_one_token():
+    """With one token per request the shared-pages config runs the per-token kernel, still split
+    when the grid is small."""
+    config = PagedAttentionConfig(tokens_per_program=8)
+    one = plan_paged_attention(1, 1, 1, 8, 2, 32, 4, torch.float32, torch.device(DEVICE),
+                               config=config)
+    many = plan_paged_attention(8, 2, 4, 8, 2, 32, 4, torch.float32, torch.device(DEVICE),
+                                config=config)
+    assert one.split and not many.split
 
 
 def _head_major(cache):

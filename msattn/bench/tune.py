@@ -392,12 +392,10 @@ def _replan_attention(wrapper, *, pdl: bool | None = None, split: bool | None = 
     from msattn.ops import paged_attention
 
     plan = wrapper.attention_plan
-    if split is not None:
+    if split is not None or config is not None:  # planned as plan() would (split, workspaces)
         plan = paged_attention.plan_paged_attention(
             plan.total_q, plan.batch, plan.max_len_q, plan.num_heads, plan.num_groups,
-            plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split)
-    if config is not None:
-        plan = dataclasses.replace(plan, config=config)
+            plan.head_dim, plan.topk, wrapper.o.dtype, wrapper.device, split=split, config=config)
     return plan if pdl is None else dataclasses.replace(plan, pdl=pdl)
 
 

@@ -77,7 +77,8 @@ __all__ = ["NAME", "MSAIndexerOutput", "attention_forward", "from_hf_block_indic
 NAME = "msattn"
 SPARSE_LAYER_TYPE = "minimax_m3_sparse"
 
-# SDPA kernels of a dense decode step, in order of preference (see _dense).
+# SDPA kernels a dense decode step may use: all but cuDNN (see _dense); torch tries them in its
+# own order (flash first).
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _LOCK = threading.Lock()
 _STATE = {"backend": "auto", "original_indexer_forward": None, "registered": False}

@@ -9,7 +9,8 @@ cannot fill the GPU, the selected slots are split across programs (one slot each
 Opt-in (``PagedAttentionConfig.tokens_per_program`` > 1): the shared-pages kernel puts several
 tokens of a request in one program (rows = token x head) and reads each page of the union of
 their selections once, masked per row; faster only when the tokens share most pages and the grid
-stays full (see :data:`UNSPLIT_CONFIG` for the measured defaults).
+stays full (measured in benchmarks/README.md: 32 x 8 x 64K correlated, 8 tokens and 8 warps).
+One-token batches keep the per-token kernel and its split.
 
 fp8 K/V caches (float8_e4m3fn with a per-tensor or per-KV-head float32 scale) are converted to
 q's 16-bit dtype in registers (exact), so the MMAs run on 16-bit operands; ``k_scale`` is folded
@@ -243,10 +244,11 @@ class PagedAttentionConfig:
     tokens_per_program: int = 1
 
     def __post_init__(self):
-        for name in ("block_n", "tokens_per_program"):
+        for name, least in (("block_n", 16), ("tokens_per_program", 1), ("num_warps", 1)):
             value = getattr(self, name)
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two, got {value}")
+            if value < least or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two of at least {least} (block_n is "
+                                 f"the K of an MMA), got {value}")
 
 
 # Measured on an H200 (benchmarks/results/tuning/tune-decode_nvidia-h200_20261203-122641.json):
@@ -254,6 +256,9 @@ class PagedAttentionConfig:
 # with 8 warps and 137.6 with 64-key tiles); split one page a program, 8 warps (1 x 1 x 64K 14.9
 # us against 19.0 with 4).
 UNSPLIT_CONFIG = PagedAttentionConfig()
+# The shared-pages kernel compares every (token, slot) entry of its union with every other one:
+# at most this many entries a program.
+MAX_SHARED_SLOTS = 256
 SPLIT_CONFIG = PagedAttentionConfig(num_warps=8)
 
 
@@ -282,8 +287,14 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
                          config: PagedAttentionConfig | None = None) -> PagedAttentionPlan:
     """Choose whether to split the slots (when token x group programs cannot fill the GPU) and
     allocate the partial buffers. Launches of one plan must not run concurrently."""
-    if config is not None and config.tokens_per_program > 1:
-        split = False
+    shared = config is not None and config.tokens_per_program > 1 and max_len_q > 1
+    if shared:
+        tokens = min(config.tokens_per_program, triton.next_power_of_2(max_len_q))
+        if tokens * triton.next_power_of_2(topk) > MAX_SHARED_SLOTS:
+            raise ValueError(f"tokens_per_program x topk (padded to powers of two) must be at most "
+                             f"{MAX_SHARED_SLOTS} (the union of the selections is deduplicated "
+                             f"in registers), got {tokens} x {triton.next_power_of_2(topk)}")
+        split = False  # one program holds the tokens' whole union
     elif split is None:
         split = batch * max_len_q * num_groups < device_sm_count(device)
     partial_o = partial_lse = counters = None
