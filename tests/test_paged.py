@@ -200,6 +200,7 @@ def test_shared_pages_config_keeps_the_split_for_one_token():
     many = plan_paged_attention(8, 2, 4, 8, 2, 32, 4, torch.float32, torch.device(DEVICE),
                                 config=config)
     assert one.split and not many.split
+    assert (one.tokens_per_program, many.tokens_per_program) == (1, 4)  # capped at max_len_q
 
 
 def _head_major(cache):

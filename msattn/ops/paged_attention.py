@@ -247,8 +247,9 @@ class PagedAttentionConfig:
         for name, least in (("block_n", 16), ("tokens_per_program", 1), ("num_warps", 1)):
             value = getattr(self, name)
             if value < least or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two of at least {least} (block_n is "
-                                 f"the K of an MMA), got {value}")
+                why = " (the K of an MMA)" if name == "block_n" else ""
+                raise ValueError(f"{name} must be a power of two of at least {least}{why}, "
+                                 f"got {value}")
 
 
 # Measured on an H200 (benchmarks/results/tuning/tune-decode_nvidia-h200_20261203-122641.json):
@@ -256,10 +257,10 @@ class PagedAttentionConfig:
 # with 8 warps and 137.6 with 64-key tiles); split one page a program, 8 warps (1 x 1 x 64K 14.9
 # us against 19.0 with 4).
 UNSPLIT_CONFIG = PagedAttentionConfig()
+SPLIT_CONFIG = PagedAttentionConfig(num_warps=8)
 # The shared-pages kernel compares every (token, slot) entry of its union with every other one:
 # at most this many entries a program.
 MAX_SHARED_SLOTS = 256
-SPLIT_CONFIG = PagedAttentionConfig(num_warps=8)
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,7 @@ class PagedAttentionPlan:
     split: bool
     pdl: bool  # programmatic dependent launch after the indexer
     config: PagedAttentionConfig
+    tokens_per_program: int  # of the shared-pages kernel (a power of two); 1: the per-token one
     partial_o: torch.Tensor | None
     partial_lse: torch.Tensor | None
     counters: torch.Tensor | None  # int32 [total_q, G], zero between launches
@@ -287,8 +289,8 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
                          config: PagedAttentionConfig | None = None) -> PagedAttentionPlan:
     """Choose whether to split the slots (when token x group programs cannot fill the GPU) and
     allocate the partial buffers. Launches of one plan must not run concurrently."""
-    shared = config is not None and config.tokens_per_program > 1 and max_len_q > 1
-    if shared:
+    tokens = 1
+    if config is not None and config.tokens_per_program > 1 and max_len_q > 1:
         tokens = min(config.tokens_per_program, triton.next_power_of_2(max_len_q))
         if tokens * triton.next_power_of_2(topk) > MAX_SHARED_SLOTS:
             raise ValueError(f"tokens_per_program x topk (padded to powers of two) must be at most "
@@ -304,7 +306,7 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
         counters = torch.zeros(total_q * num_groups, dtype=torch.int32, device=device)
     return PagedAttentionPlan(total_q, batch, max_len_q, num_heads, num_groups, head_dim, topk,
                               split, programmatic_launch(device),
-                              config or (SPLIT_CONFIG if split else UNSPLIT_CONFIG),
+                              config or (SPLIT_CONFIG if split else UNSPLIT_CONFIG), tokens,
                               partial_o, partial_lse, counters)
 
 
@@ -329,8 +331,7 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
     kv_fp8 = k_scale is not None
     config = plan.config
     block_n = min(config.block_n, page_size)
-    # tokens a program of the shared-pages kernel (a power of two: its rows are a tile), 1: none
-    tokens = min(config.tokens_per_program, triton.next_power_of_2(plan.max_len_q))
+    tokens = plan.tokens_per_program
     common = dict(
         q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, k_scale_ptr=k_scale, v_scale_ptr=v_scale,
         indices_ptr=indices, block_table_ptr=block_table, cu_seqlens_q_ptr=cu_seqlens_q,
