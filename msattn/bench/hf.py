@@ -17,7 +17,8 @@ implementations (``set_attn_implementation``), batch 1.
 
 Times are medians by :func:`msattn.bench.timing.time_ms` after a warm-up call; peak memory is
 ``max_memory_allocated()`` during one call (the weights included) and that peak minus what was
-allocated before the call. A call that runs out of memory (``torch.OutOfMemoryError``) gives a
+allocated before the call; for "msattn" prefill also ``attention_extra_gib``, its peak minus the
+peak of the same call with an attention function that computes nothing (:func:`floor_peak_gib`). A call that runs out of memory (``torch.OutOfMemoryError``) gives a
 row with ``"status": "oom"``; the memory is released before the next one. Any other error gives
 ``"status": "error"`` with its first line.
 
@@ -224,6 +225,40 @@ class LayerClock:
             handle.remove()
 
 
+def _no_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention function that computes nothing: an uninitialised ``[B, Tq, H, D]`` output."""
+    batch, heads, length, head_dim = query.shape
+    return query.new_empty(batch, length, heads, head_dim), None
+
+
+def floor_peak_gib(settings: HFSettings, model, ids) -> float | None:
+    """Peak memory (GiB, CUDA) of one prefill with "msattn" whose attention function computes
+    nothing: the model, its activations and the index queries and keys, without any attention
+    workspace. ``peak_gib`` of the "msattn" row minus this is what msattn's attention adds."""
+    from transformers import AttentionInterface
+
+    import msattn.integrations.transformers as msattn_tf
+
+    if settings.device.type != "cuda":
+        return None
+    _set_impl(model, msattn_tf.NAME)
+    AttentionInterface.register(msattn_tf.NAME, _no_attention)
+    try:
+        with torch.inference_mode():
+            _prefill(model, ids)
+            synchronize(settings.device)
+            torch.cuda.reset_peak_memory_stats(settings.device)
+            _prefill(model, ids)
+            synchronize(settings.device)
+            return torch.cuda.max_memory_allocated(settings.device) / GIB
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        AttentionInterface.register(msattn_tf.NAME, msattn_tf.attention_forward)
+        gc.collect()
+        release_memory(settings.device)
+
+
 def prefill_rows(settings: HFSettings, model, seq_len: int, progress) -> list[dict]:
     ids = _ids(settings, seq_len)
     rows = {}
@@ -244,6 +279,12 @@ def prefill_rows(settings: HFSettings, model, seq_len: int, progress) -> list[di
                     "sparse_layer_speedup": None})
         rows[impl] = row
     _speedups(rows, ("ms", "speedup"), ("sparse_layer_ms", "sparse_layer_speedup"))
+    if "msattn" in rows:
+        progress("prefill without attention (memory floor)")
+        floor = floor_peak_gib(settings, model, ids)
+        ours = rows["msattn"]["peak_gib"]
+        rows["msattn"]["floor_peak_gib"] = floor
+        rows["msattn"]["attention_extra_gib"] = ours - floor if ours is not None and floor is not None else None
     return list(rows.values())
 
 
@@ -343,6 +384,7 @@ CELLS: dict[str, Callable[[dict], str]] = {
     "tokens/s": number_cell("tokens_per_s", ",.0f"),
     "ms/token": number_cell("decode_ms_per_token", ".2f"),
     "peak GiB": number_cell("peak_gib", ".2f"),
+    "attention GiB": number_cell("attention_extra_gib", ".2f"),
     "speedup": number_cell("speedup", ".3g", suffix="x"),
     "MSA layer ms": number_cell("sparse_layer_ms", ",.2f"),
     "layer speedup": number_cell("sparse_layer_speedup", ".3g", suffix="x"),
@@ -357,5 +399,7 @@ def format_table(rows, columns=COLUMNS) -> str:
     lines += [f"{row['mode']} {format_length(row['seq_len'])} {row['impl']}: {row['status']}: "
               f"{row['error']}" for row in rows if row["status"] != "ok"]
     lines.append("prefill tokens/s: prompt tokens per second; generate tokens/s and ms/token: the "
-                 "decode steps ((t(n) - t(1)) / (n - 1)); speedups: sdpa / msattn where both ran")
+                 "decode steps ((t(n) - t(1)) / (n - 1)); speedups: sdpa / msattn where both ran; "
+                 "attention GiB: msattn's prefill peak minus the same prefill with an attention "
+                 "that computes nothing (the model, activations and index keys)")
     return "\n".join(lines)

@@ -7,6 +7,7 @@
     python3 -m msattn.bench.tune backward --length 128k           # sparse-attention backward configs
     python3 -m msattn.bench.tune train --lengths 32k,128k         # CUDA time of every kernel of a step
     python3 -m msattn.bench.tune loss --length 128k               # indexer-loss configs (fwd + bwd)
+    python3 -m msattn.bench.tune prefill-designs --lengths 16k    # KV-outer vs query-outer attention
 
 M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs (decode: one
 query token against a random paged cache, bf16 and fp8 index keys, CUDA-graph replays of
@@ -142,6 +143,58 @@ def sweep_attention(length: int, configs: list, chunk_rows_list, out: list) -> N
             row["error"] = str(error).splitlines()[0][:200]
         print(json.dumps(row), flush=True)
         out.append(row)
+        release_memory(torch.device("cuda"))
+
+
+def sweep_prefill_designs(lengths, out: list) -> None:
+    """Sparse attention of a prefill two ways at each length: the KV-outer kernel (partials and a
+    combine) and the query-outer decode kernel (one program per token and group, online softmax,
+    no partials) over the same K/V viewed as 128-key pages, with several launch configs."""
+    from msattn.ops import paged_attention as pa
+
+    for length in lengths:
+        x = _inputs(length)
+        flops = metrics.sparse_attention_flops(CONFIG, length)
+        expected, expected_lse = _attend(x)
+        row = {"kind": "prefill-design", "seq_len": length, "design": "kv-outer",
+               "ms": _time(lambda y: _attend(y), x)}
+        row["tflops"] = metrics.tflops(flops, row["ms"])
+        print(json.dumps(row), flush=True)
+        out.append(row)
+        page = CONFIG.block_size
+        pages = length // page
+        k_pages = x.k.view(pages, page, *x.k.shape[1:])
+        v_pages = x.v.view(pages, page, *x.v.shape[1:])
+        table = torch.arange(pages, dtype=torch.int32, device=x.q.device)[None]
+        seq_lens = x.cu_seqlens[1:] - x.cu_seqlens[:-1]
+        num_heads, head_dim = x.q.shape[1:]
+        for config in (pa.UNSPLIT_CONFIG, pa.PagedAttentionConfig(num_warps=8),
+                       pa.PagedAttentionConfig(block_n=64), pa.PagedAttentionConfig(num_stages=3),
+                       pa.PagedAttentionConfig(tokens_per_program=2, num_warps=8),
+                       pa.PagedAttentionConfig(tokens_per_program=4, num_warps=8)):
+            row = {"kind": "prefill-design", "seq_len": length, "design": "query-outer",
+                   "config": dataclasses.asdict(config)}
+            try:
+                plan = pa.plan_paged_attention(length, 1, length, num_heads, k_pages.shape[2],
+                                               head_dim, CONFIG.topk, x.q.dtype, x.q.device,
+                                               split=False, config=config)
+                o = torch.full_like(x.q, float("nan"))
+                lse = torch.full_like(expected_lse, float("nan"))
+
+                def run(y):
+                    return pa.run_paged_attention(plan, y.q, k_pages, v_pages, y.indices, table,
+                                                  y.cu_seqlens, seq_lens,
+                                                  softmax_scale=head_dim ** -0.5, out=(o, lse))
+                run(x)
+                row["o_max_abs_diff"] = float((o.float() - expected.float()).abs().max())
+                row["lse_max_abs_diff"] = float((lse - expected_lse).abs().max())
+                row["ms"] = _time(run, x)
+                row["tflops"] = metrics.tflops(flops, row["ms"])
+            except Exception as error:  # a config that does not compile or fit is reported
+                row["error"] = str(error).splitlines()[0][:200]
+            print(json.dumps(row), flush=True)
+            out.append(row)
+        del x
         release_memory(torch.device("cuda"))
 
 
@@ -424,10 +477,13 @@ def _timeline_us(step, calls: int = 20) -> dict:
     return timeline
 
 
-ATTENTION_CONFIGS = [
-    sparse_attention.AttentionConfig(block_m=m, num_warps=4, num_stages=st, tiles_per_program=16,
-                                     combine_warps=c)
-    for m, st, c in ((64, 1, 4), (64, 1, 8), (64, 1, 2), (32, 1, 4), (32, 2, 4), (16, 2, 4))]
+ATTENTION_CONFIGS = [sparse_attention.CUDA_CONFIG] + [
+    dataclasses.replace(sparse_attention.CUDA_CONFIG, **variant) for variant in (
+        dict(stream_partials=True), dict(num_stages=2), dict(num_stages=2, stream_partials=True),
+        dict(tiles_per_program=8), dict(tiles_per_program=32),
+        dict(block_m=128, num_warps=8, tiles_per_program=8),
+        dict(block_m=128, num_warps=8, num_stages=2, tiles_per_program=8),
+        dict(block_m=128, num_warps=4, tiles_per_program=8), dict(num_warps=8))]
 
 
 def _backward_configs() -> list:
@@ -451,7 +507,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m msattn.bench.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("profile", "attention", "indexer", "decode", "backward",
-                                         "train", "loss"))
+                                         "train", "loss", "prefill-designs"))
     parser.add_argument("--lengths", type=parse_lengths, default=(128 << 10,))
     parser.add_argument("--length", type=parse_length, default=128 << 10)
     parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
@@ -492,6 +548,8 @@ def main(argv=None) -> int:
                        dataclasses.replace(configs[0], atomic_dq_chunk_bytes=1 << 29),
                        dataclasses.replace(configs[0], dq_mode="query")]
         sweep_backward(args.length, configs, rows)
+    elif args.what == "prefill-designs":
+        sweep_prefill_designs(args.lengths, rows)
     elif args.what == "loss":
         sweep_loss(args.length, _loss_configs(), rows)
     elif args.what == "attention":
