@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from msattn import dispatch
-from msattn._checks import (check_block_size, check_cu_seqlens,
+from msattn._checks import (FP8_DTYPE, check_block_size, check_cu_seqlens,
                             check_optional_int, check_same_device, check_selection_params,
-                            check_tensor, softmax_scale_or_default)
+                            check_tensor, dtype_name, softmax_scale_or_default)
 from msattn.ops import dense
 
 
@@ -211,9 +211,16 @@ def _attention_out(o, lse, layout: _Layout):
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
+def _check_index_dtype(index_dtype) -> None:
+    if index_dtype is not None and index_dtype != FP8_DTYPE:
+        got = dtype_name(index_dtype) if isinstance(index_dtype, torch.dtype) else repr(index_dtype)
+        raise TypeError(f"index_dtype must be None (score in the index tensors' dtype) or "
+                        f"torch.float8_e4m3fn (the fp8 index path), got {got}")
+
+
 def msa_select(qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1,
                cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
-               backend="auto"):
+               index_dtype=None, backend="auto"):
     """MSA stage 1: the KV blocks every query token of every group attends to.
 
     Args:
@@ -228,6 +235,11 @@ def msa_select(qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1
         max_seqlen_q, max_seqlen_k: the longest ``len_q`` and ``len_k`` (ints, varlen only, as in
             flash-attn). Given both, the call does not synchronise with the host (the values of
             the ``cu_seqlens`` are then trusted); otherwise they are checked and read back.
+        index_dtype: ``None``, or ``torch.float8_e4m3fn`` for the fp8 index path: keys quantised
+            per token (one float32 scale each, as in the paged cache), queries per (token,
+            group) row, scored by an fp8 x fp8 dot with the scales applied after it; it selects
+            as the exact selection on :func:`msattn.reference.fp8_index_queries` and
+            :func:`msattn.cache.quantize_index_keys`'s dequantised keys (float near-ties aside).
         backend: ``"auto"``, ``"reference"`` or ``"triton"`` (:func:`msattn.dispatch.select_path`).
     Returns:
         int32 ``[G, total_q, topk]`` (varlen) or ``[B, G, T, topk]``: block ids relative to the
@@ -236,13 +248,14 @@ def msa_select(qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1
     """
     check_block_size(block_size)
     check_selection_params(topk, init_blocks, local_blocks)
+    _check_index_dtype(index_dtype)
     qi, ki, cu_q, cu_k, layout = _to_varlen_index(qi, ki, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k)
     path = dispatch.select_path(backend, qi.device, block_size=block_size, index_dim=qi.shape[-1])
     indices = path.select_impl().select_blocks(
         qi, ki, cu_q, cu_k, block_size=block_size, topk=topk, init_blocks=init_blocks,
         local_blocks=local_blocks, max_seqlen_q=layout.max_seqlen_q,
-        max_seqlen_k=layout.max_seqlen_k)
+        max_seqlen_k=layout.max_seqlen_k, index_dtype=index_dtype)
     return _indices_out(indices, layout)
 
 
@@ -281,10 +294,12 @@ def msa_sparse_attention(q, k, v, indices, *, block_size=128, softmax_scale=None
 
 def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, local_blocks=1,
                   softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                  max_seqlen_k=None, return_lse=False, deterministic=False, backend="auto"):
+                  max_seqlen_k=None, return_lse=False, deterministic=False, index_dtype=None,
+                  backend="auto"):
     """Full MSA: select blocks with the index branch, then attend over them.
 
-    Shapes and arguments as :func:`msa_select` and :func:`msa_sparse_attention`; differentiable
+    Shapes and arguments as :func:`msa_select` (``index_dtype`` too) and
+    :func:`msa_sparse_attention`; differentiable
     in ``q``, ``k`` and ``v``, never in ``qi`` and ``ki`` (train those with
     :func:`msa_indexer_loss`). Returns ``o`` (like q), or ``(o, lse)`` when ``return_lse``.
     :func:`msattn.dispatch.attention_path` with the same arguments gives the path the call takes:
@@ -294,6 +309,7 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
     """
     check_block_size(block_size)
     check_selection_params(topk, init_blocks, local_blocks)
+    _check_index_dtype(index_dtype)
     q, k, v, cu_q, cu_k, layout = _to_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                        max_seqlen_q, max_seqlen_k)
     qi, ki = _index_inputs(q, k, qi, ki, cu_q, cu_k, layout)
@@ -308,7 +324,7 @@ def msa_attention(q, k, v, qi, ki, *, block_size=128, topk=16, init_blocks=0, lo
         indices = path.select_impl().select_blocks(
             qi.detach(), ki.detach(), cu_q, cu_k, block_size=block_size, topk=topk,
             init_blocks=init_blocks, local_blocks=local_blocks, max_seqlen_q=layout.max_seqlen_q,
-            max_seqlen_k=layout.max_seqlen_k)
+            max_seqlen_k=layout.max_seqlen_k, index_dtype=index_dtype)
         o, lse = path.attention_impl().sparse_attention(
             q, k, v, indices, cu_q, cu_k, block_size=block_size, softmax_scale=scale,
             deterministic=bool(deterministic))

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import msattn
+import msattn.cache
 from msattn import reference
-from msattn.ops.indexer import (BlockTopkPlan, PageTopkConfig, launch_config, plan_selection,
+from msattn.ops.indexer import (BlockTopkPlan, PageTopkConfig, launch_config,
+                                plan_selection, select_blocks_fp8,
                                 run_selection, select_blocks, select_blocks_paged)
 from msattn.ops.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from tests.kernel_cases import DEVICE, assert_selection_matches, cu_seqlens, index_inputs, paginate
@@ -79,6 +81,72 @@ def test_public_api_batched_triton_backend():
     expected = msattn.msa_select(qi, ki, backend="reference", **kwargs)
     assert out.shape == (2, 2, 40, 3)
     assert torch.equal(out.sort(-1).values, expected.sort(-1).values)
+
+
+# lens_q, lens_k, groups, index_dim, block_size, topk, init_blocks, local_blocks, dtype, integer
+FP8_CASES = [
+    ([70, 130, 1], [200, 130, 5], 3, 32, 16, 3, 1, 1, torch.bfloat16, True),  # varlen, ties, T < S
+    ([64], [300], 4, 32, 32, 4, 1, 2, torch.float16, False),  # T < S, partial last block
+    ([150], [150], 6, 32, 64, 5, 0, 1, torch.bfloat16, False),
+    ([20, 33], [20, 33], 16, 16, 16, 16, 2, 2, torch.float32, True),  # topk > blocks, Di < 32
+]
+
+
+def _fp8_expected(qi, ki, cu_q, cu_k, **kwargs):
+    """The exact selection of the fp8 index path: fp8-rounded queries, dequantised keys."""
+    rounded = reference.fp8_index_queries(qi)
+    keys = msattn.cache.dequantize_index_keys(*msattn.cache.quantize_index_keys(ki))
+    return reference.select_blocks(rounded, keys, cu_q, cu_k, **kwargs), rounded, keys
+
+
+@pytest.mark.parametrize("case", FP8_CASES, ids=[f"case{i}" for i in range(len(FP8_CASES))])
+def test_fp8_index_path_matches_reference(case):
+    """Prefill on the fp8 index path (keys quantised per token onto page-aligned pages, queries
+    per row in the kernel): the reference's selection on the rounded queries and dequantised
+    keys, up to near-ties (the kernel applies the two scales after the dot, the reference
+    before it, so exact ties of small integers may round 1 ulp apart)."""
+    lens_q, lens_k, groups, index_dim, block_size, topk, init_blocks, local_blocks, dtype, integer = case
+    qi, ki, cu_q, cu_k = index_inputs(lens_q, lens_k, groups, index_dim, dtype, integer=integer,
+                                      seed=len(lens_q) + topk)
+    kwargs = dict(block_size=block_size, topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
+    expected, rounded, keys = _fp8_expected(qi, ki, cu_q, cu_k, **kwargs)
+    out = select_blocks_fp8(qi, ki, cu_q, cu_k, **kwargs)
+    assert_selection_matches(out, expected, rounded, keys, cu_q, cu_k, block_size=block_size,
+                             rel_tol=1e-5)
+    if not integer:  # quantising changes some selections of random data, not most
+        bf16 = reference.select_blocks(qi, ki, cu_q, cu_k, **kwargs)
+        same_rows = (bf16.sort(-1).values == out.sort(-1).values).all(-1).float().mean()
+        assert same_rows > 0.5, same_rows
+
+
+def test_public_api_fp8_index_dtype():
+    generator = torch.Generator().manual_seed(9)
+    qi = torch.randn(2, 40, 2, 32, generator=generator).to(DEVICE)
+    ki = torch.randn(2, 90, 32, generator=generator).to(DEVICE)
+    kwargs = dict(block_size=16, topk=3, init_blocks=1, local_blocks=1,
+                  index_dtype=torch.float8_e4m3fn)
+    out = msattn.msa_select(qi, ki, backend="triton", **kwargs)
+    expected = msattn.msa_select(qi, ki, backend="reference", **kwargs)
+    assert out.shape == (2, 2, 40, 3)
+    assert torch.equal(out.sort(-1).values, expected.sort(-1).values)
+    with pytest.raises(TypeError, match="index_dtype"):
+        msattn.msa_select(qi, ki, block_size=16, topk=3, index_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [4096, 32768])
+def test_gpu_m3_shape_selection_fp8(length):
+    """M3 index shape on the fp8 index path against its exact reference: small integers (exact
+    ties, sums exact) and random values (near-ties of the fp8 MMA's accumulation aside)."""
+    for integer in (True, False):
+        qi, ki, cu_q, cu_k = index_inputs([length], [length], 4, 128, torch.bfloat16, integer=integer)
+        kwargs = dict(block_size=128, topk=16, init_blocks=0, local_blocks=1)
+        expected, rounded, keys = _fp8_expected(qi, ki, cu_q, cu_k, **kwargs)
+        out = select_blocks_fp8(qi, ki, cu_q, cu_k, **kwargs)
+        # Hopper's fp8 MMA keeps about 14 bits of its running sum (DeepSeek-V3 report, 3.3.2):
+        # a score may be off by ~2^-12 of sum |q_d k_d|, so blocks that close are near-ties.
+        assert_selection_matches(out, expected, rounded, keys, cu_q, cu_k, block_size=128,
+                                 rel_tol=1e-5, key_error=keys.abs() * 2.0 ** -12)
 
 
 @pytest.mark.gpu

@@ -4,11 +4,14 @@ gathered into contiguous tensors first (a host sync). Differentiable through tor
 from __future__ import annotations
 
 from msattn import reference
-from msattn.cache import dequantize_index_keys, dequantize_kv, gather_paged
+from msattn.cache import dequantize_index_keys, dequantize_kv, gather_paged, quantize_index_keys
 
 
 def select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, init_blocks,
-                  local_blocks, max_seqlen_q=None, max_seqlen_k=None):
+                  local_blocks, max_seqlen_q=None, max_seqlen_k=None, index_dtype=None):
+    if index_dtype is not None:  # the fp8 index path: fp8 keys (per token) against fp8 queries
+        ki = dequantize_index_keys(*quantize_index_keys(ki))
+        qi = reference.fp8_index_queries(qi)
     return reference.select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                                    topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
 

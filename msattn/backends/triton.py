@@ -11,7 +11,12 @@ from msattn.ops import indexer, paged_attention as decode, sparse_attention as s
 
 
 def select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, init_blocks,
-                  local_blocks, max_seqlen_q=None, max_seqlen_k=None):
+                  local_blocks, max_seqlen_q=None, max_seqlen_k=None, index_dtype=None):
+    if index_dtype is not None:  # the fp8 index path
+        return indexer.select_blocks_fp8(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                                         topk=topk, init_blocks=init_blocks,
+                                         local_blocks=local_blocks, max_seqlen_q=max_seqlen_q,
+                                         max_seqlen_k=max_seqlen_k)
     return indexer.select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                                  topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
                                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)

@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dense kernels to race (prefill, train), some of "
                           f"{','.join(dense.CANDIDATES['cuda'])} (default: all)")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-fp8-index", action="store_true",
+                     help="prefill: do not time the fp8 index path (index_dtype=float8_e4m3fn) "
+                          "beside the 16-bit one")
     out = bench.add_argument_group("output")
     out.add_argument("--out", type=Path, help="folder of the JSON and plot (default: the suite's)")
     out.add_argument("--no-plot", action="store_true", help="do not write the speedup plot")
@@ -309,7 +312,8 @@ def _settings(args: argparse.Namespace, suite: Suite, parser) -> prefill.Prefill
         batch=args.batch or 1, dtype=DTYPES[pick("dtype")], backend=pick("backend"),
         warmup=pick("warmup"), repeats=pick("repeats"), time_budget_s=pick("time_budget_s"),
         dense=not args.no_dense, dense_max_len=args.dense_max_len, seed=args.seed,
-        dense_kernels=args.dense_kernels)
+        dense_kernels=args.dense_kernels,
+        fp8_index=suite.op == "prefill" and not getattr(args, "no_fp8_index", False))
 
 
 def _header(env: dict, settings: prefill.PrefillSettings, ceiling: float, matmul_size: int) -> str:

@@ -15,6 +15,7 @@ import torch
 
 import msattn
 from msattn import dispatch
+from msattn._checks import FP8_DTYPE
 from msattn.bench import metrics
 from msattn.bench.dense import measure_dense, row_fields
 from msattn.bench.report import dtype_name, format_length
@@ -43,6 +44,7 @@ class PrefillSettings:
     dense_max_len: int | None  # None: dense at every length
     seed: int = 0
     dense_kernels: tuple[str, ...] | None = None  # None: race every candidate of the device
+    fp8_index: bool = False  # also time the fp8 index path (selection and msa_attention)
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
@@ -86,10 +88,10 @@ def make_inputs(settings: PrefillSettings, seq_len: int) -> PrefillInputs:
     )
 
 
-def _select(settings: PrefillSettings, x: PrefillInputs) -> torch.Tensor:
+def _select(settings: PrefillSettings, x: PrefillInputs, index_dtype=None) -> torch.Tensor:
     return msattn.msa_select(x.qi, x.ki, **settings.config.selection_kwargs(),
                              cu_seqlens_q=x.cu_seqlens, cu_seqlens_k=x.cu_seqlens,
-                             backend=settings.backend)
+                             index_dtype=index_dtype, backend=settings.backend)
 
 
 def _sparse_attention(settings: PrefillSettings, x: PrefillInputs):
@@ -99,10 +101,22 @@ def _sparse_attention(settings: PrefillSettings, x: PrefillInputs):
                                        backend=settings.backend)
 
 
-def _msa(settings: PrefillSettings, x: PrefillInputs) -> torch.Tensor:
+def _msa(settings: PrefillSettings, x: PrefillInputs, index_dtype=None) -> torch.Tensor:
     return msattn.msa_attention(x.q, x.k, x.v, x.qi, x.ki, **settings.config.selection_kwargs(),
                                 cu_seqlens_q=x.cu_seqlens, cu_seqlens_k=x.cu_seqlens,
-                                backend=settings.backend)
+                                index_dtype=index_dtype, backend=settings.backend)
+
+
+def fp8_agreement(bf16: torch.Tensor, fp8: torch.Tensor) -> dict:
+    """How far the fp8 index path's selection ``fp8`` agrees with ``bf16`` (both ``[G, total_q,
+    topk]``, ``-1`` padded): the fraction of rows with an identical set, and of the selected
+    blocks that both chose."""
+    a, b = bf16.sort(-1).values, fp8.sort(-1).values
+    valid = a >= 0
+    # block ids of a row are distinct: count each of a's blocks found in b's row
+    common = ((a[..., :, None] == b[..., None, :]) & valid[..., :, None]).any(-1).sum()
+    return {"rows_identical": float((a == b).all(-1).float().mean()),
+            "blocks_in_common": float(common / valid.sum().clamp_min(1))}
 
 
 def executed_path(settings: PrefillSettings, seq_len: int | None = None) -> str:
@@ -172,6 +186,14 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
     progress("selection statistics")
     selection = metrics.selection_stats(sets[0].indices, seq_len=seq_len,
                                         block_size=config.block_size)
+    fp8 = {}
+    if settings.fp8_index:
+        progress("fp8 index path")
+        fp8_indexer = measure(partial(_select, settings, index_dtype=FP8_DTYPE), sets)
+        fp8_total = measure(partial(_msa, settings, index_dtype=FP8_DTYPE), sets)
+        fp8 = {"fp8_indexer_ms": fp8_indexer.ms, "fp8_msa_ms": fp8_total.ms,
+               "fp8_agreement": fp8_agreement(sets[0].indices,
+                                              _select(settings, sets[0], index_dtype=FP8_DTYPE))}
     del sets
     release_memory(device)
 
@@ -206,6 +228,8 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
         "peak_memory_gib": peak_gib,
         "extra_memory_gib": extra_gib,
         "selection": selection,
+        **fp8,
+        "fp8_speedup": dense_ms / fp8["fp8_msa_ms"] if fp8 and dense_ms else None,
         "runs": {"indexer": indexer.runs, "attention": attention.runs, "msa": total.runs,
                  "dense": dense.timing.runs if dense and dense.timing else 0},
     }

@@ -79,6 +79,11 @@ CELLS: dict[str, Callable[[dict], str]] = {
     "indexer TFLOP/s": number_cell("indexer_tflops", ".1f"),
     "attention TFLOP/s": number_cell("attention_tflops", ".1f"),
     "peak extra GiB": number_cell("extra_memory_gib", ".2f"),
+    "fp8 indexer ms": number_cell("fp8_indexer_ms", ",.2f"),
+    "fp8 MSA ms": number_cell("fp8_msa_ms", ",.2f"),
+    "fp8 speedup": number_cell("fp8_speedup", ".3g", suffix="x"),
+    "fp8 same rows": lambda row: ("-" if not row.get("fp8_agreement") else
+                                  f"{row['fp8_agreement']['rows_identical']:.1%}"),
     "full rows": _selection("full_row_fraction", ".1f", 100, "%"),
     "blocks selected": _selection("selected_block_fraction", ".1f", 100, "%"),
     "distinct/qblock": _selection("distinct_blocks_per_query_block", ".1f"),
@@ -86,7 +91,8 @@ CELLS: dict[str, Callable[[dict], str]] = {
 }
 
 GPU_COLUMNS = ("length", "indexer ms", "attention ms", "MSA ms", "dense ms", "dense kernel",
-               "speedup", "indexer TFLOP/s", "attention TFLOP/s", "peak extra GiB")
+               "speedup", "indexer TFLOP/s", "attention TFLOP/s", "peak extra GiB",
+               "fp8 indexer ms", "fp8 MSA ms", "fp8 speedup", "fp8 same rows")
 CPU_COLUMNS = ("length", "full rows", "blocks selected", "distinct/qblock", "key sparsity",
                "indexer ms", "attention ms", "MSA ms", "dense ms", "dense kernel", "speedup")
 

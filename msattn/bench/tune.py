@@ -198,16 +198,26 @@ def sweep_prefill_designs(lengths, out: list) -> None:
         release_memory(torch.device("cuda"))
 
 
-def sweep_indexer(length: int, configs: list, out: list) -> None:
+def sweep_indexer(length: int, configs: list, out: list, *, fp8: bool = False) -> None:
+    """The fused indexer with each launch configuration (``fp8``: on the fp8 index path, rows
+    differing from its default configuration's selection)."""
     x = _inputs(length)
     flops = metrics.indexer_flops(CONFIG, length)
-    expected = x.indices.sort(-1).values
+
+    def select(y, config):
+        if not fp8:
+            return _select(y, config)
+        return indexer.select_blocks_fp8(y.qi, y.ki, y.cu_seqlens, y.cu_seqlens,
+                                         **CONFIG.selection_kwargs(), config=config)
+
+    expected = (select(x, configs[0]) if fp8 else x.indices).sort(-1).values
     for config in configs:
-        row = {"kind": "indexer", "seq_len": length, "config": dataclasses.asdict(config)}
+        row = {"kind": "indexer", "seq_len": length, "index_dtype": "fp8" if fp8 else "bf16",
+               "config": dataclasses.asdict(config)}
         try:
-            got = _select(x, config).sort(-1).values
+            got = select(x, config).sort(-1).values
             row["rows_differing"] = int((got != expected).any(-1).sum())
-            row["ms"] = _time(lambda y: _select(y, config), x)
+            row["ms"] = _time(lambda y: select(y, config), x)
             row["tflops"] = metrics.tflops(flops, row["ms"])
         except Exception as error:
             row["error"] = str(error).splitlines()[0][:200]
@@ -479,7 +489,7 @@ def _timeline_us(step, calls: int = 20) -> dict:
 
 ATTENTION_CONFIGS = [sparse_attention.CUDA_CONFIG] + [
     dataclasses.replace(sparse_attention.CUDA_CONFIG, **variant) for variant in (
-        dict(stream_partials=True), dict(num_stages=2), dict(num_stages=2, stream_partials=True),
+        dict(num_stages=2),
         dict(tiles_per_program=8), dict(tiles_per_program=32),
         dict(block_m=128, num_warps=8, tiles_per_program=8),
         dict(block_m=128, num_warps=8, num_stages=2, tiles_per_program=8),
@@ -500,7 +510,8 @@ def _backward_configs() -> list:
 
 
 INDEXER_CONFIGS = [indexer.IndexerConfig(block_r=r, num_warps=w, num_stages=st)
-                   for r, w, st in ((256, 16, 2), (256, 16, 3), (512, 16, 2), (128, 8, 3))]
+                   for r, w, st in ((256, 16, 2), (256, 16, 3), (512, 16, 2), (128, 8, 3),
+                                    (256, 8, 2), (512, 16, 3))]
 
 
 def main(argv=None) -> int:
@@ -526,6 +537,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", default="random",
                         help="decode: query workloads of multi-token shapes, some of "
                              "random,correlated")
+    parser.add_argument("--fp8-index", action="store_true",
+                        help="indexer: sweep the fp8 index path (fp8 keys and queries)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -557,7 +570,7 @@ def main(argv=None) -> int:
         configs = [sparse_attention.CUDA_CONFIG] if args.default_config else ATTENTION_CONFIGS
         sweep_attention(args.length, configs, chunks, rows)
     else:
-        sweep_indexer(args.length, INDEXER_CONFIGS, rows)
+        sweep_indexer(args.length, INDEXER_CONFIGS, rows, fp8=args.fp8_index)
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cuda"))
     write_json(args.out / f"{output_stem('tune-' + args.what, env)}.json",

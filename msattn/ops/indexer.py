@@ -58,6 +58,9 @@ class IndexerConfig:
 
 # Prefill on CUDA (256-row tiles), tuned on an H100 (benchmarks/results/tuning/).
 CUDA_CONFIG = IndexerConfig()
+# The fp8 index path: fp8 key tiles take half the shared memory, so three stages fit (H200,
+# 256K tokens: 52.8 ms against 61.5 with two; benchmarks/results/tuning/).
+FP8_CUDA_CONFIG = IndexerConfig(num_stages=3)
 
 # Sentinel id for the slots that pad ``topk`` to a power of two: never evicted, never written.
 _PAD_ID = tl.constexpr(1 << 30)
@@ -138,7 +141,7 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
 
     ``MASKED`` applies the causal mask (blocks that reach past the tile's first query). ``PAGED``
     reads block ``b`` from page ``page_row_ptr[b]``; ``KEY_SCALE`` multiplies each key's scores
-    by its float32 scale (fp8 keys).
+    by its float32 scale (fp8 keys: ``[num_pages, page_size]``, or ``[total_k]`` when contiguous).
     """
     for block in range(block_from, block_to):
         if PAGED:
@@ -158,8 +161,11 @@ def _scan_blocks(q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride
                 key_mask = keys >= 0
                 k = tl.load(key_ptrs, mask=dim_mask[None, :], other=0.0)
             if KEY_SCALE:
-                key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs, mask=key_mask,
-                                    other=0.0)
+                if PAGED:
+                    scale_ptrs = key_scale_ptr + page * stride_scale_page + offs
+                else:
+                    scale_ptrs = key_scale_ptr + k_start + block * BLOCK_SIZE + offs
+                key_scale = tl.load(scale_ptrs, mask=key_mask, other=0.0)
                 scores = _fp8_dot(q, k, DOT_UPCAST) * key_scale[None, :]
             else:
                 scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
@@ -182,36 +188,42 @@ def _forced(block, own_block, INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.conste
 
 
 @triton.jit
-def _unmasked_block_max(q, ki_ptr, block_base, stride_ki_token, dim, dim_mask,
-                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _unmasked_block_max(q, ki_ptr, key_scale_ptr, key_row, stride_ki_token, dim, dim_mask,
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, KEY_SCALE: tl.constexpr,
                         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """Unscaled max score of each row over one key block that every row sees entirely."""
+    """Max score of each row over one key block (first key row ``key_row``) that every row sees
+    entirely: unscaled, or with fp8 keys (``KEY_SCALE``) each key's scores times its scale."""
     block_max = tl.full([q.shape[0]], float("-inf"), tl.float32)
     for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
         offs = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(ki_ptr + block_base + offs[:, None] * stride_ki_token + dim[None, :],
+        k = tl.load(ki_ptr + (key_row + offs)[:, None] * stride_ki_token + dim[None, :],
                     mask=dim_mask[None, :], other=0.0)
-        block_max = tl.maximum(block_max, tl.max(mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION,
-                                                     DOT_UPCAST), axis=1))
+        if KEY_SCALE:
+            scores = _fp8_dot(q, k, DOT_UPCAST) * tl.load(key_scale_ptr + key_row + offs)[None, :]
+        else:
+            scores = mma(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, DOT_UPCAST)
+        block_max = tl.maximum(block_max, tl.max(scores, axis=1))
     return block_max
 
 
 @triton.jit
-def _scan_block_pairs(q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, own_block, block_from,
-                      block_to, vals, ids, threshold, scale, BLOCK_R: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, INIT_BLOCKS: tl.constexpr,
-                      LOCAL_BLOCKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _scan_block_pairs(q, ki_ptr, key_scale_ptr, stride_ki_token, k_start, dim, dim_mask,
+                      own_block, block_from, block_to, vals, ids, threshold, scale,
+                      BLOCK_R: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
+                      KEY_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                       DOT_UPCAST: tl.constexpr):
     """Unmasked contiguous keys, two blocks per step (``block_to - block_from`` even), both always
     inserted: no tile-wide test against the lists, so no barrier between the steps (H100, 256K
     tokens: 513 -> 608 TFLOP/s over one block per step with the test)."""
     for block in range(block_from, block_to, 2):
-        base = (k_start + block * BLOCK_SIZE).to(tl.int64) * stride_ki_token
-        first_max = _unmasked_block_max(q, ki_ptr, base, stride_ki_token, dim, dim_mask, BLOCK_SIZE,
-                                        BLOCK_N, DOT_PRECISION, DOT_UPCAST) * scale
-        second_max = _unmasked_block_max(q, ki_ptr, base + BLOCK_SIZE * stride_ki_token,
+        key_row = (k_start + block * BLOCK_SIZE).to(tl.int64)
+        first_max = _unmasked_block_max(q, ki_ptr, key_scale_ptr, key_row, stride_ki_token, dim,
+                                        dim_mask, BLOCK_SIZE, BLOCK_N, KEY_SCALE, DOT_PRECISION,
+                                        DOT_UPCAST) * scale
+        second_max = _unmasked_block_max(q, ki_ptr, key_scale_ptr, key_row + BLOCK_SIZE,
                                          stride_ki_token, dim, dim_mask, BLOCK_SIZE, BLOCK_N,
-                                         DOT_PRECISION, DOT_UPCAST) * scale
+                                         KEY_SCALE, DOT_PRECISION, DOT_UPCAST) * scale
         first_max = tl.where(_forced(block, own_block, INIT_BLOCKS, LOCAL_BLOCKS), float("inf"), first_max)
         second_max = tl.where(_forced(block + 1, own_block, INIT_BLOCKS, LOCAL_BLOCKS), float("inf"),
                               second_max)
@@ -222,7 +234,8 @@ def _scan_block_pairs(q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, own_bl
 
 # One program: BLOCK_R flattened (token, group) rows of one sequence x one split of its key blocks.
 # Grid: (query tiles of the longest sequence, B, splits). qi [total_q, G, Di]; keys ki [total_k, Di]
-# or paged index_cache [num_pages, page_size, Di] (+ key_scale [num_pages, page_size] for fp8);
+# (+ key_scale [total_k] for fp8) or paged index_cache [num_pages, page_size, Di] (+ key_scale
+# [num_pages, page_size] for fp8);
 # writes indices [G, total_q, TOPK]: directly (one split), or split programs write partial lists
 # (int64 keys [splits, total_q * G, TOPK_PAD]) and the last arrivers merge them (_merge_splits).
 @triton.jit
@@ -273,9 +286,9 @@ def _indexer_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_table_ptr, cu_seqlens_q
         if PAIRS:
             single_from = block_lo + (unmasked_end - block_lo) // 2 * 2
             vals, ids, threshold = _scan_block_pairs(
-                q, ki_ptr, stride_ki_token, k_start, dim, dim_mask, own_block, block_lo,
-                single_from, vals, ids, threshold, row_scale, BLOCK_R, BLOCK_SIZE, BLOCK_N, INIT_BLOCKS,
-                LOCAL_BLOCKS, DOT_PRECISION, DOT_UPCAST)
+                q, ki_ptr, key_scale_ptr, stride_ki_token, k_start, dim, dim_mask, own_block,
+                block_lo, single_from, vals, ids, threshold, row_scale, BLOCK_R, BLOCK_SIZE,
+                BLOCK_N, INIT_BLOCKS, LOCAL_BLOCKS, KEY_SCALE, DOT_PRECISION, DOT_UPCAST)
         vals, ids, threshold = _scan_blocks(
             q, ki_ptr, key_scale_ptr, page_row_ptr, stride_ki_token, stride_ki_page,
             stride_scale_page, k_start, dim, dim_mask, position, own_block, single_from,
@@ -685,6 +698,12 @@ def launch_config(rows_per_sequence: int, is_cuda: bool) -> IndexerConfig:
                          num_stages=4)
 
 
+def _fp8_launch_config(rows_per_sequence: int, is_cuda: bool) -> IndexerConfig:
+    """:func:`launch_config` for the fp8 index path (:data:`FP8_CUDA_CONFIG` for prefill tiles)."""
+    config = launch_config(rows_per_sequence, is_cuda)
+    return FP8_CUDA_CONFIG if config == CUDA_CONFIG else config
+
+
 def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int, init_blocks: int,
                   local_blocks: int, max_seqlen_q: int | None = None,
@@ -716,6 +735,30 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
                           num_splits=num_splits, config=config)
     return run_selection(plan, qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                          init_blocks=init_blocks, local_blocks=local_blocks, out=out)
+
+
+def select_blocks_fp8(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int, init_blocks: int,
+                      local_blocks: int, max_seqlen_q: int | None = None,
+                      max_seqlen_k: int | None = None, config: IndexerConfig | None = None) -> torch.Tensor:
+    """:func:`select_blocks` on the fp8 index path: keys quantised per token
+    (:func:`msattn.cache.quantize_index_keys`), queries per (token, group) row in the kernel, the
+    scores a native fp8 x fp8 MMA times the two scales. Selects as
+    :func:`msattn.reference.select_blocks` on :func:`msattn.reference.fp8_index_queries` and the
+    dequantised keys, float near-ties aside. Arguments and result as :func:`select_blocks`."""
+    from msattn.cache import quantize_index_keys
+
+    if qi.shape[0] == 0:
+        return _output(qi, topk, None)
+    if max_seqlen_q is None or max_seqlen_k is None:
+        max_seqlen_q, max_seqlen_k = torch.stack((cu_seqlens_q.diff(), cu_seqlens_k.diff())).amax(1).tolist()
+    keys, key_scale = quantize_index_keys(ki)
+    # the fused kernel (an IndexerConfig) whatever the query runs: it reads contiguous fp8 keys
+    plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_seqlen_q,
+                          triton.cdiv(max_seqlen_k, block_size), topk=topk, device=qi.device,
+                          config=config or _fp8_launch_config(max(1, max_seqlen_q * qi.shape[1]), qi.is_cuda))
+    return run_selection(plan, qi, keys, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                         init_blocks=init_blocks, local_blocks=local_blocks, index_scale=key_scale)
 
 
 def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
