@@ -81,6 +81,32 @@ def test_selection_stats_by_hand():
     assert stats["key_sparsity"] == pytest.approx(1 - sum(attended) / 36)
 
 
+def test_fp8_agreement_by_hand():
+    from msattn.bench.prefill import fp8_agreement
+
+    bf16 = torch.tensor([[[0, 1, 2], [3, 1, -1], [4, -1, -1]]], dtype=torch.int32)
+    fp8 = torch.tensor([[[2, 0, 1], [3, 5, -1], [4, -1, -1]]], dtype=torch.int32)
+    agreement = fp8_agreement(bf16, fp8)
+    assert agreement["rows_identical"] == pytest.approx(2 / 3)  # rows 0 (reordered) and 2
+    assert agreement["blocks_in_common"] == pytest.approx(5 / 6)  # all but block 1 of row 1
+
+
+def test_prefill_fp8_index_fields_on_cpu(no_cuda):
+    """The prefill measurement with the fp8 index path (reference backend, tiny shape)."""
+    from msattn.bench import prefill
+
+    config = MSAConfig(num_heads=4, num_kv_heads=2, num_index_heads=2, head_dim=16, index_dim=16,
+                       block_size=32, topk=3)
+    settings = prefill.PrefillSettings(
+        op="prefill-cpu", device=torch.device("cpu"), config=config, lengths=(256,), batch=1,
+        dtype=torch.float32, backend="reference", warmup=1, repeats=1, time_budget_s=1.0,
+        dense=False, dense_max_len=None, fp8_index=True)
+    row = prefill.measure_length(settings, 256, lambda text: None)
+    assert row["fp8_indexer_ms"] > 0 and row["fp8_msa_ms"] > 0 and row["fp8_speedup"] is None
+    assert 0 < row["fp8_agreement"]["blocks_in_common"] <= 1
+    assert 0 <= row["fp8_agreement"]["rows_identical"] <= 1
+
+
 def test_num_input_sets():
     assert num_input_sets(10, 0) == 1
     assert num_input_sets(100 << 20, 50 << 20) == 1

@@ -339,3 +339,28 @@ def test_public_exports():
     assert set(msattn.__all__) >= {"MSAConfig", "msa_attention", "msa_select", "msa_sparse_attention"}
     for name in msattn.__all__:
         assert hasattr(msattn, name)
+
+
+def test_fp8_index_dtype_selects_on_quantised_index_inputs():
+    """``index_dtype=torch.float8_e4m3fn``: the selection of the fp8-rounded queries and the
+    per-token quantised keys, and msa_attention attends over exactly that selection."""
+    from msattn import reference
+    from msattn.cache import dequantize_index_keys, quantize_index_keys
+
+    x = varlen_inputs()
+    cus = dict(cu_seqlens_q=x["cu_seqlens_q"], cu_seqlens_k=x["cu_seqlens_k"])
+    fp8 = dict(block_size=2, topk=3, index_dtype=torch.float8_e4m3fn, backend="reference")
+    idx = msattn.msa_select(x["qi"], x["ki"], **cus, **fp8)
+    expected = reference.select_blocks(reference.fp8_index_queries(x["qi"]),
+                                       dequantize_index_keys(*quantize_index_keys(x["ki"])),
+                                       x["cu_seqlens_q"], x["cu_seqlens_k"], block_size=2, topk=3,
+                                       init_blocks=0, local_blocks=1)
+    assert torch.equal(idx, expected)
+    o = msattn.msa_attention(x["q"], x["k"], x["v"], x["qi"], x["ki"], **cus, **fp8)
+    o_sparse, _ = msattn.msa_sparse_attention(x["q"], x["k"], x["v"], idx, block_size=2, **cus,
+                                              backend="reference")
+    assert torch.equal(o, o_sparse)
+    for fn in (msattn.msa_select, msattn.msa_attention):
+        args = (x["qi"], x["ki"]) if fn is msattn.msa_select else (x["q"], x["k"], x["v"], x["qi"], x["ki"])
+        with pytest.raises(TypeError, match="index_dtype must be None"):
+            fn(*args, **cus, block_size=2, topk=3, index_dtype="fp8", backend="reference")
