@@ -105,6 +105,9 @@ def test_prefill_fp8_index_fields_on_cpu(no_cuda):
     assert row["fp8_indexer_ms"] > 0 and row["fp8_msa_ms"] > 0 and row["fp8_speedup"] is None
     assert 0 < row["fp8_agreement"]["blocks_in_common"] <= 1
     assert 0 <= row["fp8_agreement"]["rows_identical"] <= 1
+    assert row["peer_skipped"] == "off" and row["peer_ms"] is None and row["msa_over_peer"] is None
+    from dataclasses import replace
+    assert prefill.peer_skip_reason(replace(settings, peer=True)) == "needs CUDA"
 
 
 def test_num_input_sets():

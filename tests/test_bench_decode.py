@@ -288,7 +288,9 @@ def test_decode_suites():
     (["decode-multi"], "decode-cpu"),
     (["cpu", "--batches", "2"], "only for the decode suites"),
     (["cpu", "--no-graphs", "--q-tokens", "2"], "--q-tokens, --no-graphs: only for"),
-    (["cpu", "--workloads", "random", "--no-peer"], "--workloads, --no-peer: only for"),
+    (["cpu", "--workloads", "random", "--no-peer"], "--workloads: only for the decode suites "
+                                                    "(--no-peer: and prefill)"),
+    (["train-cpu", "--no-peer"], "--no-peer: only for the decode suites (--no-peer: and prefill)"),
     (["decode-cpu", "--batch", "2", "--batches", "3"], "not both"),
     (["decode-cpu", "--index-dtypes", "int8"], "bad index dtype"),
     (["decode-cpu", "--q-tokens", "0"], "positive"),

@@ -173,3 +173,38 @@ def test_vllm_selection_matches_reference(monkeypatch, init_blocks):
                                       init_blocks=init_blocks, local_blocks=1,
                                       backend="reference")
     assert peer.selection_agreement(step.topk_idx, expected) == 1.0
+
+
+@pytest.mark.skipif(not peer.available(), reason="vLLM's files are not in .peers/")
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+def test_vllm_prefill_selection_matches_reference(monkeypatch):
+    """vLLM's chunked prefill (:func:`peer.make_peer_prefill`: score, top-k and attention per
+    chunk of queries over the prefix and the chunk) selects msattn's reference sets for every
+    token: 5 pages, chunks of 256 queries (the last one partial). The attention kernel does not
+    run in the interpreter, so a stand-in records its calls (each chunk once, in order)."""
+    import types
+
+    from msattn import reference
+
+    real = peer.load()
+    _one_config(real, monkeypatch)
+    calls = []
+    stub = types.SimpleNamespace(minimax_m3_sparse_attn=lambda q, *args: calls.append(q.shape[0]))
+    modules = peer.PeerModules(index_topk=real.index_topk, sparse_attn=stub)
+    torch.manual_seed(3)
+    length, groups, index_dim = 5 * peer.PEER_PAGE_SIZE, 2, 16
+    k, v = torch.randn(length, groups, 16), torch.randn(length, groups, 16)
+    ki, qi = torch.randn(length, index_dim), torch.randn(length, groups, index_dim)
+    q = torch.randn(length, 4, 16)
+    cache = peer.contiguous_cache(k, v, ki)
+    assert cache.kv_cache.shape == (5, groups, peer.PEER_PAGE_SIZE, 32)
+    prefill = peer.make_peer_prefill(modules, q, qi, cache, topk=3, init_blocks=1, local_blocks=1,
+                                     softmax_scale=0.25, chunk=256)
+    prefill.run()
+    assert calls == [256, 256, 128]
+    cu = torch.tensor([0, length], dtype=torch.int32)
+    expected = reference.select_blocks(qi, ki, cu, cu, block_size=peer.PEER_PAGE_SIZE, topk=3,
+                                       init_blocks=1, local_blocks=1)
+    assert peer.selection_agreement(prefill.topk_idx, expected) == 1.0
+    with pytest.raises(ValueError, match="whole 128-token pages"):
+        peer.contiguous_cache(k[:100], v[:100], ki[:100])

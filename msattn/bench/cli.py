@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="record the device time of each kernel of a step (CUDA; default on "
                           "for decode and decode-multi)")
     dec.add_argument("--no-peer", action="store_true",
-                     help="do not time vLLM's Triton decode beside msattn's (it runs where its "
-                          f"files are in ${peer.PEER_DIR_ENV} or .peers/vllm_minimax_m3)")
+                     help="do not time vLLM's Triton decode (or prefill) beside msattn's (it runs "
+                          f"where its files are in ${peer.PEER_DIR_ENV} or .peers/vllm_minimax_m3)")
     tf = bench.add_argument_group("hf suites only")
     tf.add_argument("--gen-lengths", type=parse_lengths,
                     help="prompt lengths of the generate() measurements, e.g. 16k,64k")
@@ -313,7 +313,8 @@ def _settings(args: argparse.Namespace, suite: Suite, parser) -> prefill.Prefill
         warmup=pick("warmup"), repeats=pick("repeats"), time_budget_s=pick("time_budget_s"),
         dense=not args.no_dense, dense_max_len=args.dense_max_len, seed=args.seed,
         dense_kernels=args.dense_kernels,
-        fp8_index=suite.op == "prefill" and not getattr(args, "no_fp8_index", False))
+        fp8_index=suite.op == "prefill" and not getattr(args, "no_fp8_index", False),
+        peer=suite.op == "prefill" and not getattr(args, "no_peer", False))
 
 
 def _header(env: dict, settings: prefill.PrefillSettings, ceiling: float, matmul_size: int) -> str:
@@ -515,9 +516,11 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
                                                  ("--no-graphs", args.no_graphs),
                                                  ("--workloads", args.workloads),
                                                  ("--breakdown", args.breakdown is not None),
-                                                 ("--no-peer", args.no_peer)) if value]
+                                                 ("--no-peer", args.no_peer and suite.kind != "prefill"))
+                   if value]
     if decode_only:
-        parser.error(f"{', '.join(decode_only)}: only for the decode suites")
+        parser.error(f"{', '.join(decode_only)}: only for the decode suites"
+                     + (" (--no-peer: and prefill)" if args.no_peer else ""))
     if suite.kind == "hf":
         return bench_hf(args, parser, command, suite_name)
     if suite.kind == "train":

@@ -1,4 +1,5 @@
-"""vLLM's Triton MiniMax-M3 decode as a side-by-side peer of msattn's (never part of msattn).
+"""vLLM's Triton MiniMax-M3 decode and prefill as side-by-side peers of msattn's (never part of
+msattn).
 
 vLLM 0.33.0 ships the Triton kernels of its MiniMax-M3 attention in two files,
 ``vllm/models/minimax_m3/common/ops/index_topk.py`` and ``sparse_attn.py``. Unzipped from its
@@ -198,7 +199,8 @@ def selection_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class PeerStep:
-    """vLLM's decode step over fixed inputs: ``run()`` writes ``topk_idx`` and ``output``."""
+    """vLLM's decode step (or prefill) over fixed inputs: ``run()`` writes ``topk_idx`` and
+    ``output``."""
 
     run: Callable[[], None]
     topk_idx: torch.Tensor  # int32 [G, total_q, topk]: the selection, logical block ids
@@ -232,5 +234,65 @@ def make_peer_step(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, cach
         modules.sparse_attn.minimax_m3_sparse_attn_decode(
             q, cache.kv_cache, topk_idx, cache.block_table, cache.seq_lens, groups, softmax_scale,
             output, decode_query_len)
+
+    return PeerStep(run=run, topk_idx=topk_idx, output=output)
+
+
+# ----------------------------------------------------------------------------------------------
+# The prefill
+# ----------------------------------------------------------------------------------------------
+
+# vLLM runs a long prefill in chunks of this many query tokens (its score buffer is [G, chunk,
+# blocks] float32: 2 GiB a chunk at 1M keys).
+PEER_PREFILL_CHUNK = 16384
+
+
+def contiguous_cache(k: torch.Tensor, v: torch.Tensor, ki: torch.Tensor) -> PeerCache:
+    """One sequence's contiguous ``k, v [N, G, D]`` and ``ki [N, Di]`` (``N`` a multiple of
+    :data:`PEER_PAGE_SIZE`) as a vLLM cache of ``N / 128`` pages in order."""
+    length, groups, head_dim = k.shape
+    if length % PEER_PAGE_SIZE:
+        raise ValueError(f"the sequence must fill whole {PEER_PAGE_SIZE}-token pages, got {length}")
+    pages = length // PEER_PAGE_SIZE
+    table = torch.arange(pages, dtype=torch.int32, device=k.device)[None]
+    seq_lens = torch.tensor([length], dtype=torch.int32, device=k.device)
+    shape = (pages, PEER_PAGE_SIZE, groups, head_dim)
+    return convert_cache(k.view(shape), v.view(shape), ki.view(pages, PEER_PAGE_SIZE, -1), table,
+                         seq_lens)
+
+
+def make_peer_prefill(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, cache: PeerCache, *,
+                      topk: int, init_blocks: int, local_blocks: int, softmax_scale: float,
+                      chunk: int = PEER_PREFILL_CHUNK) -> PeerStep:
+    """vLLM's prefill of one sequence ``q [N, H, D]``, ``qi [N, G, Di]`` whose ``N`` keys are all
+    in ``cache`` (request 0, :func:`contiguous_cache`), in chunks of ``chunk`` query tokens as its
+    engine runs it: per chunk ``minimax_m3_index_score`` (every visible block's max score),
+    ``minimax_m3_index_topk`` and ``minimax_m3_sparse_attn``, the chunk's keys being the prefix
+    before it and its own. The per-chunk metadata is built here, outside ``run``."""
+    total, heads, head_dim = q.shape
+    groups = qi.shape[1]
+    device = q.device
+    topk_idx = torch.empty(groups, total, topk, dtype=torch.int32, device=device)
+    output = torch.empty(total, heads, head_dim, dtype=q.dtype, device=device)
+    chunks = []
+    for start in range(0, total, chunk):
+        end = min(total, start + chunk)
+        chunks.append((start, end,
+                       torch.tensor([0, end - start], dtype=torch.int32, device=device),
+                       torch.tensor([end], dtype=torch.int32, device=device),
+                       torch.tensor([start], dtype=torch.int32, device=device)))
+
+    def run() -> None:
+        for start, end, cu_seqlens_q, seq_lens, prefix_lens in chunks:
+            score = modules.index_topk.minimax_m3_index_score(
+                qi[start:end], cache.index_cache, cache.block_table, cu_seqlens_q, seq_lens,
+                prefix_lens, end - start, end, groups)
+            modules.index_topk.minimax_m3_index_topk(
+                score, cu_seqlens_q, prefix_lens, end - start, topk, init_blocks, local_blocks,
+                out=topk_idx[:, start:end])
+            modules.sparse_attn.minimax_m3_sparse_attn(
+                q[start:end], cache.kv_cache, topk_idx[:, start:end], cache.block_table,
+                cu_seqlens_q, seq_lens, prefix_lens, end - start, groups, softmax_scale,
+                output[start:end])
 
     return PeerStep(run=run, topk_idx=topk_idx, output=output)

@@ -17,6 +17,7 @@ import msattn
 from msattn import dispatch
 from msattn._checks import FP8_DTYPE
 from msattn.bench import metrics
+from msattn.bench import peer as vllm_peer
 from msattn.bench.dense import measure_dense, row_fields
 from msattn.bench.report import dtype_name, format_length
 from msattn.bench.timing import (add_input_sets, l2_cache_bytes, release_memory, synchronize,
@@ -45,6 +46,7 @@ class PrefillSettings:
     seed: int = 0
     dense_kernels: tuple[str, ...] | None = None  # None: race every candidate of the device
     fp8_index: bool = False  # also time the fp8 index path (selection and msa_attention)
+    peer: bool = False  # time vLLM's Triton prefill too where it can run (CUDA, its files present)
 
     def to_dict(self) -> dict:
         """JSON-ready copy."""
@@ -186,6 +188,7 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
     progress("selection statistics")
     selection = metrics.selection_stats(sets[0].indices, seq_len=seq_len,
                                         block_size=config.block_size)
+    peer = measure_peer(settings, sets, measure, progress)
     fp8 = {}
     if settings.fp8_index:
         progress("fp8 index path")
@@ -228,11 +231,55 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
         "peak_memory_gib": peak_gib,
         "extra_memory_gib": extra_gib,
         "selection": selection,
+        **peer,
+        "msa_over_peer": total.ms / peer["peer_ms"] if peer.get("peer_ms") else None,
         **fp8,
         "fp8_speedup": dense_ms / fp8["fp8_msa_ms"] if fp8 and dense_ms else None,
         "runs": {"indexer": indexer.runs, "attention": attention.runs, "msa": total.runs,
                  "dense": dense.timing.runs if dense and dense.timing else 0},
     }
+
+
+def peer_skip_reason(settings: PrefillSettings) -> str | None:
+    """Why vLLM's prefill is not timed beside msattn's (``None`` when it is)."""
+    if not settings.peer:
+        return "off"
+    config = settings.config
+    reason = vllm_peer.unsupported_reason(page_size=config.block_size, index_dim=config.index_dim,
+                                          q_tokens_per_request=[1], device=settings.device)
+    if reason is None and settings.batch != 1:
+        reason = "the peer's prefill runs one sequence"
+    if reason is None and not vllm_peer.available():
+        reason = f"vLLM's files are not in {vllm_peer.peer_dir()}"
+    return reason
+
+
+def measure_peer(settings: PrefillSettings, sets: list, measure: Callable, progress) -> dict:
+    """vLLM's prefill (:func:`msattn.bench.peer.make_peer_prefill`: chunks of 16K queries, select
+    then attend) timed over the same input sets as msattn's (caches converted outside the
+    timing), with its selection's agreement and its output's largest difference from
+    ``msa_attention``'s on set 0. A failure to import, compile or run it is recorded."""
+    skipped = peer_skip_reason(settings)
+    if skipped is not None:
+        return {"peer_ms": None, "peer_skipped": skipped}
+    progress("vLLM's prefill")
+    config = settings.config
+    try:
+        modules = vllm_peer.load()
+        steps = [vllm_peer.make_peer_prefill(
+            modules, x.q, x.qi, vllm_peer.contiguous_cache(x.k, x.v, x.ki), topk=config.topk,
+            init_blocks=config.init_blocks, local_blocks=config.local_blocks,
+            softmax_scale=config.head_dim ** -0.5) for x in sets]
+        steps[0].run()
+        agreement = vllm_peer.selection_agreement(steps[0].topk_idx, sets[0].indices)
+        diff = float((steps[0].output.float() - _msa(settings, sets[0]).float()).abs().max())
+        timing = measure(lambda step: step.run(), steps)
+        return {"peer_ms": timing.ms, "peer_agreement": agreement, "peer_max_abs_diff": diff,
+                "peer_skipped": None}
+    except Exception as error:  # vLLM's kernels failed to import, compile or run here
+        synchronize(settings.device)
+        text = str(error).strip().splitlines()
+        return {"peer_ms": None, "peer_skipped": f"failed: {text[0][:200] if text else repr(error)}"}
 
 
 def run_lengths(settings: PrefillSettings, progress, measure_length: Callable) -> Iterator[dict]:

@@ -79,6 +79,8 @@ CELLS: dict[str, Callable[[dict], str]] = {
     "indexer TFLOP/s": number_cell("indexer_tflops", ".1f"),
     "attention TFLOP/s": number_cell("attention_tflops", ".1f"),
     "peak extra GiB": number_cell("extra_memory_gib", ".2f"),
+    "vLLM ms": number_cell("peer_ms", ",.2f"),
+    "MSA / vLLM": number_cell("msa_over_peer", ".3g"),
     "fp8 indexer ms": number_cell("fp8_indexer_ms", ",.2f"),
     "fp8 MSA ms": number_cell("fp8_msa_ms", ",.2f"),
     "fp8 speedup": number_cell("fp8_speedup", ".3g", suffix="x"),
@@ -91,8 +93,8 @@ CELLS: dict[str, Callable[[dict], str]] = {
 }
 
 GPU_COLUMNS = ("length", "indexer ms", "attention ms", "MSA ms", "dense ms", "dense kernel",
-               "speedup", "indexer TFLOP/s", "attention TFLOP/s", "peak extra GiB",
-               "fp8 indexer ms", "fp8 MSA ms", "fp8 speedup", "fp8 same rows")
+               "speedup", "indexer TFLOP/s", "attention TFLOP/s", "peak extra GiB", "vLLM ms",
+               "MSA / vLLM", "fp8 indexer ms", "fp8 MSA ms", "fp8 speedup", "fp8 same rows")
 CPU_COLUMNS = ("length", "full rows", "blocks selected", "distinct/qblock", "key sparsity",
                "indexer ms", "attention ms", "MSA ms", "dense ms", "dense kernel", "speedup")
 
