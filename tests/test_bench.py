@@ -225,3 +225,32 @@ def test_prefill_suite_on_gpu_with_reference_backend(tmp_path, capsys):
         assert row["extra_memory_gib"] >= 0
         assert row["dense_status"] == "measured", row["dense_failures"]
     assert "indexer TFLOP/s" in output.out
+
+
+def test_parse_chunk_shapes():
+    assert cli.parse_chunk_shapes("1x2kx64k,4x512x0") == ((1, 2048, 65536), (4, 512, 0))
+    for bad in ("1x2k", "0x2kx1k", "1x0x1k"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli.parse_chunk_shapes(bad)
+
+
+def test_chunked_cpu_suite_end_to_end(tmp_path, capsys, no_cuda):
+    """Chunks against paged prefixes through msa_paged_attention (reference backend): one row
+    per shape, the peer off on the CPU; --shapes only for this suite."""
+    assert cli.main(["bench", "prefill-chunked-cpu", "--shapes", "1x64x0,2x32x100", "--no-plot",
+                     "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    document = json.loads(path.read_text())
+    rows = document["rows"]
+    assert [(r["requests"], r["chunk"], r["prefix"]) for r in rows] == [(1, 64, 0), (2, 32, 100)]
+    for row in rows:
+        assert row["op"] == "prefill-chunked-cpu" and row["msa_ms"] > 0
+        assert row["peer_skipped"] == "off" and row["msa_over_peer"] is None
+        assert row["tokens_per_s"] == pytest.approx(row["requests"] * row["chunk"] / row["msa_ms"] * 1e3)
+    assert document["settings"]["shapes"] == [[1, 64, 0], [2, 32, 100]]
+    out = capsys.readouterr().out
+    assert "2x32x100" in out and "MSA / vLLM" in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "cpu", "--shapes", "1x64x0"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "prefill-chunked-cpu", "--lengths", "1k"])

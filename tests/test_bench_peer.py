@@ -208,3 +208,36 @@ def test_vllm_prefill_selection_matches_reference(monkeypatch):
     assert peer.selection_agreement(prefill.topk_idx, expected) == 1.0
     with pytest.raises(ValueError, match="whole 128-token pages"):
         peer.contiguous_cache(k[:100], v[:100], ki[:100])
+
+
+@pytest.mark.skipif(not peer.available(), reason="vLLM's files are not in .peers/")
+@pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
+def test_vllm_chunked_prefill_selection_matches_reference(monkeypatch):
+    """vLLM's chunked prefill of a batch (:func:`peer.make_peer_chunked`): two requests of 100
+    new tokens after prefixes of 300 and 500, pages in random order; its selection is msattn's
+    reference (the attention stand-in sees the whole batch once)."""
+    import types
+
+    real = peer.load()
+    _one_config(real, monkeypatch)
+    calls = []
+    stub = types.SimpleNamespace(minimax_m3_sparse_attn=lambda q, *args: calls.append(q.shape[0]))
+    modules = peer.PeerModules(index_topk=real.index_topk, sparse_attn=stub)
+    torch.manual_seed(5)
+    page, groups, index_dim = peer.PEER_PAGE_SIZE, 2, 16
+    seq_lens = torch.tensor([400, 600], dtype=torch.int32)
+    pages = 5
+    keys = torch.randn(2 * pages, page, index_dim)
+    table = torch.randperm(2 * pages).view(2, pages).to(torch.int32)
+    kv = torch.randn(2 * pages, page, groups, 16)
+    cu_seqlens_q = torch.tensor([0, 100, 200], dtype=torch.int32)
+    qi = torch.randn(200, groups, index_dim)
+    cache = peer.convert_cache(kv, kv, keys, table, seq_lens)
+    step = peer.make_peer_chunked(modules, torch.randn(200, 4, 16), qi, cache, cu_seqlens_q,
+                                  max_query_len=100, max_seq_len=600, topk=3, init_blocks=0,
+                                  local_blocks=1, softmax_scale=0.25)
+    step.run()
+    assert calls == [200]
+    expected = paged.msa_paged_select(qi, keys, table, cu_seqlens_q, seq_lens, topk=3,
+                                      init_blocks=0, local_blocks=1, backend="reference")
+    assert peer.selection_agreement(step.topk_idx, expected) == 1.0

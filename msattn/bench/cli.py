@@ -1,5 +1,5 @@
-"""Command line: ``msattn bench [prefill|cpu|decode|decode-multi|decode-cpu|train|train-cpu|hf|hf-cpu]
-[options]``.
+"""Command line: ``msattn bench [prefill|cpu|prefill-chunked|prefill-chunked-cpu|decode|decode-multi|
+decode-cpu|train|train-cpu|hf|hf-cpu] [options]``.
 
 Bare ``msattn bench`` runs the prefill suite on the GPU when CUDA is available, else the CPU
 suite: the reference backend at CPU-sized inputs, with selection statistics. ``decode`` times one
@@ -12,7 +12,9 @@ The GPU decode suites time vLLM's Triton decode beside msattn's where its files 
 backward, indexer loss forward and backward) against dense causal attention forward + backward;
 ``train-cpu`` runs it on the CPU (reference backend, tiny shapes). ``hf`` times an M3-shaped
 transformers ``MiniMaxM3VLForCausalLM`` (prefill and ``generate()``) with ``"sdpa"`` against
-``"msattn"``; ``hf-cpu`` at tiny sizes on the CPU.
+``"msattn"``; ``hf-cpu`` at tiny sizes on the CPU. ``prefill-chunked`` times chunks of new
+tokens against paged prefixes (``--shapes`` requests x chunk x prefix) through
+``msa_paged_attention``, beside vLLM's prefill; ``prefill-chunked-cpu`` at tiny sizes.
 Results go to a table on stdout and a JSON file (plus a speedup plot when matplotlib imports)
 under ``--out``.
 """
@@ -30,7 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from msattn.dispatch import NAMES as BACKENDS
-from msattn.bench import decode, dense, hf, peer, prefill, report, train
+from msattn.bench import chunked, decode, dense, hf, peer, prefill, report, train
 from msattn.bench.timing import matmul_tflops
 from msattn.config import MSAConfig
 
@@ -50,6 +52,20 @@ def parse_length(text: str) -> int:
 def parse_lengths(text: str) -> tuple[int, ...]:
     """Comma-separated lengths: ``"8k,16k,1m"``."""
     return tuple(parse_length(part) for part in text.split(","))
+
+
+def parse_chunk_shapes(text: str) -> tuple[tuple[int, int, int], ...]:
+    """Comma-separated ``RxCxP`` shapes: requests x chunk tokens x prefix tokens (``0`` for no
+    prefix), e.g. ``"1x2kx64k,4x1kx16k"``."""
+    shapes = []
+    for part in text.split(","):
+        pieces = part.lower().split("x")
+        if len(pieces) != 3:
+            raise argparse.ArgumentTypeError(f"bad shape {part!r}: expected requests x chunk x "
+                                             "prefix, e.g. 1x2kx64k")
+        prefix = 0 if pieces[2].strip() == "0" else parse_length(pieces[2])
+        shapes.append((positive_int(pieces[0]), parse_length(pieces[1]), prefix))
+    return tuple(shapes)
 
 
 def positive_int(text: str) -> int:
@@ -123,6 +139,8 @@ class Suite:
     copy_mib: int = 0  # buffer of the copy-bandwidth ceiling
     workloads: tuple[str, ...] = ("random",)
     breakdown: bool = False  # per-kernel device times of each step
+    # The chunked-prefill suites (kind "chunked") only: (requests, chunk, prefix)
+    shapes: tuple[tuple[int, int, int], ...] = ()
     # The transformers suites (kind "hf") only:
     gen_lengths: tuple[int, ...] = ()
     new_tokens: int = 0
@@ -187,6 +205,21 @@ SUITES = {
                 warmup=1, repeats=5, time_budget_s=3.0, out="benchmarks/results", matmul_size=0,
                 columns=hf.COLUMNS, kind="hf", gen_lengths=parse_lengths("16k,64k"),
                 new_tokens=32, hidden_size=6144, layers=4, vocab_size=1024, mlp_size=256),
+    # Chunks of new tokens against paged prefixes (msa_paged_attention), beside vLLM's prefill.
+    "prefill-chunked": Suite(op="prefill-chunked", device="cuda", config=MSAConfig(), lengths=(),
+                             dtype="bf16", backend="triton", warmup=3, repeats=20,
+                             time_budget_s=3.0, out="benchmarks/results", matmul_size=0,
+                             columns=chunked.COLUMNS, kind="chunked",
+                             shapes=parse_chunk_shapes("1x512x16k,1x1kx16k,1x2kx64k,4x2kx64k,"
+                                                       "1x8kx256k,2x4kx128k,1x16kx1m")),
+    "prefill-chunked-cpu": Suite(op="prefill-chunked-cpu", device="cpu",
+                                 config=MSAConfig(num_heads=4, num_kv_heads=2, num_index_heads=2,
+                                                  head_dim=16, index_dim=16, block_size=32,
+                                                  topk=3),
+                                 lengths=(), dtype="fp32", backend="reference", warmup=1,
+                                 repeats=2, time_budget_s=1.0, out="benchmarks/results/local",
+                                 matmul_size=0, columns=chunked.COLUMNS, kind="chunked",
+                                 shapes=parse_chunk_shapes("1x64x0,2x64x256")),
     # The same on the CPU at tiny sizes (reference backend; a smoke test).
     "hf-cpu": Suite(op="hf-cpu", device="cpu",
                     config=MSAConfig(num_heads=4, num_kv_heads=2, num_index_heads=2, head_dim=32,
@@ -198,7 +231,7 @@ SUITES = {
 }
 # The CPU counterpart of each GPU suite (named when a GPU suite is asked for without CUDA).
 _CPU_SUITES = {"prefill": "cpu", "decode": "decode-cpu", "decode-multi": "decode-cpu",
-               "train": "train-cpu", "hf": "hf-cpu"}
+               "train": "train-cpu", "hf": "hf-cpu", "prefill-chunked": "prefill-chunked-cpu"}
 
 # Command-line option -> MSAConfig field(s).
 _CONFIG_OPTIONS = {
@@ -224,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: prefill with CUDA, else cpu); decode, decode-multi: M3 "
                             "decode against paged caches on the GPU; decode-cpu: the decode "
                             "pipeline on the CPU; train, train-cpu: one training step of the "
-                            "attention; hf, hf-cpu: transformers' MiniMax-M3, sdpa vs msattn")
+                            "attention; hf, hf-cpu: transformers' MiniMax-M3, sdpa vs msattn; "
+                            "prefill-chunked(-cpu): chunks against paged prefixes")
     shape = bench.add_argument_group("shape (defaults: the suite's)")
     shape.add_argument("--lengths", type=parse_lengths, help="e.g. 8k,16k,32k,1m")
+    shape.add_argument("--shapes", type=parse_chunk_shapes,
+                       help="prefill-chunked suites: requests x chunk x prefix, e.g. 1x2kx64k,4x1kx0")
     shape.add_argument("--batch", type=positive_int, help="sequences per call (default 1)")
     shape.add_argument("--heads", type=positive_int, help="query heads H")
     shape.add_argument("--kv-heads", type=positive_int, help="KV heads = index heads G")
@@ -456,6 +492,27 @@ def bench_prefill(args: argparse.Namespace, parser: argparse.ArgumentParser, com
                           run=prefill.run, header=_header)
 
 
+def bench_chunked(args: argparse.Namespace, parser: argparse.ArgumentParser, command: list[str],
+                  suite_name: str) -> int:
+    """Run a chunked-prefill suite (see :mod:`msattn.bench.chunked`); returns the exit code."""
+    suite = SUITES[suite_name]
+    if args.lengths is not None or args.batch is not None:
+        parser.error("--lengths, --batch: not for the prefill-chunked suites (use --shapes)")
+    if args.no_dense or args.dense_max_len is not None or args.dense_kernels is not None:
+        parser.error("--no-dense, --dense-max-len, --dense-kernels: not for the prefill-chunked "
+                     "suites")
+    pick = partial(_pick, args, suite)
+    settings = chunked.ChunkedSettings(
+        op=suite.op, device=torch.device(suite.device), config=_config(args, suite, parser),
+        shapes=pick("shapes"), dtype=DTYPES[pick("dtype")], backend=pick("backend"),
+        warmup=pick("warmup"), repeats=pick("repeats"), time_budget_s=pick("time_budget_s"),
+        peer=suite.device == "cuda" and not args.no_peer, seed=args.seed)
+    env = report.environment(settings.device)
+    progress = report.Progress(len(settings.shapes))
+    return _record(args, suite_name, command, env, settings, {}, chunked.run(settings, progress),
+                   chunked.header(env, settings), cells=chunked.CELLS)
+
+
 def _hf_settings(args: argparse.Namespace, suite: Suite, parser) -> hf.HFSettings:
     config = _config(args, suite, parser)
     if args.batch not in (None, 1):
@@ -516,11 +573,15 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
                                                  ("--no-graphs", args.no_graphs),
                                                  ("--workloads", args.workloads),
                                                  ("--breakdown", args.breakdown is not None),
-                                                 ("--no-peer", args.no_peer and suite.kind != "prefill"))
+                                                 ("--no-peer", args.no_peer and suite.kind not in ("prefill", "chunked")))
                    if value]
     if decode_only:
         parser.error(f"{', '.join(decode_only)}: only for the decode suites"
                      + (" (--no-peer: and prefill)" if args.no_peer else ""))
+    if (args.shapes is not None) != (suite.kind == "chunked") and args.shapes is not None:
+        parser.error("--shapes: only for the prefill-chunked suites")
+    if suite.kind == "chunked":
+        return bench_chunked(args, parser, command, suite_name)
     if suite.kind == "hf":
         return bench_hf(args, parser, command, suite_name)
     if suite.kind == "train":

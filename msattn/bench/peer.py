@@ -261,19 +261,37 @@ def contiguous_cache(k: torch.Tensor, v: torch.Tensor, ki: torch.Tensor) -> Peer
                          seq_lens)
 
 
+def _peer_chunk(modules: PeerModules, q, qi, cache: PeerCache, topk_idx, output, cu_seqlens_q,
+                seq_lens, prefix_lens, *, max_query_len: int, max_seq_len: int, topk: int,
+                init_blocks: int, local_blocks: int, softmax_scale: float) -> None:
+    """One call of vLLM's prefill path over a batch of query runs (request ``b``'s queries are
+    the ``len_q(b)`` positions after ``prefix_lens[b]``; ``seq_lens[b]`` keys are visible):
+    ``minimax_m3_index_score`` (every visible block's max score), ``minimax_m3_index_topk``,
+    ``minimax_m3_sparse_attn``; writes ``topk_idx`` and ``output``."""
+    groups = qi.shape[1]
+    score = modules.index_topk.minimax_m3_index_score(
+        qi, cache.index_cache, cache.block_table, cu_seqlens_q, seq_lens, prefix_lens,
+        max_query_len, max_seq_len, groups)
+    modules.index_topk.minimax_m3_index_topk(score, cu_seqlens_q, prefix_lens, max_query_len, topk,
+                                             init_blocks, local_blocks, out=topk_idx)
+    modules.sparse_attn.minimax_m3_sparse_attn(
+        q, cache.kv_cache, topk_idx, cache.block_table, cu_seqlens_q, seq_lens, prefix_lens,
+        max_query_len, groups, softmax_scale, output)
+
+
 def make_peer_prefill(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, cache: PeerCache, *,
                       topk: int, init_blocks: int, local_blocks: int, softmax_scale: float,
                       chunk: int = PEER_PREFILL_CHUNK) -> PeerStep:
     """vLLM's prefill of one sequence ``q [N, H, D]``, ``qi [N, G, Di]`` whose ``N`` keys are all
     in ``cache`` (request 0, :func:`contiguous_cache`), in chunks of ``chunk`` query tokens as its
-    engine runs it: per chunk ``minimax_m3_index_score`` (every visible block's max score),
-    ``minimax_m3_index_topk`` and ``minimax_m3_sparse_attn``, the chunk's keys being the prefix
-    before it and its own. The per-chunk metadata is built here, outside ``run``."""
+    engine runs it (:func:`_peer_chunk` per chunk, over the prefix before it and its own keys).
+    The per-chunk metadata is built here, outside ``run``."""
     total, heads, head_dim = q.shape
-    groups = qi.shape[1]
     device = q.device
-    topk_idx = torch.empty(groups, total, topk, dtype=torch.int32, device=device)
+    topk_idx = torch.empty(qi.shape[1], total, topk, dtype=torch.int32, device=device)
     output = torch.empty(total, heads, head_dim, dtype=q.dtype, device=device)
+    options = dict(topk=topk, init_blocks=init_blocks, local_blocks=local_blocks,
+                   softmax_scale=softmax_scale)
     chunks = []
     for start in range(0, total, chunk):
         end = min(total, start + chunk)
@@ -284,15 +302,29 @@ def make_peer_prefill(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, c
 
     def run() -> None:
         for start, end, cu_seqlens_q, seq_lens, prefix_lens in chunks:
-            score = modules.index_topk.minimax_m3_index_score(
-                qi[start:end], cache.index_cache, cache.block_table, cu_seqlens_q, seq_lens,
-                prefix_lens, end - start, end, groups)
-            modules.index_topk.minimax_m3_index_topk(
-                score, cu_seqlens_q, prefix_lens, end - start, topk, init_blocks, local_blocks,
-                out=topk_idx[:, start:end])
-            modules.sparse_attn.minimax_m3_sparse_attn(
-                q[start:end], cache.kv_cache, topk_idx[:, start:end], cache.block_table,
-                cu_seqlens_q, seq_lens, prefix_lens, end - start, groups, softmax_scale,
-                output[start:end])
+            _peer_chunk(modules, q[start:end], qi[start:end], cache, topk_idx[:, start:end],
+                        output[start:end], cu_seqlens_q, seq_lens, prefix_lens,
+                        max_query_len=end - start, max_seq_len=end, **options)
+
+    return PeerStep(run=run, topk_idx=topk_idx, output=output)
+
+
+def make_peer_chunked(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, cache: PeerCache,
+                      cu_seqlens_q: torch.Tensor, *, max_query_len: int, max_seq_len: int,
+                      topk: int, init_blocks: int, local_blocks: int,
+                      softmax_scale: float) -> PeerStep:
+    """vLLM's chunked prefill of a batch: request ``b``'s ``len_q(b)`` new tokens (``q [total_q,
+    H, D]``, ``qi [total_q, G, Di]``, ``cu_seqlens_q [B + 1]``) are the last of its
+    ``cache.seq_lens[b]`` cached keys; one :func:`_peer_chunk` call (query runs of at most 16K
+    tokens, as vLLM's engine schedules them)."""
+    prefix_lens = (cache.seq_lens - (cu_seqlens_q[1:] - cu_seqlens_q[:-1])).to(torch.int32)
+    topk_idx = torch.empty(qi.shape[1], q.shape[0], topk, dtype=torch.int32, device=q.device)
+    output = torch.empty_like(q)
+
+    def run() -> None:
+        _peer_chunk(modules, q, qi, cache, topk_idx, output, cu_seqlens_q, cache.seq_lens,
+                    prefix_lens, max_query_len=max_query_len, max_seq_len=max_seq_len, topk=topk,
+                    init_blocks=init_blocks, local_blocks=local_blocks,
+                    softmax_scale=softmax_scale)
 
     return PeerStep(run=run, topk_idx=topk_idx, output=output)

@@ -17,7 +17,7 @@ import torch
 def format_length(n: int) -> str:
     """``8192 -> "8K"``, ``1048576 -> "1M"``, ``1000 -> "1000"``."""
     for suffix, unit in (("M", 1 << 20), ("K", 1 << 10)):
-        if n % unit == 0:
+        if n and n % unit == 0:
             return f"{n // unit}{suffix}"
     return str(n)
 
@@ -162,7 +162,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[str],
 
     ``cells`` maps a column name to its formatter (default :data:`CELLS`)."""
     lines = grid_lines(rows, columns, CELLS if cells is None else cells)
-    statuses = dict.fromkeys(row["dense_status"] for row in rows)
+    statuses = dict.fromkeys(row.get("dense_status") for row in rows)
     lines += [_NOTES[s] for s in statuses if s in _NOTES]
     return "\n".join(lines)
 
