@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one script (the device tool's lease is short):
 #   scripts/device_run.sh test [PYTEST_ARGS...]   GPU tests, then compute-sanitizer memcheck of every kernel
+#   scripts/device_run.sh pytest [PYTEST_ARGS...] the GPU tests alone (no memcheck); the whole suite
+#                                                  takes more than the device's 10 minutes a call on
+#                                                  an H200 (2026-12-04): split it, e.g.
+#                                                  `pytest tests/test_[a-o]*.py`, then `pytest tests/test_[p-z]*.py`
 #   scripts/device_run.sh memcheck                the memcheck step alone
-#   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, decode, decode-multi, train, hf)
+#   scripts/device_run.sh bench SUITE [options]   a benchmark suite (prefill, prefill-chunked, decode,
+#                                                  decode-multi, train, hf)
 #   scripts/device_run.sh tune WHAT [options]     kernel profile / launch-config sweep (msattn.bench.tune)
 #   scripts/device_run.sh ncu LENGTH [DTYPE]      Nsight Compute durations of one decode step's kernels
 #   scripts/device_run.sh decode-report           decode GPU tests + memcheck, then the decode benches
@@ -56,6 +61,9 @@ shift || true
 case "$mode" in
   test)
     run_tests "$@"
+    ;;
+  pytest)
+    step pytest pytest.log python3 -m pytest -q -rs "${@:-tests}"
     ;;
   memcheck)
     run_memcheck
