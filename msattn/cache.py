@@ -52,10 +52,11 @@ def quantize_index_keys(index_keys: torch.Tensor) -> tuple[torch.Tensor, torch.T
         with a relative error of about 2^-4 of the row's largest value or better.
     """
     check_any_rank("index_keys", index_keys, FLOAT_DTYPES)
-    x = index_keys.float()
-    scale = x.abs().amax(dim=-1) / FP8_MAX
+    # |x| and its max are exact in the input's dtype: one float32 temporary of the keys' size
+    scale = index_keys.abs().amax(dim=-1).float() / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowed) rows
-    scaled = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX)  # rounding may step past 448
+    scaled = index_keys.float() / scale[..., None]  # a new tensor even for float32 keys
+    scaled.clamp_(-FP8_MAX, FP8_MAX)  # rounding may step past 448
     return scaled.to(FP8_DTYPE), scale
 
 

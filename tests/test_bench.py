@@ -107,7 +107,9 @@ def test_prefill_fp8_index_fields_on_cpu(no_cuda):
     assert 0 <= row["fp8_agreement"]["rows_identical"] <= 1
     assert row["peer_skipped"] == "off" and row["peer_ms"] is None and row["msa_over_peer"] is None
     from dataclasses import replace
-    assert prefill.peer_skip_reason(replace(settings, peer=True)) == "needs CUDA"
+    assert prefill.peer_skip_reason(replace(settings, peer=True), 256) == "needs CUDA"
+    assert prefill.peer_skip_reason(replace(settings, peer=True), 200).startswith(
+        "the peer's sequence fills whole 128-token pages")
 
 
 def test_num_input_sets():

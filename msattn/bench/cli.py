@@ -349,8 +349,8 @@ def _settings(args: argparse.Namespace, suite: Suite, parser) -> prefill.Prefill
         warmup=pick("warmup"), repeats=pick("repeats"), time_budget_s=pick("time_budget_s"),
         dense=not args.no_dense, dense_max_len=args.dense_max_len, seed=args.seed,
         dense_kernels=args.dense_kernels,
-        fp8_index=suite.op == "prefill" and not getattr(args, "no_fp8_index", False),
-        peer=suite.op == "prefill" and not getattr(args, "no_peer", False))
+        fp8_index=suite.op == "prefill" and not args.no_fp8_index,
+        peer=suite.op == "prefill" and not args.no_peer)
 
 
 def _header(env: dict, settings: prefill.PrefillSettings, ceiling: float, matmul_size: int) -> str:
@@ -565,6 +565,13 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
                                              ("--impls", args.impls)) if value]
     if hf_only and suite.kind != "hf":
         parser.error(f"{', '.join(hf_only)}: only for the hf suites")
+    if args.shapes is not None and suite.kind != "chunked":
+        parser.error("--shapes: only for the prefill-chunked suites")
+    if args.no_fp8_index and suite.op != "prefill":
+        parser.error("--no-fp8-index: only for the prefill suite (no other suite times the fp8 "
+                     "index path)")
+    if args.no_peer and suite.kind not in ("decode", "chunked") and suite.op != "prefill":
+        parser.error("--no-peer: only for the decode, prefill and prefill-chunked suites")
     if suite.kind == "decode":
         return bench_decode(args, parser, command, suite_name)
     decode_only = [option for option, value in (("--batches", args.batches),
@@ -572,14 +579,10 @@ def bench(args: argparse.Namespace, parser: argparse.ArgumentParser, command: li
                                                  ("--index-dtypes", args.index_dtypes),
                                                  ("--no-graphs", args.no_graphs),
                                                  ("--workloads", args.workloads),
-                                                 ("--breakdown", args.breakdown is not None),
-                                                 ("--no-peer", args.no_peer and suite.kind not in ("prefill", "chunked")))
+                                                 ("--breakdown", args.breakdown is not None))
                    if value]
     if decode_only:
-        parser.error(f"{', '.join(decode_only)}: only for the decode suites"
-                     + (" (--no-peer: and prefill)" if args.no_peer else ""))
-    if (args.shapes is not None) != (suite.kind == "chunked") and args.shapes is not None:
-        parser.error("--shapes: only for the prefill-chunked suites")
+        parser.error(f"{', '.join(decode_only)}: only for the decode suites")
     if suite.kind == "chunked":
         return bench_chunked(args, parser, command, suite_name)
     if suite.kind == "hf":

@@ -113,10 +113,11 @@ def fp8_agreement(bf16: torch.Tensor, fp8: torch.Tensor) -> dict:
     """How far the fp8 index path's selection ``fp8`` agrees with ``bf16`` (both ``[G, total_q,
     topk]``, ``-1`` padded): the fraction of rows with an identical set, and of the selected
     blocks that both chose."""
-    a, b = bf16.sort(-1).values, fp8.sort(-1).values
+    a, b = bf16.sort(-1).values.contiguous(), fp8.sort(-1).values.contiguous()
     valid = a >= 0
-    # block ids of a row are distinct: count each of a's blocks found in b's row
-    common = ((a[..., :, None] == b[..., None, :]) & valid[..., :, None]).any(-1).sum()
+    # block ids of a row are distinct: look each of a's blocks up in b's sorted row
+    at = torch.searchsorted(b, a).clamp_max(b.shape[-1] - 1)
+    common = ((b.gather(-1, at) == a) & valid).sum()
     return {"rows_identical": float((a == b).all(-1).float().mean()),
             "blocks_in_common": float(common / valid.sum().clamp_min(1))}
 
@@ -240,10 +241,12 @@ def measure_length(settings: PrefillSettings, seq_len: int, progress: Callable[[
     }
 
 
-def peer_skip_reason(settings: PrefillSettings) -> str | None:
+def peer_skip_reason(settings: PrefillSettings, seq_len: int) -> str | None:
     """Why vLLM's prefill is not timed beside msattn's (``None`` when it is)."""
     if not settings.peer:
         return "off"
+    if seq_len % vllm_peer.PEER_PAGE_SIZE:
+        return f"the peer's sequence fills whole {vllm_peer.PEER_PAGE_SIZE}-token pages"
     config = settings.config
     reason = vllm_peer.unsupported_reason(page_size=config.block_size, index_dim=config.index_dim,
                                           q_tokens_per_request=[1], device=settings.device)
@@ -259,7 +262,7 @@ def measure_peer(settings: PrefillSettings, sets: list, measure: Callable, progr
     then attend) timed over the same input sets as msattn's (caches converted outside the
     timing), with its selection's agreement and its output's largest difference from
     ``msa_attention``'s on set 0. A failure to import, compile or run it is recorded."""
-    skipped = peer_skip_reason(settings)
+    skipped = peer_skip_reason(settings, sets[0].q.shape[0])
     if skipped is not None:
         return {"peer_ms": None, "peer_skipped": skipped}
     progress("vLLM's prefill")

@@ -745,9 +745,13 @@ def select_blocks_fp8(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Te
     (:func:`msattn.cache.quantize_index_keys`), queries per (token, group) row in the kernel, the
     scores a native fp8 x fp8 MMA times the two scales. Selects as
     :func:`msattn.reference.select_blocks` on :func:`msattn.reference.fp8_index_queries` and the
-    dequantised keys, float near-ties aside. Arguments and result as :func:`select_blocks`."""
+    dequantised keys, float near-ties aside. Arguments and result as :func:`select_blocks`
+    (without ``num_splits`` and ``out``). On CUDA it needs fp8 MMAs (compute capability 8.9+)."""
     from msattn.cache import quantize_index_keys
 
+    if qi.is_cuda and torch.cuda.get_device_capability(qi.device) < (8, 9):
+        raise ValueError("index_dtype=torch.float8_e4m3fn needs a GPU with fp8 MMAs (compute "
+                         f"capability 8.9 or newer), got {torch.cuda.get_device_name(qi.device)}")
     if qi.shape[0] == 0:
         return _output(qi, topk, None)
     if max_seqlen_q is None or max_seqlen_k is None:
