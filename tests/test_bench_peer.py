@@ -175,6 +175,18 @@ def test_vllm_selection_matches_reference(monkeypatch, init_blocks):
     assert peer.selection_agreement(step.topk_idx, expected) == 1.0
 
 
+def _selection_only_peer(monkeypatch):
+    """vLLM's modules with its real selection kernels and a stand-in for its attention (which
+    does not run in the interpreter) that records the query rows of each call."""
+    import types
+
+    real = peer.load()
+    _one_config(real, monkeypatch)
+    calls = []
+    stub = types.SimpleNamespace(minimax_m3_sparse_attn=lambda q, *args: calls.append(q.shape[0]))
+    return peer.PeerModules(index_topk=real.index_topk, sparse_attn=stub), calls
+
+
 @pytest.mark.skipif(not peer.available(), reason="vLLM's files are not in .peers/")
 @pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1")
 def test_vllm_prefill_selection_matches_reference(monkeypatch):
@@ -182,15 +194,9 @@ def test_vllm_prefill_selection_matches_reference(monkeypatch):
     chunk of queries over the prefix and the chunk) selects msattn's reference sets for every
     token: 5 pages, chunks of 256 queries (the last one partial). The attention kernel does not
     run in the interpreter, so a stand-in records its calls (each chunk once, in order)."""
-    import types
-
     from msattn import reference
 
-    real = peer.load()
-    _one_config(real, monkeypatch)
-    calls = []
-    stub = types.SimpleNamespace(minimax_m3_sparse_attn=lambda q, *args: calls.append(q.shape[0]))
-    modules = peer.PeerModules(index_topk=real.index_topk, sparse_attn=stub)
+    modules, calls = _selection_only_peer(monkeypatch)
     torch.manual_seed(3)
     length, groups, index_dim = 5 * peer.PEER_PAGE_SIZE, 2, 16
     k, v = torch.randn(length, groups, 16), torch.randn(length, groups, 16)
@@ -216,13 +222,7 @@ def test_vllm_chunked_prefill_selection_matches_reference(monkeypatch):
     """vLLM's chunked prefill of a batch (:func:`peer.make_peer_chunked`): two requests of 100
     new tokens after prefixes of 300 and 500, pages in random order; its selection is msattn's
     reference (the attention stand-in sees the whole batch once)."""
-    import types
-
-    real = peer.load()
-    _one_config(real, monkeypatch)
-    calls = []
-    stub = types.SimpleNamespace(minimax_m3_sparse_attn=lambda q, *args: calls.append(q.shape[0]))
-    modules = peer.PeerModules(index_topk=real.index_topk, sparse_attn=stub)
+    modules, calls = _selection_only_peer(monkeypatch)
     torch.manual_seed(5)
     page, groups, index_dim = peer.PEER_PAGE_SIZE, 2, 16
     seq_lens = torch.tensor([400, 600], dtype=torch.int32)

@@ -21,7 +21,7 @@ import torch
 import msattn
 from msattn.bench import peer as vllm_peer
 from msattn.bench.report import dtype_name, format_length, number_cell
-from msattn.bench.timing import add_input_sets, l2_cache_bytes, release_memory, synchronize, time_ms
+from msattn.bench.timing import add_input_sets, l2_cache_bytes, release_memory, time_ms
 from msattn.config import MSAConfig
 
 
@@ -117,32 +117,34 @@ def peer_skip_reason(settings: ChunkedSettings, chunk: int) -> str | None:
     return reason
 
 
-def measure_peer(settings: ChunkedSettings, shape, sets: list, measure: Callable,
-                 msa_output: torch.Tensor, msa_indices: torch.Tensor) -> dict:
-    """vLLM's chunked prefill over the same sets; its agreement and output difference on set 0."""
+def measure_peer(settings: ChunkedSettings, shape, sets: list, measure: Callable) -> dict:
+    """vLLM's chunked prefill over the same sets; its agreement and output difference on set 0
+    (:func:`msattn.bench.peer.time_peer`)."""
     requests, chunk, prefix = shape
     skipped = peer_skip_reason(settings, chunk)
     if skipped is not None:
         return {"peer_ms": None, "peer_skipped": skipped}
     config = settings.config
-    try:
+
+    def steps():
         modules = vllm_peer.load()
-        steps = [vllm_peer.make_peer_chunked(
+        return [vllm_peer.make_peer_chunked(
             modules, x.q, x.qi,
             vllm_peer.convert_cache(x.k_cache, x.v_cache, x.index_cache, x.block_table, x.seq_lens),
             x.cu_seqlens_q, max_query_len=chunk, max_seq_len=prefix + chunk, topk=config.topk,
             init_blocks=config.init_blocks, local_blocks=config.local_blocks,
             softmax_scale=config.head_dim ** -0.5) for x in sets]
-        steps[0].run()
-        agreement = vllm_peer.selection_agreement(steps[0].topk_idx, msa_indices)
-        diff = float((steps[0].output.float() - msa_output.float()).abs().max())
-        timing = measure(lambda step: step.run(), steps)
-        return {"peer_ms": timing.ms, "peer_agreement": agreement, "peer_max_abs_diff": diff,
-                "peer_skipped": None}
-    except Exception as error:  # vLLM's kernels failed to import, compile or run here
-        synchronize(settings.device)
-        text = str(error).strip().splitlines()
-        return {"peer_ms": None, "peer_skipped": f"failed: {text[0][:200] if text else repr(error)}"}
+
+    def msa_result():
+        x = sets[0]
+        indices = msattn.msa_paged_select(x.qi, x.index_cache, x.block_table, x.cu_seqlens_q,
+                                          x.seq_lens, topk=config.topk,
+                                          init_blocks=config.init_blocks,
+                                          local_blocks=config.local_blocks, max_seqlen_q=chunk,
+                                          backend=settings.backend)
+        return indices, _msa(settings, chunk, x)
+
+    return vllm_peer.time_peer(steps, measure, settings.device, msa_result)
 
 
 @torch.inference_mode()
@@ -156,16 +158,9 @@ def measure_shape(settings: ChunkedSettings, shape, progress: Callable[[str], No
                    sets[0].nbytes)
     progress("msa_paged_attention")
     msa = measure(partial(_msa, settings, chunk), sets)
-    c = settings.config
-    x = sets[0]
-    indices = msattn.msa_paged_select(x.qi, x.index_cache, x.block_table, x.cu_seqlens_q,
-                                      x.seq_lens, topk=c.topk, init_blocks=c.init_blocks,
-                                      local_blocks=c.local_blocks, max_seqlen_q=chunk,
-                                      backend=settings.backend)
-    output = _msa(settings, chunk, x)
     if settings.peer:
         progress("vLLM's prefill")
-    peer = measure_peer(settings, shape, sets, measure, output, indices)
+    peer = measure_peer(settings, shape, sets, measure)
     del sets
     release_memory(settings.device)
     return {"op": settings.op, "shape": shape_name(shape), "requests": requests, "chunk": chunk,

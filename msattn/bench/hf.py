@@ -18,7 +18,8 @@ implementations (``set_attn_implementation``), batch 1.
 Times are medians by :func:`msattn.bench.timing.time_ms` after a warm-up call; peak memory is
 ``max_memory_allocated()`` during one call (the weights included) and that peak minus what was
 allocated before the call; for "msattn" prefill also ``attention_extra_gib``, its peak minus the
-peak of the same call with an attention function that computes nothing (:func:`floor_peak_gib`). A call that runs out of memory (``torch.OutOfMemoryError``) gives a
+peak of the same call with an attention function that computes nothing (:func:`floor_peak_gib`).
+A call that runs out of memory (``torch.OutOfMemoryError``) gives a
 row with ``"status": "oom"``; the memory is released before the next one. Any other error gives
 ``"status": "error"`` with its first line.
 
@@ -37,6 +38,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from msattn.bench.dense import _first_line
 from msattn.bench.report import dtype_name, format_length, grid_lines, number_cell
 from msattn.bench.timing import Timing, release_memory, synchronize, time_ms
 from msattn.config import MSAConfig
@@ -130,11 +132,6 @@ def _generate(model, ids, *, new_tokens: int):
         raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected "
                            f"{new_tokens}")
     return out
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else repr(error)
 
 
 @dataclass

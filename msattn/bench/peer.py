@@ -40,6 +40,8 @@ from typing import Callable
 
 import torch
 
+from msattn.bench.dense import _first_line
+from msattn.bench.timing import synchronize
 from msattn.cache import FP8_DTYPE, dequantize_index_keys
 
 PEER_DIR_ENV = "MSATTN_PEER_DIR"
@@ -307,6 +309,27 @@ def make_peer_prefill(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, c
                         max_query_len=end - start, max_seq_len=end, **options)
 
     return PeerStep(run=run, topk_idx=topk_idx, output=output)
+
+
+def time_peer(make_steps: Callable[[], list[PeerStep]], measure: Callable, device: torch.device,
+              msa_result: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Time vLLM's steps (``make_steps()``: one per input set, built outside the timing) with
+    ``measure(fn, steps)``, after comparing set 0's selection and output with msattn's
+    (``msa_result()``: ``(indices [G, total_q, topk], output [total_q, H, D])``). Returns the
+    row fields ``peer_ms``, ``peer_agreement``, ``peer_max_abs_diff`` and ``peer_skipped`` (a
+    failure to import, compile or run vLLM's kernels is recorded there, not raised)."""
+    try:
+        steps = make_steps()
+        steps[0].run()
+        indices, output = msa_result()
+        agreement = selection_agreement(steps[0].topk_idx, indices)
+        diff = float((steps[0].output.float() - output.float()).abs().max())
+        timing = measure(lambda step: step.run(), steps)
+        return {"peer_ms": timing.ms, "peer_agreement": agreement, "peer_max_abs_diff": diff,
+                "peer_skipped": None}
+    except Exception as error:  # vLLM's kernels failed to import, compile or run here
+        synchronize(device)
+        return {"peer_ms": None, "peer_skipped": f"failed: {_first_line(error)}"}
 
 
 def make_peer_chunked(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, cache: PeerCache,

@@ -267,22 +267,16 @@ def measure_peer(settings: PrefillSettings, sets: list, measure: Callable, progr
         return {"peer_ms": None, "peer_skipped": skipped}
     progress("vLLM's prefill")
     config = settings.config
-    try:
+
+    def steps():
         modules = vllm_peer.load()
-        steps = [vllm_peer.make_peer_prefill(
+        return [vllm_peer.make_peer_prefill(
             modules, x.q, x.qi, vllm_peer.contiguous_cache(x.k, x.v, x.ki), topk=config.topk,
             init_blocks=config.init_blocks, local_blocks=config.local_blocks,
             softmax_scale=config.head_dim ** -0.5) for x in sets]
-        steps[0].run()
-        agreement = vllm_peer.selection_agreement(steps[0].topk_idx, sets[0].indices)
-        diff = float((steps[0].output.float() - _msa(settings, sets[0]).float()).abs().max())
-        timing = measure(lambda step: step.run(), steps)
-        return {"peer_ms": timing.ms, "peer_agreement": agreement, "peer_max_abs_diff": diff,
-                "peer_skipped": None}
-    except Exception as error:  # vLLM's kernels failed to import, compile or run here
-        synchronize(settings.device)
-        text = str(error).strip().splitlines()
-        return {"peer_ms": None, "peer_skipped": f"failed: {text[0][:200] if text else repr(error)}"}
+
+    return vllm_peer.time_peer(steps, measure, settings.device,
+                               lambda: (sets[0].indices, _msa(settings, sets[0])))
 
 
 def run_lengths(settings: PrefillSettings, progress, measure_length: Callable) -> Iterator[dict]:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from msattn.cache import quantize_index_keys
 from msattn.ops.nvfp4 import nvfp4_halves
 from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_launch_dependents,
                               gdc_wait, interpreted, mma, programmatic_launch)
@@ -698,6 +699,11 @@ def launch_config(rows_per_sequence: int, is_cuda: bool) -> IndexerConfig:
                          num_stages=4)
 
 
+def _longest_sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> list[int]:
+    """``[max_seqlen_q, max_seqlen_k]`` read from the prefix sums (one host sync)."""
+    return torch.stack((cu_seqlens_q.diff(), cu_seqlens_k.diff())).amax(1).tolist()
+
+
 def _fp8_launch_config(rows_per_sequence: int, is_cuda: bool) -> IndexerConfig:
     """:func:`launch_config` for the fp8 index path (:data:`FP8_CUDA_CONFIG` for prefill tiles)."""
     config = launch_config(rows_per_sequence, is_cuda)
@@ -729,7 +735,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
     if qi.shape[0] == 0:
         return _output(qi, topk, out)
     if max_seqlen_q is None or max_seqlen_k is None:
-        max_seqlen_q, max_seqlen_k = torch.stack((cu_seqlens_q.diff(), cu_seqlens_k.diff())).amax(1).tolist()
+        max_seqlen_q, max_seqlen_k = _longest_sequences(cu_seqlens_q, cu_seqlens_k)
     plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_seqlen_q,
                           triton.cdiv(max_seqlen_k, block_size), topk=topk, device=qi.device,
                           num_splits=num_splits, config=config)
@@ -747,15 +753,13 @@ def select_blocks_fp8(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Te
     :func:`msattn.reference.select_blocks` on :func:`msattn.reference.fp8_index_queries` and the
     dequantised keys, float near-ties aside. Arguments and result as :func:`select_blocks`
     (without ``num_splits`` and ``out``). On CUDA it needs fp8 MMAs (compute capability 8.9+)."""
-    from msattn.cache import quantize_index_keys
-
     if qi.is_cuda and torch.cuda.get_device_capability(qi.device) < (8, 9):
         raise ValueError("index_dtype=torch.float8_e4m3fn needs a GPU with fp8 MMAs (compute "
                          f"capability 8.9 or newer), got {torch.cuda.get_device_name(qi.device)}")
     if qi.shape[0] == 0:
         return _output(qi, topk, None)
     if max_seqlen_q is None or max_seqlen_k is None:
-        max_seqlen_q, max_seqlen_k = torch.stack((cu_seqlens_q.diff(), cu_seqlens_k.diff())).amax(1).tolist()
+        max_seqlen_q, max_seqlen_k = _longest_sequences(cu_seqlens_q, cu_seqlens_k)
     keys, key_scale = quantize_index_keys(ki)
     # the fused kernel (an IndexerConfig) whatever the query runs: it reads contiguous fp8 keys
     plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_seqlen_q,
