@@ -7,7 +7,7 @@ import torch
 
 import msattn
 from msattn import reference
-from msattn.ops.selection_csr import build_block_csr
+from msattn.ops.selection_csr import build_block_csr, csr_layout
 from msattn.ops.sparse_attention import sparse_attention
 from tests.kernel_cases import DEVICE, cu_seqlens, index_inputs, random_tensor
 
@@ -110,6 +110,29 @@ def test_csr_lists_every_visible_entry_once():
     assert (chosen >= 0).all() and (chosen * 16 <= csr.row_position[row].long()).all()
     visible = (indices[:, 10:80] >= 0) & (indices[:, 10:80].long() * 16 <= csr.row_position[None, :, None].long())
     assert int(visible.sum()) == num_valid
+
+
+def test_csr_programs_and_shared_layout():
+    """Every program of a chunk's CSR names the bucket whose program range holds it, a bucket's
+    programs cover its (entry, head) rows, and a layout shared by the chunks gives the CSR a
+    fresh one gives."""
+    q, k, v, indices, cu_q, cu_k = _inputs([30, 50], [60, 50], 4, 2, 16, 16, 3, torch.float32)
+    layout = csr_layout(cu_q, cu_k, total_q=80, num_groups=2, block_size=16, total_k=110)
+    for row_start, row_end in ((0, 25), (25, 80)):
+        args = dict(block_size=16, total_k=110, row_start=row_start, row_end=row_end,
+                    group_size=2, block_m=16, tiles_per_program=1)
+        csr = build_block_csr(indices, cu_q, cu_k, **args)
+        shared = build_block_csr(indices, cu_q, cu_k, layout=layout, **args)
+        for name in ("entries", "bucket_start", "program_start", "program_bucket",
+                     "block_key_start", "block_position", "block_num_keys", "row_position"):
+            assert torch.equal(getattr(csr, name), getattr(shared, name)), name
+        start = csr.program_start.long()
+        counts = (csr.bucket_start[1:] - csr.bucket_start[:-1]).long()
+        assert torch.equal(start[1:] - start[:-1], (counts * 2 + 15) // 16)
+        programs = torch.arange(int(start[-1]))
+        bucket = csr.program_bucket[:programs.numel()].long()
+        assert ((start[bucket] <= programs) & (programs < start[bucket + 1])).all()
+        assert csr.program_bucket.numel() == csr.max_programs + 1 >= int(start[-1])
 
 
 def test_msa_attention_triton_equals_reference_batched():

@@ -8,6 +8,7 @@
     python3 -m msattn.bench.tune train --lengths 32k,128k         # CUDA time of every kernel of a step
     python3 -m msattn.bench.tune loss --length 128k               # indexer-loss configs (fwd + bwd)
     python3 -m msattn.bench.tune prefill-designs --lengths 16k    # KV-outer vs query-outer attention
+    python3 -m msattn.bench.tune chunked --chunk-shapes 1x512x16k # a chunked-prefill call's kernels
 
 M3 shape (H=64, G=4, D=Di=128, block 128, top-16), batch 1, bf16, random inputs (decode: one
 query token against a random paged cache, bf16 and fp8 index keys, CUDA-graph replays of
@@ -94,7 +95,15 @@ def profile(lengths, out: list) -> None:
         print(f"profile {length}: total {sum(kernels.values()):.1f} ms", flush=True)
         for name, ms in kernels.items():
             print(f"  {ms:10.3f} ms  {name}", flush=True)
-        out.append({"kind": "profile", "seq_len": length, "kernels_ms": kernels})
+        c = CONFIG
+        host = _host_profile(lambda: msattn.msa_attention(
+            x.q, x.k, x.v, x.qi, x.ki, cu_seqlens_q=x.cu_seqlens, cu_seqlens_k=x.cu_seqlens,
+            max_seqlen_q=length, max_seqlen_k=length, **c.selection_kwargs()), calls=5)
+        print("  msa_attention host (cProfile, us a call, cumulative):", flush=True)
+        for us, function in host:
+            print(f"  {us:10.1f} us  {function}", flush=True)
+        out.append({"kind": "profile", "seq_len": length, "kernels_ms": kernels,
+                    "msa_attention_host_us": host})
         del x
         release_memory(torch.device("cuda"))
 
@@ -121,6 +130,59 @@ def profile_train(lengths, out: list) -> None:
         for name, ms in kernels.items():
             print(f"  {ms:10.3f} ms  {name}", flush=True)
         out.append({"kind": "train-profile", "seq_len": length, "kernels_ms": kernels})
+        del x
+        release_memory(torch.device("cuda"))
+
+
+def _host_profile(fn, calls: int = 20, top: int = 30) -> list:
+    """Where the host time of ``fn()`` goes: cProfile over ``calls`` calls (the GPU synchronised
+    after each), the ``top`` functions by cumulative time, as ``[us per call, function]``."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+        torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((cum / calls * 1e6, f"{path.rsplit('/', 2)[-1]}:{line}:{name}")
+                   for (path, line, name), (_, _, _, cum, _) in stats.items()), reverse=True)
+    return [[round(us, 1), name] for us, name in rows[:top]]
+
+
+def profile_chunked(shapes, out: list) -> None:
+    """One ``msa_paged_attention`` chunked-prefill call (:mod:`msattn.bench.chunked`) per shape:
+    its eager time (host work included), the CUDA time of each of its kernels and their count."""
+    from msattn.bench import chunked
+
+    settings = chunked.ChunkedSettings(op="prefill-chunked", device=torch.device("cuda"),
+                                       config=CONFIG, shapes=tuple(shapes), dtype=torch.bfloat16,
+                                       backend="triton", warmup=3, repeats=20, time_budget_s=2.0)
+    for shape in shapes:
+        x = chunked.make_inputs(settings, shape)
+        call = lambda x: chunked._msa(settings, shape[1], x)  # noqa: E731
+        eager_ms = _time(call, x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            call(x)
+            torch.cuda.synchronize()
+        kernels = _kernel_times(prof, 1e3, name_chars=90, digits=4)  # ms
+        launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        name = chunked.shape_name(shape)
+        print(f"chunked {name}: eager {eager_ms:.3f} ms, kernels {sum(kernels.values()):.3f} ms "
+              f"in {launches} launches", flush=True)
+        for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+            print(f"  {ms:10.4f} ms  {kernel}", flush=True)
+        host = _host_profile(lambda: call(x))
+        print("  host (cProfile, us a call, cumulative):", flush=True)
+        for us, function in host:
+            print(f"  {us:10.1f} us  {function}", flush=True)
+        out.append({"kind": "chunked-profile", "shape": name, "eager_ms": eager_ms,
+                    "launches": launches, "kernels_ms": kernels, "host_us": host})
         del x
         release_memory(torch.device("cuda"))
 
@@ -518,7 +580,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m msattn.bench.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("profile", "attention", "indexer", "decode", "backward",
-                                         "train", "loss", "prefill-designs"))
+                                         "train", "loss", "prefill-designs", "chunked"))
     parser.add_argument("--lengths", type=parse_lengths, default=(128 << 10,))
     parser.add_argument("--length", type=parse_length, default=128 << 10)
     parser.add_argument("--chunk-rows", default="0", help="comma-separated; 0 = the default")
@@ -527,6 +589,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", type=lambda t: [parse_shape(x) for x in t.split(",")],
                         default=[(1, 1, 64 << 10), (1, 1, 1 << 20)],
                         help="decode: requests x tokens x context, e.g. 1x1x64k,4x16x128k")
+    parser.add_argument("--chunk-shapes", default="1x512x16k,1x2kx64k,1x16kx1m",
+                        help="chunked: requests x chunk x prefix, e.g. 1x512x16k,4x2kx64k")
     parser.add_argument("--index-dtypes", default="bf16,fp8,nvfp4,fp8-kv",
                         help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches)")
     parser.add_argument("--profile-only", action="store_true",
@@ -561,6 +625,10 @@ def main(argv=None) -> int:
                        dataclasses.replace(configs[0], atomic_dq_chunk_bytes=1 << 29),
                        dataclasses.replace(configs[0], dq_mode="query")]
         sweep_backward(args.length, configs, rows)
+    elif args.what == "chunked":
+        from msattn.bench.cli import parse_chunk_shapes
+
+        profile_chunked(parse_chunk_shapes(args.chunk_shapes), rows)
     elif args.what == "prefill-designs":
         sweep_prefill_designs(args.lengths, rows)
     elif args.what == "loss":

@@ -1,6 +1,9 @@
 """The selection inverted to a CSR: for every (group, key block), the (query token, slot) entries
-that chose it. Built on the GPU with sorts and searches only (no host synchronisation); the
-KV-outer sparse-attention forward and its backward both walk it.
+that chose it. Built on the GPU without host synchronisation: what every chunk of query rows
+shares once a call (:func:`csr_layout`), then per chunk two small Triton kernels, one sort and two
+searches (seven launches: the host's launch time, not the GPU, bounded short prefills when this
+took some forty torch operations a chunk). The KV-outer sparse-attention forward and its backward
+both walk it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 
 @dataclass
@@ -45,6 +49,28 @@ class BlockCSR:
     max_programs: int
 
 
+@dataclass
+class CSRLayout:
+    """What the CSRs of all chunks of query rows of one call share (built once a call).
+
+    Attributes:
+        row_position: ``[total_q]`` int32 position of each query row in its sequence.
+        row_block_offset: ``[total_q]`` int32 global id of the first key block of the row's
+            sequence.
+        block_key_start, block_position, block_num_keys: as in :class:`BlockCSR`.
+        bucket_ids: ``[num_buckets + 1]`` int32 ``0, 1, ..., num_buckets`` (searched for).
+        num_blocks: global key blocks of the batch (an upper bound).
+    """
+
+    row_position: torch.Tensor
+    row_block_offset: torch.Tensor
+    block_key_start: torch.Tensor
+    block_position: torch.Tensor
+    block_num_keys: torch.Tensor
+    bucket_ids: torch.Tensor
+    num_blocks: int
+
+
 def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_start: int,
                   row_end: int) -> torch.Tensor:
     """Absolute position (int64 ``[row_end - row_start]``) of each query row in its sequence."""
@@ -55,10 +81,87 @@ def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_st
     return rows - cu_seqlens_q[seq].long() + (len_k - len_q)[seq]
 
 
+def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, total_q: int,
+               num_groups: int, block_size: int, total_k: int,
+               block_table: torch.Tensor | None = None) -> CSRLayout:
+    """The part of :func:`build_block_csr` that does not depend on the chunk of rows (see
+    :class:`CSRLayout`; arguments as there, ``total_q`` the rows of ``indices``)."""
+    device = cu_seqlens_q.device
+    batch = cu_seqlens_q.numel() - 1
+    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    if block_table is None:
+        num_blocks = total_k // block_size + batch  # bound on the blocks of all sequences
+        seq_blocks = (len_k + block_size - 1) // block_size
+    else:
+        num_blocks = batch * block_table.shape[1]
+        seq_blocks = torch.full_like(len_k, block_table.shape[1])
+    block_offset = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+    torch.cumsum(seq_blocks, 0, out=block_offset[1:])
+    seq = torch.searchsorted(cu_seqlens_q[1:], torch.arange(total_q, device=device),
+                             right=True).clamp_max(batch - 1)
+
+    global_block = torch.arange(num_blocks, device=device)
+    block_seq = torch.searchsorted(block_offset[1:], global_block, right=True).clamp_max(batch - 1)
+    block_position = (global_block - block_offset[block_seq]) * block_size
+    block_num_keys = (len_k[block_seq] - block_position).clamp(0, block_size)
+    block_num_keys = torch.where(global_block < block_offset[-1], block_num_keys, 0)
+    if block_table is None:
+        block_key_start = cu_seqlens_k[block_seq].long() + block_position
+    else:  # page ids; blocks past a sequence's pages have no keys and are never dereferenced
+        block_key_start = torch.where(block_num_keys > 0, block_table.flatten().long(), 0)
+    return CSRLayout(
+        row_position=row_positions(cu_seqlens_q, cu_seqlens_k, 0, total_q).to(torch.int32),
+        row_block_offset=block_offset[seq].to(torch.int32),
+        block_key_start=block_key_start.to(torch.int32),
+        block_position=block_position.to(torch.int32),
+        block_num_keys=block_num_keys.to(torch.int32),
+        bucket_ids=torch.arange(num_groups * num_blocks + 1, dtype=torch.int32, device=device),
+        num_blocks=num_blocks)
+
+
+# One program: BLOCK consecutive (group, chunk row, slot) entries of the selection of chunk rows
+# [row_start, row_start + rows); entry e = (g * rows + r) * TOPK + slot. Writes bucket [entries]
+# int32: g * num_blocks + the global id of the chosen block when that block has a key at or before
+# the row (the kernels' rule too), else num_buckets (sorts last). Grid: (cdiv(entries, BLOCK),).
+@triton.jit
+def _bucket_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, bucket_ptr,
+                   stride_indices_group, stride_indices_token, row_start, rows, num_entries,
+                   num_blocks, num_buckets, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = entry < num_entries
+    slot = entry % TOPK
+    group = entry // TOPK // rows
+    token = row_start + (entry // TOPK) % rows
+    chosen = tl.load(indices_ptr + group.to(tl.int64) * stride_indices_group
+                     + token.to(tl.int64) * stride_indices_token + slot, mask=mask, other=-1)
+    position = tl.load(row_position_ptr + token, mask=mask, other=0)
+    offset = tl.load(row_block_offset_ptr + token, mask=mask, other=0)
+    valid = (chosen >= 0) & (chosen * BLOCK_SIZE <= position)
+    tl.store(bucket_ptr + entry, tl.where(valid, group * num_blocks + offset + chosen, num_buckets),
+             mask=mask)
+
+
+# One program: BLOCK buckets. From bucket_start [num_buckets + 1] writes programs [num_buckets + 1]
+# int32: programs[0] = 0, programs[b + 1] = the programs bucket b needs (ceil of its entries x
+# GROUP_SIZE rows over ROWS_PER_PROGRAM), whose prefix sums are the buckets' first programs.
+# Grid: (cdiv(num_buckets + 1, BLOCK),).
+@triton.jit
+def _bucket_programs_kernel(bucket_start_ptr, programs_ptr, num_buckets, GROUP_SIZE: tl.constexpr,
+                            ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
+    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # programs[slot]: bucket slot - 1
+    inside = (slot >= 1) & (slot <= num_buckets)
+    count = (tl.load(bucket_start_ptr + slot, mask=inside, other=0)
+             - tl.load(bucket_start_ptr + slot - 1, mask=inside, other=0))
+    programs = (count * GROUP_SIZE + ROWS_PER_PROGRAM - 1) // ROWS_PER_PROGRAM
+    tl.store(programs_ptr + slot, programs, mask=slot <= num_buckets)
+
+
 def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                     *, block_size: int, total_k: int, row_start: int, row_end: int,
                     group_size: int, block_m: int, tiles_per_program: int,
-                    block_table: torch.Tensor | None = None) -> BlockCSR:
+                    block_table: torch.Tensor | None = None,
+                    layout: CSRLayout | None = None) -> BlockCSR:
     """Invert the selection of query rows ``[row_start, row_end)`` (see :class:`BlockCSR`).
 
     Args:
@@ -69,59 +172,39 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
         block_table: int32 ``[B, max_pages]`` for paged K/V (one page per block); then
             ``block_key_start`` holds page ids and sequence ``b`` owns global blocks
             ``b * max_pages ...``.
+        layout: :func:`csr_layout` of the same call, shared by its chunks (built when None).
+    Seven launches a chunk, none of which reads anything on the host.
     """
     device = indices.device
-    num_groups, _, topk = indices.shape
-    batch = cu_seqlens_q.numel() - 1
+    num_groups, total_q, topk = indices.shape
+    if layout is None:
+        layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
+                            block_size=block_size, total_k=total_k, block_table=block_table)
     rows = row_end - row_start
-    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
-    if block_table is None:
-        num_blocks = total_k // block_size + batch  # bound on the blocks of all sequences
-        seq_blocks = (len_k + block_size - 1) // block_size
-    else:
-        num_blocks = batch * block_table.shape[1]
-        seq_blocks = torch.full_like(len_k, block_table.shape[1])
-    num_buckets = num_groups * num_blocks
-    block_offset = torch.zeros(batch + 1, dtype=torch.int64, device=device)
-    torch.cumsum(seq_blocks, 0, out=block_offset[1:])
-
-    position = row_positions(cu_seqlens_q, cu_seqlens_k, row_start, row_end)
-    seq = torch.searchsorted(cu_seqlens_q[1:], torch.arange(row_start, row_end, device=device),
-                             right=True).clamp_max(batch - 1)
-    chosen = indices[:, row_start:row_end].long()  # [G, rows, topk]
-    # An entry counts when its block has a key at or before the query (the kernels' rule too).
-    valid = (chosen >= 0) & (chosen * block_size <= position[None, :, None])
-    group = torch.arange(num_groups, device=device)[:, None, None]
-    bucket = group * num_blocks + block_offset[seq][None, :, None] + chosen
-    bucket = torch.where(valid, bucket, num_buckets).flatten()  # invalid entries sort last
-    sorted_bucket, order = torch.sort(bucket, stable=True)
-    bucket_start = torch.searchsorted(sorted_bucket, torch.arange(num_buckets + 1, device=device))
-    counts = bucket_start[1:] - bucket_start[:-1]
+    num_buckets = num_groups * layout.num_blocks
+    num_entries = num_groups * rows * topk
+    bucket = torch.empty(num_entries, dtype=torch.int32, device=device)
+    if num_entries:
+        _bucket_kernel[(triton.cdiv(num_entries, 1024),)](
+            indices, layout.row_position, layout.row_block_offset, bucket, indices.stride(0),
+            indices.stride(1), row_start, rows, num_entries, layout.num_blocks, num_buckets,
+            TOPK=topk, BLOCK_SIZE=block_size, BLOCK=1024)
+    sorted_bucket, order = torch.sort(bucket, stable=True)  # invalid entries last
+    bucket_start = torch.searchsorted(sorted_bucket, layout.bucket_ids, out_int32=True)
     rows_per_program = block_m * tiles_per_program
-    programs = (counts * group_size + rows_per_program - 1) // rows_per_program
-    program_start = torch.zeros(num_buckets + 1, dtype=torch.int64, device=device)
-    torch.cumsum(programs, 0, out=program_start[1:])
-    max_programs = (triton.cdiv(num_groups * rows * topk * group_size, rows_per_program)
-                    + num_buckets)
-    # program -> bucket without a host sync: mark each bucket's first program, prefix-sum.
-    marks = torch.zeros(max_programs + 1, dtype=torch.int32, device=device)
-    marks.index_add_(0, program_start[:-1], torch.ones(num_buckets, dtype=torch.int32, device=device))
-    program_bucket = torch.cumsum(marks, 0, dtype=torch.int32) - 1
-
-    global_block = torch.arange(num_blocks, device=device)
-    block_seq = torch.searchsorted(block_offset[1:], global_block, right=True).clamp_max(batch - 1)
-    local_block = global_block - block_offset[block_seq]
-    block_position = local_block * block_size
-    block_num_keys = (len_k[block_seq] - block_position).clamp(0, block_size)
-    block_num_keys = torch.where(global_block < block_offset[-1], block_num_keys, 0)
-    if block_table is None:
-        block_key_start = cu_seqlens_k[block_seq].long() + block_position
-    else:  # page ids; blocks past a sequence's pages have no keys and are never dereferenced
-        block_key_start = torch.where(block_num_keys > 0, block_table.flatten().long(), 0)
-
+    programs = torch.empty(num_buckets + 1, dtype=torch.int32, device=device)
+    _bucket_programs_kernel[(triton.cdiv(num_buckets + 1, 1024),)](
+        bucket_start, programs, num_buckets, GROUP_SIZE=group_size,
+        ROWS_PER_PROGRAM=rows_per_program, BLOCK=1024)
+    program_start = torch.cumsum(programs, 0, dtype=torch.int32)
+    max_programs = triton.cdiv(num_entries * group_size, rows_per_program) + num_buckets
+    # program -> the last bucket starting at or before it (no host sync)
+    program_ids = torch.arange(max_programs + 1, dtype=torch.int32, device=device)
+    program_bucket = torch.searchsorted(program_start[:-1], program_ids, right=True,
+                                        out_int32=True) - 1
     return BlockCSR(
-        entries=order.to(torch.int32), bucket_start=bucket_start.to(torch.int32),
-        program_start=program_start.to(torch.int32), program_bucket=program_bucket,
-        block_key_start=block_key_start.to(torch.int32),
-        block_position=block_position.to(torch.int32), block_num_keys=block_num_keys.to(torch.int32),
-        row_position=position.to(torch.int32), num_blocks=num_blocks, max_programs=max_programs)
+        entries=order.to(torch.int32), bucket_start=bucket_start, program_start=program_start,
+        program_bucket=program_bucket, block_key_start=layout.block_key_start,
+        block_position=layout.block_position, block_num_keys=layout.block_num_keys,
+        row_position=layout.row_position[row_start:row_end], num_blocks=layout.num_blocks,
+        max_programs=max_programs)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.selection_csr import build_block_csr
+from msattn.ops.selection_csr import build_block_csr, csr_layout
 from msattn.ops.utils import LOG2E, dot_options, finish_softmax, mma
 
 # Memory for the partial outputs of one chunk of query rows.
@@ -301,12 +301,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     block_m = max(16, min(config.block_m, config.block_m * 128 // block_size))
     block_d = triton.next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
+    layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
+                        block_size=block_size, total_k=k.shape[0], block_table=block_table)
     for row_start, row_end, partial_o, partial_lse in workspace.chunks():
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                               total_k=k.shape[0], row_start=row_start, row_end=row_end,
                               group_size=group_size, block_m=block_m,
-                              tiles_per_program=config.tiles_per_program, block_table=block_table)
+                              tiles_per_program=config.tiles_per_program, layout=layout)
         num_buckets = num_groups * csr.num_blocks
         _block_attention_kernel[(csr.max_programs,)](
             q_ptr=q, k_ptr=k, v_ptr=v, k_scale_ptr=k_scale, v_scale_ptr=v_scale, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.selection_csr import build_block_csr, row_positions
+from msattn.ops.selection_csr import build_block_csr, csr_layout, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
 from msattn.ops.utils import dot_options, mma
 
@@ -479,11 +479,13 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else \
                 torch.empty((chunk_rows,) + q.shape[1:], dtype=torch.float32, device=device)
         split_slot = None
+        layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
+                            block_size=block_size, total_k=total_k)
         for row_start, row_end in chunks:
             csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                                   total_k=total_k, row_start=row_start, row_end=row_end,
                                   group_size=group_size, block_m=config.block_m,
-                                  tiles_per_program=tiles_per_program)
+                                  tiles_per_program=tiles_per_program, layout=layout)
             if always_split:
                 split_slot = torch.arange(num_buckets, dtype=torch.int32, device=device)
             elif can_split:
