@@ -129,7 +129,7 @@ def test_csr_programs_and_shared_layout():
         start = csr.program_start.long()
         counts = (csr.bucket_start[1:] - csr.bucket_start[:-1]).long()
         assert torch.equal(start[1:] - start[:-1], (counts * 2 + 15) // 16)
-        programs = torch.arange(int(start[-1]))
+        programs = torch.arange(int(start[-1]), device=start.device)
         bucket = csr.program_bucket[:programs.numel()].long()
         assert ((start[bucket] <= programs) & (programs < start[bucket + 1])).all()
         assert csr.program_bucket.numel() == csr.max_programs + 1 >= int(start[-1])

@@ -514,10 +514,8 @@ def _quantize_rows_fp8(q, EMULATE: tl.constexpr):
     grid: 3 mantissa bits for normals, multiples of 2^-9 below 2^-6."""
     q32 = q.to(tl.float32)
     row_abs_max = tl.max(tl.abs(q32), axis=1)
-    # IEEE divisions (div_rn), as torch's: the GPU's default float32 "/" is approximate, which
-    # moves values that sit at an e4m3 rounding midpoint to the other side of it.
-    row_scale = tl.where(row_abs_max > 0, tl.math.div_rn(row_abs_max, 448.0), 1.0)
-    x = tl.math.div_rn(q32, row_scale[:, None])
+    row_scale = tl.where(row_abs_max > 0, row_abs_max / 448.0, 1.0)
+    x = q32 / row_scale[:, None]
     if EMULATE:
         bits = x.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # 23 -> 3 mantissa bits
