@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import statistics
@@ -164,7 +165,7 @@ def profile_chunked(shapes, out: list) -> None:
                                        backend="triton", warmup=3, repeats=20, time_budget_s=2.0)
     for shape in shapes:
         x = chunked.make_inputs(settings, shape)
-        call = lambda x: chunked._msa(settings, shape[1], x)  # noqa: E731
+        call = functools.partial(chunked._msa, settings, shape[1])
         eager_ms = _time(call, x)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
