@@ -23,6 +23,8 @@ from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, ch
                             softmax_scale_or_default)
 from msattn.dispatch import DECODE_MAX_QUERY_LEN
 
+NVFP4_DTYPE = torch.uint8  # dtype of a 4-bit index cache (two e2m1 codes a byte)
+
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks
@@ -183,6 +185,8 @@ class MSAPagedWrapper:
                                   page_size=128)
         wrapper.plan(cu_seqlens_q, max_pages=block_table.shape[1])  # kv_dtype=torch.float8_e4m3fn
         o = wrapper.run(q, qi, k_cache, v_cache, index_cache, block_table, seq_lens)  # k_scale=...
+        # 4-bit index keys (msattn.ops.nvfp4.quantize_nvfp4): plan(..., index_dtype=torch.uint8),
+        # run(..., index_scale=token_scale_cache, index_block_scale=block_scale_cache)
     """
 
     def __init__(self, *, num_heads: int, num_kv_heads: int, head_dim: int, index_dim: int,
@@ -216,7 +220,10 @@ class MSAPagedWrapper:
             max_pages: width of the ``block_table`` that ``run()`` will get.
             dtype: dtype of q and of the output; kv_dtype: of the K/V caches, ``dtype`` when None
                 or float8_e4m3fn (then ``dtype`` fp16/bf16, and ``run()`` takes ``k_scale``,
-                ``v_scale``); index_dtype: of the index cache (fp8 allowed).
+                ``v_scale``); index_dtype: of the index cache: fp16/bf16/fp32, float8_e4m3fn
+                (``run(index_scale=)``), or torch.uint8 for 4-bit keys (:mod:`msattn.ops.nvfp4`:
+                an index cache ``[num_pages, page_size, Di / 2]`` of e2m1 codes, ``run()`` then
+                takes ``index_block_scale`` and ``index_scale``; Di a multiple of 16, at least 32).
             selection_config: an :class:`msattn.ops.indexer.IndexerConfig` instead of the tuned
                 one, for tuning.
             attention_config: a :class:`msattn.ops.paged_attention.PagedAttentionConfig` instead
@@ -227,7 +234,7 @@ class MSAPagedWrapper:
                 4 warps; see benchmarks/README.md).
         """
         from msattn.ops import paged_attention
-        from msattn.ops.indexer import plan_selection
+        from msattn.ops.indexer import PageTopkConfig, plan_selection
 
         if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("MSAPagedWrapper.plan() allocates and reads cu_seqlens_q on the "
@@ -239,7 +246,14 @@ class MSAPagedWrapper:
         if kv_dtype == FP8_DTYPE and dtype == torch.float32:
             raise TypeError("kv_dtype float8_e4m3fn needs dtype float16 or bfloat16 (the queries), "
                             "got float32")
-        check_dtype_choice("index_dtype", index_dtype, INDEX_DTYPES)
+        check_dtype_choice("index_dtype", index_dtype, (*INDEX_DTYPES, NVFP4_DTYPE))
+        if index_dtype == NVFP4_DTYPE and (self.index_dim < 32 or self.index_dim % 16):
+            raise ValueError("4-bit index keys (index_dtype torch.uint8) need index_dim a multiple "
+                             f"of 16 and at least 32, got {self.index_dim}")
+        if index_dtype == NVFP4_DTYPE and selection_config is not None and \
+                not isinstance(selection_config, PageTopkConfig):
+            raise ValueError("4-bit index keys are read by the decode selection only: "
+                             "selection_config must be a PageTopkConfig or None")
         cu = cu_seqlens_q.tolist()
         lengths = [y - x for x, y in zip(cu, cu[1:])]
         if not lengths or cu[0] != 0 or min(lengths) < 0:
@@ -264,14 +278,17 @@ class MSAPagedWrapper:
         self._plan = (dtype, kv_dtype, index_dtype)
 
     def run(self, q, qi, k_cache, v_cache, index_cache, block_table, seq_lens, *, index_scale=None,
-            k_scale=None, v_scale=None, out: torch.Tensor | None = None,
+            index_block_scale=None, k_scale=None, v_scale=None, out: torch.Tensor | None = None,
             lse: torch.Tensor | None = None, return_lse: bool = False):
         """One MSA step for the planned layout: ``q [total_q, H, D]``, ``qi [total_q, G, Di]``,
         the caches, ``block_table [B, max_pages]`` and ``seq_lens [B]`` (see the module doc).
 
         Args:
-            index_scale: with an fp8 index cache; k_scale, v_scale: float32 ``[]`` or ``[G]``
-                with fp8 K/V caches (see :func:`msa_paged_attention`).
+            index_scale: with an fp8 index cache (float32 ``[num_pages, page_size]``), or the
+                token scales of a 4-bit one; index_block_scale: with a 4-bit index cache,
+                float8_e4m3fn ``[num_pages, page_size, Di / 16]`` (:mod:`msattn.ops.nvfp4`);
+                k_scale, v_scale: float32 ``[]`` or ``[G]`` with fp8 K/V caches (see
+                :func:`msa_paged_attention`).
             out: ``[total_q, H, D]`` in the planned dtype, where ``o`` goes (as in FlashInfer), so
                 that one plan serves every layer of a model; default: the wrapper's own buffer,
                 which the next ``run()`` overwrites.
@@ -299,7 +316,8 @@ class MSAPagedWrapper:
         run_selection(self.selection_plan, qi, index_cache, self.cu_seqlens_q, seq_lens,
                       block_size=self.page_size, init_blocks=self.init_blocks,
                       local_blocks=self.local_blocks, block_table=block_table,
-                      index_scale=index_scale, out=self.indices)
+                      index_scale=index_scale, index_block_scale=index_block_scale,
+                      out=self.indices)
         paged_attention.run_paged_attention(
             self.attention_plan, q, k_cache, v_cache, self.indices, block_table, self.cu_seqlens_q,
             seq_lens, softmax_scale=self.softmax_scale, out=(o, lse), k_scale=k_scale,

@@ -16,6 +16,7 @@ from msattn.backends import triton as triton_backend
 from msattn.cache import (dequantize_index_keys, dequantize_kv, gather_paged, quantize_index_keys,
                           quantize_kv, write_paged_cache)
 from msattn.ops.indexer import launch_config, select_blocks_paged
+from msattn.ops.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from msattn.ops.paged_attention import (PagedAttentionConfig, plan_paged_attention,
                                         run_paged_attention)
 from tests.kernel_cases import (DEVICE, assert_selection_matches, cu_seqlens, paginate,
@@ -283,6 +284,44 @@ def test_wrapper_shared_pages_attention_config():
     assert not wrapper.attention_plan.split
     o, lse = wrapper.run(*args, return_lse=True)
     _check(o, lse, expected_o.float(), expected_lse)
+
+
+def test_wrapper_4bit_index_keys():
+    """plan(index_dtype=torch.uint8) with 4-bit index keys (msattn.ops.nvfp4): the wrapper
+    selects what the dequantised keys select (float near-ties aside) and attends over that
+    selection as the reference does; plan() refuses index dims the format cannot hold."""
+    lens_q, lens_k = [1, 4, 2], [300, 45, 160]
+    c = _case(lens_q, lens_k, 8, 2, 32, 32, 16, torch.bfloat16, seed=8)
+    packed, block_scale, token_scale = quantize_nvfp4(c["ki"])
+    dequantised = dequantize_nvfp4(packed, block_scale, token_scale)
+    caches = []
+    for contiguous, fill in ((packed, 0), (block_scale, 0.0), (token_scale, 0.0)):
+        generator = torch.Generator().manual_seed(8 + 100)  # _case's page order
+        caches.append(paginate(contiguous, c["cu_k"], 16, generator=generator, fill=fill)[0])
+    index_cache, index_block_scale, index_scale = caches
+    kwargs = dict(topk=4, init_blocks=1, local_blocks=1)
+    wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=32,
+                                     page_size=16, device=DEVICE, backend="triton", **kwargs)
+    wrapper.plan(c["cu_q"], c["block_table"].shape[1], index_dtype=torch.uint8)
+    wrapper.indices.fill_(12345)
+    o, lse = wrapper.run(c["q"], c["qi"], c["k_cache"], c["v_cache"], index_cache,
+                         c["block_table"], c["seq_lens"], index_scale=index_scale,
+                         index_block_scale=index_block_scale, return_lse=True)
+    expected = reference.select_blocks(c["qi"], dequantised, c["cu_q"], c["cu_k"], block_size=16,
+                                       **kwargs)
+    assert_selection_matches(wrapper.indices, expected, c["qi"], dequantised, c["cu_q"], c["cu_k"],
+                             block_size=16, rel_tol=1e-5)
+    expected_o, expected_lse = reference.sparse_attention(
+        c["q"], c["k"], c["v"], wrapper.indices, c["cu_q"], c["cu_k"], block_size=16,
+        softmax_scale=32 ** -0.5)
+    _check(o, lse, expected_o, expected_lse)
+    with pytest.raises(ValueError, match="missing|index_block_scale"):
+        wrapper.run(c["q"], c["qi"], c["k_cache"], c["v_cache"], index_cache, c["block_table"],
+                    c["seq_lens"], index_scale=index_scale)
+    narrow = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=16,
+                                    page_size=16, device=DEVICE, backend="triton")
+    with pytest.raises(ValueError, match="4-bit index keys"):
+        narrow.plan(c["cu_q"], 8, index_dtype=torch.uint8)
 
 
 def test_wrapper_rejects_long_query_runs():
