@@ -16,6 +16,7 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPE = torch.float8_e4m3fn
 INDEX_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)
+NVFP4_DTYPE = torch.uint8  # a 4-bit index cache: two e2m1 codes a byte (msattn.ops.nvfp4)
 KV_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)  # K/V caches: fp8 with k_scale / v_scale
 
 
@@ -148,9 +149,28 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, *,
             max(b - a for a, b in zip(values_k, values_k[1:])))
 
 
-def check_index_scale(index_cache: torch.Tensor, index_scale) -> None:
+def check_index_scale(index_cache: torch.Tensor, index_scale, index_block_scale=None) -> None:
     """The fp8 rule: a float8_e4m3fn ``index_cache [num_pages, page_size, Di]`` needs a float32
-    ``index_scale [num_pages, page_size]`` (key = value x scale); other index dtypes take none."""
+    ``index_scale [num_pages, page_size]`` (key = value x scale). The 4-bit rule: a uint8
+    ``index_cache [num_pages, page_size, Di / 2]`` needs float8_e4m3fn ``index_block_scale
+    [num_pages, page_size, Di / 16]`` and the token scales ``index_scale`` (as for fp8). Other
+    index dtypes take neither."""
+    if index_cache.dtype == NVFP4_DTYPE:
+        if index_block_scale is None or index_scale is None:
+            raise ValueError("a 4-bit (uint8) index_cache [num_pages, page_size, Di / 2] needs "
+                             "index_block_scale [num_pages, page_size, Di / 16] float8_e4m3fn and "
+                             "index_scale [num_pages, page_size] float32 (msattn.ops.nvfp4)")
+        check_tensor("index_block_scale", index_block_scale, 3,
+                     "[num_pages, page_size, Di / 16]", (FP8_DTYPE,))
+        check_shape("index_block_scale", index_block_scale,
+                    (*index_cache.shape[:2], index_cache.shape[2] // 8),
+                    "[num_pages, page_size, Di / 16] (index_cache is [num_pages, page_size, Di / 2])")
+        check_tensor("index_scale", index_scale, 2, "[num_pages, page_size]", (torch.float32,))
+        check_shape("index_scale", index_scale, index_cache.shape[:2], "[num_pages, page_size]")
+        return
+    if index_block_scale is not None:
+        raise ValueError("index_block_scale is only used with a 4-bit (uint8) index_cache; got "
+                         f"it with a {dtype_name(index_cache.dtype)} index_cache")
     if index_cache.dtype == FP8_DTYPE:
         if index_scale is None:
             raise ValueError("index_scale [num_pages, page_size] float32 is required with a "

@@ -22,14 +22,15 @@ implementation that computes output shapes from input shapes alone (the selectio
                                                                            Tensor dv)
     msattn::paged_select(Tensor qi, Tensor index_cache, Tensor block_table, Tensor cu_seqlens_q,
                          Tensor seq_lens, SymInt topk, SymInt init_blocks, SymInt local_blocks,
-                         Tensor? index_scale, SymInt max_seqlen_q, str backend) -> Tensor
-        # as msattn.msa_paged_select
+                         Tensor? index_scale, SymInt max_seqlen_q, str backend,
+                         Tensor? index_block_scale=None) -> Tensor
+        # as msattn.msa_paged_select (4-bit index keys with index_block_scale)
     msattn::paged_attention(Tensor q, Tensor qi, Tensor k_cache, Tensor v_cache,
                             Tensor index_cache, Tensor block_table, Tensor cu_seqlens_q,
                             Tensor seq_lens, SymInt topk, SymInt init_blocks, SymInt local_blocks,
                             float softmax_scale, Tensor? index_scale, SymInt max_seqlen_q,
-                            str backend, Tensor? k_scale=None, Tensor? v_scale=None)
-                            -> (Tensor o, Tensor lse)
+                            str backend, Tensor? k_scale=None, Tensor? v_scale=None,
+                            Tensor? index_block_scale=None) -> (Tensor o, Tensor lse)
         # as msattn.msa_paged_attention(..., return_lse=True); forward only; fp8 K/V caches
         # with float32 k_scale, v_scale [] or [G]
 
@@ -221,18 +222,19 @@ def _backward(ctx, do, dlse):
 def _paged_select_impl(qi: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
                        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, topk: int,
                        init_blocks: int, local_blocks: int, index_scale: Optional[torch.Tensor],
-                       max_seqlen_q: int, backend: str) -> torch.Tensor:
+                       max_seqlen_q: int, backend: str,
+                       index_block_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     path = dispatch.paged_path(backend, qi.device, page_size=index_cache.shape[1],
                                index_dim=qi.shape[2])
     with torch.no_grad():
         return path.select_impl().paged_select(
             qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
             init_blocks=init_blocks, local_blocks=local_blocks, index_scale=index_scale,
-            max_seqlen_q=max_seqlen_q)
+            index_block_scale=index_block_scale, max_seqlen_q=max_seqlen_q)
 
 
 def _paged_select_fake(qi, index_cache, block_table, cu_seqlens_q, seq_lens, topk, init_blocks,
-                       local_blocks, index_scale, max_seqlen_q, backend):
+                       local_blocks, index_scale, max_seqlen_q, backend, index_block_scale=None):
     return qi.new_empty((qi.shape[1], qi.shape[0], topk), dtype=torch.int32)
 
 
@@ -242,20 +244,23 @@ def _paged_attention_impl(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tens
                           seq_lens: torch.Tensor, topk: int, init_blocks: int, local_blocks: int,
                           softmax_scale: float, index_scale: Optional[torch.Tensor],
                           max_seqlen_q: int, backend: str, k_scale: Optional[torch.Tensor] = None,
-                          v_scale: Optional[torch.Tensor] = None
+                          v_scale: Optional[torch.Tensor] = None,
+                          index_block_scale: Optional[torch.Tensor] = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         o, lse = run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table,
                                      cu_seqlens_q, seq_lens, topk=topk, init_blocks=init_blocks,
                                      local_blocks=local_blocks, softmax_scale=softmax_scale,
                                      index_scale=index_scale, max_seqlen_q=max_seqlen_q,
-                                     backend=backend, k_scale=k_scale, v_scale=v_scale)
+                                     backend=backend, k_scale=k_scale, v_scale=v_scale,
+                                     index_block_scale=index_block_scale)
     return o, lse
 
 
 def _paged_attention_fake(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
                           seq_lens, topk, init_blocks, local_blocks, softmax_scale, index_scale,
-                          max_seqlen_q, backend, k_scale=None, v_scale=None):
+                          max_seqlen_q, backend, k_scale=None, v_scale=None,
+                          index_block_scale=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -326,11 +331,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
 def paged_select(qi: torch.Tensor, index_cache: torch.Tensor, block_table: torch.Tensor,
                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, max_seqlen_q: int,
                  topk: int = 16, init_blocks: int = 0, local_blocks: int = 1,
-                 index_scale: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+                 index_scale: torch.Tensor | None = None,
+                 index_block_scale: torch.Tensor | None = None,
+                 backend: str = "auto") -> torch.Tensor:
     """``torch.ops.msattn.paged_select``: :func:`msattn.msa_paged_select`, unchecked."""
     return torch.ops.msattn.paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
                                          topk, init_blocks, local_blocks, index_scale,
-                                         max_seqlen_q, backend)
+                                         max_seqlen_q, backend, index_block_scale)
 
 
 def paged_attention(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor,
@@ -339,6 +346,7 @@ def paged_attention(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor,
                     topk: int = 16, init_blocks: int = 0, local_blocks: int = 1,
                     softmax_scale: float | None = None, index_scale: torch.Tensor | None = None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                    index_block_scale: torch.Tensor | None = None,
                     backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.msattn.paged_attention``: :func:`msattn.msa_paged_attention` with
     ``return_lse=True``, unchecked, forward only. Returns ``(o, lse)``."""
@@ -346,4 +354,4 @@ def paged_attention(q: torch.Tensor, qi: torch.Tensor, k_cache: torch.Tensor,
     return torch.ops.msattn.paged_attention(q, qi, k_cache, v_cache, index_cache, block_table,
                                             cu_seqlens_q, seq_lens, topk, init_blocks,
                                             local_blocks, scale, index_scale, max_seqlen_q,
-                                            backend, k_scale, v_scale)
+                                            backend, k_scale, v_scale, index_block_scale)

@@ -4,7 +4,9 @@ Cache layout (flash-attn / vLLM): ``k_cache, v_cache [num_pages, page_size, G, D
 with a contiguous last dim) in q's dtype, or float8_e4m3fn with float32 ``k_scale``, ``v_scale``
 of shape ``[]`` (per tensor) or ``[G]`` (per KV head), real K = ``k_cache.float() * k_scale``
 (q fp16/bf16), ``index_cache [num_pages, page_size, Di]`` in fp16/bf16, or
-float8_e4m3fn with ``index_scale [num_pages, page_size]`` float32 (key = value x scale). The page
+float8_e4m3fn with ``index_scale [num_pages, page_size]`` float32 (key = value x scale), or, for
+decode, 4-bit (:mod:`msattn.ops.nvfp4`): uint8 ``[num_pages, page_size, Di / 2]`` with
+``index_block_scale [num_pages, page_size, Di / 16]`` float8_e4m3fn and ``index_scale``. The page
 size is the MSA block size. ``block_table [B, max_pages]`` int32 maps request ``b``'s block ``j``
 to a page (entries past a request's pages are never read); ``seq_lens [B]`` int32 counts the
 tokens written, the new ones included; the new query tokens of request ``b`` are the last
@@ -16,31 +18,44 @@ from __future__ import annotations
 import torch
 
 from msattn import dispatch
-from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, check_batch_layout,
+from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, NVFP4_DTYPE,
+                            check_batch_layout,
                             check_batch_layout_values, check_block_size, check_dtype_choice,
                             check_index_scale, check_kv_scales, check_optional_int,
                             check_same_device, check_selection_params, check_tensor,
                             softmax_scale_or_default)
 from msattn.dispatch import DECODE_MAX_QUERY_LEN
 
-NVFP4_DTYPE = torch.uint8  # dtype of a 4-bit index cache (two e2m1 codes a byte)
-
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
 
-def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale) -> None:
+def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale,
+                  index_block_scale=None) -> None:
     """Shapes and dtypes of the selection inputs (no host synchronisation)."""
     check_tensor("qi", qi, 3, "[total_q, G, Di]")
-    check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", dtypes=INDEX_DTYPES)
-    if index_cache.shape[2] != qi.shape[2]:
+    check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]",
+                 dtypes=(*INDEX_DTYPES, NVFP4_DTYPE))
+    if index_cache.dtype == NVFP4_DTYPE:
+        if qi.shape[2] < 32 or qi.shape[2] % 16 or index_cache.shape[2] * 2 != qi.shape[2]:
+            raise ValueError(f"a 4-bit index_cache must have shape [num_pages, page_size, Di / 2] "
+                             f"with Di = {qi.shape[2]} (qi) a multiple of 16 and at least 32, got "
+                             f"{tuple(index_cache.shape)}")
+    elif index_cache.shape[2] != qi.shape[2]:
         raise ValueError(f"index_cache must have shape [num_pages, page_size, Di={qi.shape[2]}] to "
                          f"match qi, got {tuple(index_cache.shape)}")
     check_block_size(index_cache.shape[1], "page_size (index_cache.shape[1])")
-    check_index_scale(index_cache, index_scale)
+    check_index_scale(index_cache, index_scale, index_block_scale)
     check_batch_layout(block_table, cu_seqlens_q, seq_lens, index_cache.device)
-    check_same_device(qi=qi, index_cache=index_cache, index_scale=index_scale)
+    check_same_device(qi=qi, index_cache=index_cache, index_scale=index_scale,
+                      index_block_scale=index_block_scale)
+
+
+def _check_4bit_decode(index_cache, max_seqlen_q: int) -> None:
+    if index_cache.dtype == NVFP4_DTYPE and max_seqlen_q > DECODE_MAX_QUERY_LEN:
+        raise ValueError(f"4-bit index keys are read by the decode selection only: query runs of "
+                         f"at most {DECODE_MAX_QUERY_LEN} tokens, got max_seqlen_q = {max_seqlen_q}")
 
 
 def _check_lengths(total_q: int, block_table, cu_seqlens_q, seq_lens, page_size: int,
@@ -86,14 +101,17 @@ def _check_attention_layout(q, qi, k_cache, v_cache, index_cache, k_scale, v_sca
 # ----------------------------------------------------------------------------------------------
 
 def msa_paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk=16,
-                     init_blocks=0, local_blocks=1, index_scale=None, max_seqlen_q=None,
-                     backend="auto"):
+                     init_blocks=0, local_blocks=1, index_scale=None, index_block_scale=None,
+                     max_seqlen_q=None, backend="auto"):
     """MSA stage 1 against a paged index-key cache (decode and chunked prefill).
 
     Args:
         qi: ``[total_q, G, Di]`` fp16/bf16/fp32 index queries of the new tokens.
         index_cache: ``[num_pages, page_size, Di]`` fp16/bf16/fp32, or float8_e4m3fn with
-            ``index_scale [num_pages, page_size]`` float32.
+            ``index_scale [num_pages, page_size]`` float32, or 4-bit (decode: query runs of at
+            most 16 tokens; :mod:`msattn.ops.nvfp4`) uint8 ``[num_pages, page_size, Di / 2]``
+            with ``index_block_scale [num_pages, page_size, Di / 16]`` float8_e4m3fn and the
+            token scales ``index_scale``.
         block_table: int32 ``[B, max_pages]``; cu_seqlens_q: int32 ``[B + 1]``; seq_lens: int32 ``[B]``.
         topk, init_blocks, local_blocks: as :func:`msattn.msa_select`; the block size is the page size.
         max_seqlen_q: the longest query run (an int). Given, the call does not synchronise with
@@ -104,21 +122,24 @@ def msa_paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, to
         ``j``-th page), valid entries first, ``-1`` padding.
     """
     check_selection_params(topk, init_blocks, local_blocks)
-    _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale)
+    _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale,
+                  index_block_scale)
     max_seqlen_q = _check_lengths(qi.shape[0], block_table, cu_seqlens_q, seq_lens,
                                   index_cache.shape[1], index_cache.shape[0], max_seqlen_q)
+    _check_4bit_decode(index_cache, max_seqlen_q)
     path = dispatch.paged_path(backend, qi.device, page_size=index_cache.shape[1],
                                index_dim=qi.shape[2])
     return path.select_impl().paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
                                            topk=topk, init_blocks=init_blocks,
                                            local_blocks=local_blocks, index_scale=index_scale,
+                                           index_block_scale=index_block_scale,
                                            max_seqlen_q=max_seqlen_q)
 
 
 def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q, seq_lens,
                         *, topk=16, init_blocks=0, local_blocks=1, softmax_scale=None,
-                        index_scale=None, k_scale=None, v_scale=None, max_seqlen_q=None,
-                        return_lse=False, backend="auto"):
+                        index_scale=None, index_block_scale=None, k_scale=None, v_scale=None,
+                        max_seqlen_q=None, return_lse=False, backend="auto"):
     """Full MSA for new query tokens against paged K/V and index-key caches.
 
     Args:
@@ -128,30 +149,34 @@ def msa_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_se
         k_scale, v_scale: float32 ``[]`` (per tensor) or ``[G]`` (per KV head) on the caches'
             device, required with fp8 caches and None otherwise: real K = ``k_cache.float() *
             k_scale``, real V = ``v_cache.float() * v_scale``.
-        index_cache, index_scale, block_table, cu_seqlens_q, seq_lens, max_seqlen_q: as
-            :func:`msa_paged_select`.
+        index_cache, index_scale, index_block_scale, block_table, cu_seqlens_q, seq_lens,
+            max_seqlen_q: as :func:`msa_paged_select`.
         softmax_scale: defaults to ``D ** -0.5``.
     Returns:
         o ``[total_q, H, D]`` in q's dtype, or ``(o, lse)`` with lse float32 ``[total_q, H]`` when
         ``return_lse``. :func:`msattn.dispatch.paged_path` gives the path the call takes.
     """
     check_selection_params(topk, init_blocks, local_blocks)
-    _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale)
+    _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_scale,
+                  index_block_scale)
     _check_attention_layout(q, qi, k_cache, v_cache, index_cache, k_scale, v_scale)
     max_seqlen_q = _check_lengths(q.shape[0], block_table, cu_seqlens_q, seq_lens,
                                   k_cache.shape[1], k_cache.shape[0], max_seqlen_q)
+    _check_4bit_decode(index_cache, max_seqlen_q)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     o, lse = run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
                                  seq_lens, topk=topk, init_blocks=init_blocks,
                                  local_blocks=local_blocks, softmax_scale=scale,
-                                 index_scale=index_scale, k_scale=k_scale, v_scale=v_scale,
-                                 max_seqlen_q=max_seqlen_q, backend=backend)
+                                 index_scale=index_scale, index_block_scale=index_block_scale,
+                                 k_scale=k_scale, v_scale=v_scale, max_seqlen_q=max_seqlen_q,
+                                 backend=backend)
     return (o, lse) if return_lse else o
 
 
 def run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_seqlens_q, seq_lens,
                         *, topk: int, init_blocks: int, local_blocks: int, softmax_scale: float,
-                        index_scale, max_seqlen_q: int, backend: str, k_scale=None, v_scale=None):
+                        index_scale, max_seqlen_q: int, backend: str, k_scale=None, v_scale=None,
+                        index_block_scale=None):
     """:func:`msa_paged_attention` on checked inputs (no checks, no host sync): the selection,
     then the decode or the KV-outer attention, on the path of :func:`msattn.dispatch.paged_path`.
     Returns ``(o, lse)``; shared by the custom op of :mod:`msattn.library`."""
@@ -160,6 +185,7 @@ def run_paged_attention(q, qi, k_cache, v_cache, index_cache, block_table, cu_se
     indices = path.select_impl().paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
                                               topk=topk, init_blocks=init_blocks,
                                               local_blocks=local_blocks, index_scale=index_scale,
+                                              index_block_scale=index_block_scale,
                                               max_seqlen_q=max_seqlen_q)
     impl = path.attention_impl()
     attend = impl.paged_decode_attention if path.attention == "triton-decode" else impl.paged_attention

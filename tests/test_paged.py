@@ -286,35 +286,70 @@ def test_wrapper_shared_pages_attention_config():
     _check(o, lse, expected_o.float(), expected_lse)
 
 
-def test_wrapper_4bit_index_keys():
-    """plan(index_dtype=torch.uint8) with 4-bit index keys (msattn.ops.nvfp4): the wrapper
-    selects what the dequantised keys select (float near-ties aside) and attends over that
-    selection as the reference does; plan() refuses index dims the format cannot hold."""
-    lens_q, lens_k = [1, 4, 2], [300, 45, 160]
-    c = _case(lens_q, lens_k, 8, 2, 32, 32, 16, torch.bfloat16, seed=8)
+def _4bit_index_cache(c, seed):
+    """``c``'s index keys as 4-bit caches in ``c``'s page order (:func:`_case` with ``seed``):
+    ``(index_cache, index_block_scale, index_scale, dequantised contiguous keys)``."""
     packed, block_scale, token_scale = quantize_nvfp4(c["ki"])
-    dequantised = dequantize_nvfp4(packed, block_scale, token_scale)
     caches = []
     for contiguous, fill in ((packed, 0), (block_scale, 0.0), (token_scale, 0.0)):
-        generator = torch.Generator().manual_seed(8 + 100)  # _case's page order
-        caches.append(paginate(contiguous, c["cu_k"], 16, generator=generator, fill=fill)[0])
-    index_cache, index_block_scale, index_scale = caches
+        generator = torch.Generator().manual_seed(seed + 100)
+        caches.append(paginate(contiguous, c["cu_k"], c["k_cache"].shape[1], generator=generator,
+                               fill=fill)[0])
+    return (*caches, dequantize_nvfp4(packed, block_scale, token_scale))
+
+
+def test_4bit_index_keys_functional_and_wrapper():
+    """4-bit index keys (msattn.ops.nvfp4) through msa_paged_select / msa_paged_attention (both
+    backends) and MSAPagedWrapper.plan(index_dtype=torch.uint8): the Triton selection is the
+    dequantised keys' selection (float near-ties aside), the wrapper equals the functional call
+    bit for bit, the attention is the reference's over that selection; bad inputs are refused."""
+    lens_q, lens_k = [1, 4, 2], [300, 45, 160]
+    c = _case(lens_q, lens_k, 8, 2, 32, 32, 16, torch.bfloat16, seed=8)
+    index_cache, index_block_scale, index_scale, dequantised = _4bit_index_cache(c, 8)
     kwargs = dict(topk=4, init_blocks=1, local_blocks=1)
+    layout = (c["block_table"], c["cu_q"], c["seq_lens"])
+    scales = dict(index_scale=index_scale, index_block_scale=index_block_scale)
+    expected = reference.select_blocks(c["qi"], dequantised, c["cu_q"], c["cu_k"], block_size=16,
+                                       **kwargs)
+    for backend in ("reference", "triton"):
+        indices = msattn.msa_paged_select(c["qi"], index_cache, *layout, backend=backend,
+                                          **scales, **kwargs)
+        assert_selection_matches(indices, expected, c["qi"], dequantised, c["cu_q"], c["cu_k"],
+                                 block_size=16, rel_tol=1e-5)
+        o, lse = msattn.msa_paged_attention(c["q"], c["qi"], c["k_cache"], c["v_cache"],
+                                            index_cache, *layout, return_lse=True,
+                                            backend=backend, **scales, **kwargs)
+        _check(o, lse, *reference.sparse_attention(c["q"], c["k"], c["v"], indices, c["cu_q"],
+                                                   c["cu_k"], block_size=16,
+                                                   softmax_scale=32 ** -0.5))
     wrapper = msattn.MSAPagedWrapper(num_heads=8, num_kv_heads=2, head_dim=32, index_dim=32,
                                      page_size=16, device=DEVICE, backend="triton", **kwargs)
     wrapper.plan(c["cu_q"], c["block_table"].shape[1], index_dtype=torch.uint8)
     wrapper.indices.fill_(12345)
-    o, lse = wrapper.run(c["q"], c["qi"], c["k_cache"], c["v_cache"], index_cache,
-                         c["block_table"], c["seq_lens"], index_scale=index_scale,
-                         index_block_scale=index_block_scale, return_lse=True)
-    expected = reference.select_blocks(c["qi"], dequantised, c["cu_q"], c["cu_k"], block_size=16,
-                                       **kwargs)
-    assert_selection_matches(wrapper.indices, expected, c["qi"], dequantised, c["cu_q"], c["cu_k"],
-                             block_size=16, rel_tol=1e-5)
-    expected_o, expected_lse = reference.sparse_attention(
-        c["q"], c["k"], c["v"], wrapper.indices, c["cu_q"], c["cu_k"], block_size=16,
-        softmax_scale=32 ** -0.5)
-    _check(o, lse, expected_o, expected_lse)
+    got_o, got_lse = wrapper.run(c["q"], c["qi"], c["k_cache"], c["v_cache"], index_cache,
+                                 c["block_table"], c["seq_lens"], return_lse=True, **scales)
+    assert torch.equal(wrapper.indices, indices)
+    assert torch.equal(got_o, o) and torch.equal(got_lse, lse)
+    from msattn import library  # the custom ops take the block scales too
+
+    assert torch.equal(library.paged_select(c["qi"], index_cache, *layout, max_seqlen_q=4,
+                                            backend="triton", **scales, **kwargs), indices)
+    op_o, op_lse = library.paged_attention(c["q"], c["qi"], c["k_cache"], c["v_cache"],
+                                           index_cache, *layout, max_seqlen_q=4,
+                                           backend="triton", **scales, **kwargs)
+    assert torch.equal(op_o, o) and torch.equal(op_lse, lse)
+
+    with pytest.raises(ValueError, match="index_block_scale"):
+        msattn.msa_paged_select(c["qi"], index_cache, *layout, index_scale=index_scale, **kwargs)
+    with pytest.raises(ValueError, match="index_block_scale must have shape"):
+        msattn.msa_paged_select(c["qi"], index_cache, *layout, index_scale=index_scale,
+                                index_block_scale=index_block_scale[..., :1], **kwargs)
+    with pytest.raises(ValueError, match="only used with a 4-bit"):
+        msattn.msa_paged_select(c["qi"], c["index_cache"], *layout,
+                                index_block_scale=index_block_scale, **kwargs)
+    with pytest.raises(ValueError, match="decode selection only"):
+        msattn.msa_paged_select(c["qi"], index_cache, *layout, max_seqlen_q=17, **scales,
+                                **kwargs)
     with pytest.raises(ValueError, match="missing|index_block_scale"):
         wrapper.run(c["q"], c["qi"], c["k_cache"], c["v_cache"], index_cache, c["block_table"],
                     c["seq_lens"], index_scale=index_scale)

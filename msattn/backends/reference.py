@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from msattn import reference
 from msattn.cache import dequantize_index_keys, dequantize_kv, gather_paged, quantize_index_keys
+from msattn.ops.nvfp4 import dequantize_nvfp4
 
 
 def select_blocks(qi, ki, cu_seqlens_q, cu_seqlens_k, *, block_size, topk, init_blocks,
@@ -23,9 +24,12 @@ def sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, *, block_size
 
 
 def paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
-                 local_blocks, index_scale, max_seqlen_q=None):
+                 local_blocks, index_scale, max_seqlen_q=None, index_block_scale=None):
     keys, cu_seqlens_k = gather_paged(index_cache, block_table, seq_lens)
-    if index_scale is not None:  # the fp8 index path: fp8 keys against fp8 queries
+    if index_block_scale is not None:  # 4-bit keys: their dequantised values, the queries as given
+        keys = dequantize_nvfp4(keys, gather_paged(index_block_scale, block_table, seq_lens)[0],
+                                gather_paged(index_scale, block_table, seq_lens)[0])
+    elif index_scale is not None:  # the fp8 index path: fp8 keys against fp8 queries
         keys = dequantize_index_keys(keys, gather_paged(index_scale, block_table, seq_lens)[0])
         qi = reference.fp8_index_queries(qi)
     return reference.select_blocks(qi, keys, cu_seqlens_q, cu_seqlens_k,

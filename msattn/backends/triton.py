@@ -39,10 +39,11 @@ def sparse_attention(q, k, v, indices, cu_seqlens_q, cu_seqlens_k, *, block_size
 
 
 def paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, init_blocks,
-                 local_blocks, index_scale, max_seqlen_q=None):
+                 local_blocks, index_scale, max_seqlen_q=None, index_block_scale=None):
     return indexer.select_blocks_paged(qi, index_cache, block_table, cu_seqlens_q, seq_lens,
                                        topk=topk, init_blocks=init_blocks,
                                        local_blocks=local_blocks, index_scale=index_scale,
+                                       index_block_scale=index_block_scale,
                                        max_len_q=max_seqlen_q)
 
 
