@@ -7,7 +7,10 @@ Layout of one layer's caches (``page_size`` = MSA ``block_size``):
   ``torch.float8_e4m3fn`` with float32 ``k_scale``, ``v_scale`` of shape ``[]`` (per tensor) or
   ``[G]`` (per KV head): real K = ``k_cache.float() * k_scale`` (:func:`quantize_kv`);
 * ``index_cache [num_pages, page_size, Di]`` fp16 / bf16 / fp32, or ``torch.float8_e4m3fn`` with
-  ``index_scale [num_pages, page_size]`` float32: dequantised key = ``float(fp8) * scale``;
+  ``index_scale [num_pages, page_size]`` float32: dequantised key = ``float(fp8) * scale``; or
+  4-bit (decode; :mod:`msattn.ops.nvfp4`): ``torch.uint8 [num_pages, page_size, Di / 2]`` e2m1
+  codes with ``index_block_scale [num_pages, page_size, Di / 16]`` float8_e4m3fn and the token
+  scales ``index_scale``;
 * ``block_table [B, max_pages]`` int32: page ``i`` of request ``b`` is ``block_table[b, i]``;
   entries past a request's pages may hold anything (``-1`` included) and are never read;
 * ``seq_lens [B]`` int32: tokens written for request ``b``, its new tokens included;
@@ -28,10 +31,12 @@ from typing import Iterable, Sequence
 
 import torch
 
-from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, check_any_rank,
+from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, NVFP4_DTYPE,
+                            check_any_rank,
                             check_batch_layout, check_batch_layout_values, check_dtype_choice,
                             check_index_scale, check_int, check_kv_scale, check_kv_scales, check_same_device,
                             check_shape, check_tensor, dtype_name, request_pages)
+from msattn.ops.nvfp4 import quantize_nvfp4
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
@@ -141,7 +146,7 @@ def token_slots(block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens:
 
 def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_table, cu_seqlens_q,
                       seq_lens, *, index_scale=None, k_scale=None, v_scale=None,
-                      check_values=False) -> None:
+                      index_block_scale=None, check_values=False) -> None:
     """Write the new tokens' K, V and index keys into their pages (in place, through the views).
 
     Args:
@@ -149,15 +154,19 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
             ``k_scale`` / ``v_scale`` by :func:`quantize_kv` into fp8 caches), the new tokens of
             all requests in the varlen order of ``cu_seqlens_q``.
         index_keys: ``[total_q, Di]`` fp16 / bf16 / fp32; quantised per token
-            (:func:`quantize_index_keys`) when ``index_cache`` is float8_e4m3fn.
+            (:func:`quantize_index_keys`) when ``index_cache`` is float8_e4m3fn, to 4 bits
+            (:func:`msattn.ops.nvfp4.quantize_nvfp4`) when it is uint8.
         k_cache, v_cache: ``[num_pages, page_size, G, D]`` fp16 / bf16 / fp32 / float8_e4m3fn, any
             strides.
-        index_cache: ``[num_pages, page_size, Di]`` fp16 / bf16 / fp32 / float8_e4m3fn, any strides.
+        index_cache: ``[num_pages, page_size, Di]`` fp16 / bf16 / fp32 / float8_e4m3fn, or uint8
+            ``[num_pages, page_size, Di / 2]`` (4-bit), any strides.
         block_table: int32 ``[B, max_pages]``.
         cu_seqlens_q: int32 ``[B + 1]``, ``cu_seqlens_q[-1] == total_q``.
         seq_lens: int32 ``[B]``, tokens of request ``b`` after this write (new tokens included).
-        index_scale: float32 ``[num_pages, page_size]``: required with an fp8 ``index_cache``,
-            must be None otherwise.
+        index_scale: float32 ``[num_pages, page_size]``: required with an fp8 or 4-bit
+            ``index_cache``, must be None otherwise.
+        index_block_scale: float8_e4m3fn ``[num_pages, page_size, Di / 16]``: required with a
+            4-bit ``index_cache``, must be None otherwise.
         k_scale, v_scale: float32 ``[]`` or ``[G]``, the scales of fp8 K/V caches (required with
             them, None otherwise).
         check_values: also check the values of ``cu_seqlens_q``, ``seq_lens`` and the used
@@ -170,7 +179,8 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     check_tensor("k", k, 3, "[total_q, G, D]", FLOAT_DTYPES)
     check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
     check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
-    check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]", INDEX_DTYPES)
+    check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]",
+                 (*INDEX_DTYPES, NVFP4_DTYPE))
     total_q, num_groups, head_dim = k.shape
     num_pages, page_size = k_cache.shape[:2]
     check_shape("k_cache", k_cache, (num_pages, page_size, num_groups, head_dim),
@@ -185,12 +195,21 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     check_tensor("index_keys", index_keys, 2, "[total_q, Di]", FLOAT_DTYPES)
     index_dim = index_keys.shape[1]
     check_shape("index_keys", index_keys, (total_q, index_dim), "[total_q, Di] (total_q from k)")
-    check_shape("index_cache", index_cache, (num_pages, page_size, index_dim),
-                 "[num_pages, page_size, Di] (from k_cache and index_keys)")
-    check_index_scale(index_cache, index_scale)
+    four_bit = index_cache.dtype == NVFP4_DTYPE
+    if four_bit:
+        check_shape("index_cache", index_cache, (num_pages, page_size, index_dim // 2),
+                    "[num_pages, page_size, Di / 2] (4-bit; from k_cache and index_keys)")
+        if index_dim % 16:
+            raise ValueError(f"4-bit index keys need Di a multiple of 16, got index_keys "
+                             f"[total_q, {index_dim}]")
+    else:
+        check_shape("index_cache", index_cache, (num_pages, page_size, index_dim),
+                    "[num_pages, page_size, Di] (from k_cache and index_keys)")
+    check_index_scale(index_cache, index_scale, index_block_scale)
     fp8 = index_cache.dtype == FP8_DTYPE
     check_same_device(k_cache=k_cache, k=k, v=v, index_keys=index_keys, v_cache=v_cache,
-                       index_cache=index_cache, index_scale=index_scale)
+                       index_cache=index_cache, index_scale=index_scale,
+                       index_block_scale=index_block_scale)
     if cu_seqlens_q is None:
         raise TypeError("cu_seqlens_q must be an int32 torch.Tensor of shape [B + 1], got NoneType")
     check_batch_layout(block_table, cu_seqlens_q, seq_lens, k_cache.device)
@@ -209,6 +228,11 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     if fp8:
         keys, scale = quantize_index_keys(index_keys)
         index_cache[pages, slots] = keys
+        index_scale[pages, slots] = scale
+    elif four_bit:
+        packed, block_scale, scale = quantize_nvfp4(index_keys)
+        index_cache[pages, slots] = packed
+        index_block_scale[pages, slots] = block_scale
         index_scale[pages, slots] = scale
     else:
         index_cache[pages, slots] = index_keys.to(index_cache.dtype)
@@ -256,8 +280,11 @@ class MSAPagedCache:
         k_scale[layer], v_scale[layer]: float32 ``[]`` or ``[G]`` with fp8 K/V (the constructor's
             scales, one copy per layer, which may be updated in place before the first write),
             else None;
-        index_cache[layer]: ``[num_pages, page_size, Di]`` of ``index_dtype``;
-        index_scale[layer]: float32 ``[num_pages, page_size]`` with fp8 index keys, else None;
+        index_cache[layer]: ``[num_pages, page_size, Di]`` of ``index_dtype`` (``[num_pages,
+            page_size, Di / 2]`` with ``index_dtype=torch.uint8``: 4-bit keys, decode only);
+        index_scale[layer]: float32 ``[num_pages, page_size]`` with fp8 or 4-bit index keys,
+            else None; index_block_scale[layer]: float8_e4m3fn ``[num_pages, page_size, Di /
+            16]`` with 4-bit keys, else None;
         page_size, num_pages, num_kv_heads, head_dim, index_dim, num_layers.
 
     Pages are shared by all layers: one page id addresses the same slots in every layer's buffers,
@@ -277,7 +304,11 @@ class MSAPagedCache:
             check_int(name, value, 1)
         check_int("page_size (the MSA block size)", page_size, 1, power_of_two=True)
         check_dtype_choice("dtype", dtype, KV_DTYPES)
-        check_dtype_choice("index_dtype", index_dtype, INDEX_DTYPES)
+        check_dtype_choice("index_dtype", index_dtype, (*INDEX_DTYPES, NVFP4_DTYPE))
+        four_bit = index_dtype == NVFP4_DTYPE
+        if four_bit and index_dim % 16:
+            raise ValueError(f"4-bit index keys (index_dtype torch.uint8) need index_dim a multiple "
+                             f"of 16, got {index_dim}")
         self.num_pages, self.page_size, self.num_layers = num_pages, page_size, num_layers
         self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
         self.dtype, self.index_dtype = dtype, index_dtype
@@ -292,13 +323,17 @@ class MSAPagedCache:
             return torch.zeros(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype,
                                device=self.device)
 
-        fp8 = index_dtype == FP8_DTYPE
+        scaled = index_dtype in (FP8_DTYPE, NVFP4_DTYPE)
         self.k_cache = [kv_buffer() for _ in range(num_layers)]
         self.v_cache = [kv_buffer() for _ in range(num_layers)]
-        self.index_cache = [torch.zeros(num_pages, page_size, index_dim, dtype=index_dtype,
-                                        device=self.device) for _ in range(num_layers)]
+        self.index_cache = [torch.zeros(num_pages, page_size, index_dim // 2 if four_bit else index_dim,
+                                        dtype=index_dtype, device=self.device)
+                            for _ in range(num_layers)]
         self.index_scale = [torch.ones(num_pages, page_size, dtype=torch.float32, device=self.device)
-                            if fp8 else None for _ in range(num_layers)]
+                            if scaled else None for _ in range(num_layers)]
+        self.index_block_scale = [torch.zeros(num_pages, page_size, index_dim // 16, dtype=FP8_DTYPE,
+                                              device=self.device) if four_bit else None
+                                  for _ in range(num_layers)]
         scales = [torch.tensor(float(s), dtype=torch.float32, device=self.device)
                   if isinstance(s, (int, float)) else s for s in (k_scale, v_scale)]
         check_kv_scales(self.k_cache[0], self.v_cache[0], *scales)
@@ -361,13 +396,16 @@ class MSAPagedCache:
         write_paged_cache(k, v, index_keys, self.k_cache[layer], self.v_cache[layer],
                           self.index_cache[layer], block_table, cu_seqlens_q, seq_lens,
                           index_scale=self.index_scale[layer], k_scale=self.k_scale[layer],
-                          v_scale=self.v_scale[layer], check_values=check_values)
+                          v_scale=self.v_scale[layer],
+                          index_block_scale=self.index_block_scale[layer],
+                          check_values=check_values)
 
     def layer(self, layer: int) -> dict:
         """Keyword arguments of the paged MSA calls for ``layer``: ``k_cache``, ``v_cache``,
-        ``index_cache``, ``index_scale``, ``k_scale``, ``v_scale``."""
+        ``index_cache``, ``index_scale``, ``index_block_scale``, ``k_scale``, ``v_scale``."""
         return {"k_cache": self.k_cache[layer], "v_cache": self.v_cache[layer],
                 "index_cache": self.index_cache[layer], "index_scale": self.index_scale[layer],
+                "index_block_scale": self.index_block_scale[layer],
                 "k_scale": self.k_scale[layer], "v_scale": self.v_scale[layer]}
 
     def __repr__(self) -> str:

@@ -8,9 +8,11 @@ import random
 import pytest
 import torch
 
+import msattn
 from msattn import cache as C
 from msattn.cache import (MSAPagedCache, build_block_table, dequantize_index_keys, dequantize_kv,
                           gather_paged, quantize_index_keys, quantize_kv, write_paged_cache)
+from msattn.ops.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 
 FP8 = torch.float8_e4m3fn
 G, D, DI, PAGE = 2, 8, 16, 4
@@ -492,8 +494,9 @@ def test_paged_cache_object(index_dtype, head_major):
         assert c.index_scale[0].shape == (12, PAGE) and c.index_scale[0].dtype == torch.float32
     else:
         assert c.index_scale[0] is None and c.index_scale[1] is None
-    assert set(c.layer(1)) == {"k_cache", "v_cache", "index_cache", "index_scale", "k_scale",
-                               "v_scale"}
+    assert set(c.layer(1)) == {"k_cache", "v_cache", "index_cache", "index_scale",
+                               "index_block_scale", "k_scale", "v_scale"}
+    assert c.layer(1)["index_block_scale"] is None
     assert c.layer(1)["k_scale"] is None and c.layer(1)["v_scale"] is None
 
     lens = [6, 3]
@@ -530,6 +533,48 @@ def test_paged_cache_object(index_dtype, head_major):
         c.append(2, *step[0], table, cu2, seq_lens2)
 
 
+def test_paged_cache_4bit_index_keys():
+    """index_dtype=torch.uint8: writes quantise each token's index key to 4 bits (the cache then
+    holds exactly quantize_nvfp4's codes and scales), layer() hands the block scales to the
+    paged calls, and a write without them, or with a key width the format cannot hold, fails."""
+    index_dim = 32
+    c = MSAPagedCache(20, PAGE, G, D, index_dim, num_layers=1, dtype=torch.float32,
+                      index_dtype=torch.uint8)
+    assert c.index_cache[0].shape == (20, PAGE, index_dim // 2)
+    assert c.index_block_scale[0].shape == (20, PAGE, index_dim // 16)
+    assert c.index_scale[0].shape == (20, PAGE)
+    pages = [c.allocate(n) for n in (40, 23)]  # 10 and 6 blocks: top-3 is sparse
+    table = c.block_table(pages)
+    cu = torch.tensor([0, 40, 63], dtype=torch.int32)
+    seq_lens = torch.tensor([40, 23], dtype=torch.int32)
+    k, v, ki = torch.randn(63, G, D), torch.randn(63, G, D), torch.randn(63, index_dim)
+    c.append(0, k, v, ki, table, cu, seq_lens, check_values=True)
+    layer = c.layer(0)
+    packed, block_scale, token_scale = quantize_nvfp4(ki)
+    for name, expected in (("index_cache", packed), ("index_block_scale", block_scale),
+                           ("index_scale", token_scale)):
+        got, _ = gather_paged(layer[name], table, seq_lens)
+        assert torch.equal(got.view(torch.uint8) if got.dtype == FP8 else got,
+                           expected.view(torch.uint8) if expected.dtype == FP8 else expected), name
+    qi = torch.randn(2, G, index_dim)  # each request's last token (4-bit keys: decode only)
+    cu_q = torch.tensor([0, 1, 2], dtype=torch.int32)
+    indices = msattn.msa_paged_select(qi, layer["index_cache"], table, cu_q, seq_lens, topk=3,
+                                      index_scale=layer["index_scale"],
+                                      index_block_scale=layer["index_block_scale"],
+                                      backend="reference")
+    expected = msattn.msa_select(qi, dequantize_nvfp4(packed, block_scale, token_scale),
+                                 block_size=PAGE, topk=3, cu_seqlens_q=cu_q, cu_seqlens_k=cu,
+                                 backend="reference")
+    assert torch.equal(indices, expected)
+    with pytest.raises(ValueError, match="index_block_scale"):
+        write_paged_cache(k, v, ki, c.k_cache[0], c.v_cache[0], c.index_cache[0], table, cu,
+                          seq_lens, index_scale=c.index_scale[0])
+    with pytest.raises(ValueError, match="index_cache must have shape"):
+        write_paged_cache(k, v, ki[:, :16], c.k_cache[0], c.v_cache[0], c.index_cache[0], table,
+                          cu, seq_lens, index_scale=c.index_scale[0],
+                          index_block_scale=c.index_block_scale[0])
+
+
 @pytest.mark.parametrize("kwargs, error, name", [
     (dict(num_pages=0), ValueError, "num_pages"),
     (dict(page_size=6), ValueError, "page_size"),
@@ -537,6 +582,7 @@ def test_paged_cache_object(index_dtype, head_major):
     (dict(num_layers=True), TypeError, "num_layers"),
     (dict(dtype=torch.int8), TypeError, "dtype"),
     (dict(index_dtype=torch.float8_e5m2), TypeError, "index_dtype"),
+    (dict(index_dtype=torch.uint8, index_dim=24), ValueError, "4-bit"),
 ])
 def test_paged_cache_rejects(kwargs, error, name):
     args = dict(num_pages=4, page_size=PAGE, num_kv_heads=G, head_dim=D, index_dim=DI)
