@@ -149,6 +149,14 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int, *,
             max(b - a for a, b in zip(values_k, values_k[1:])))
 
 
+def check_4bit_index_dim(name: str, index_dim: int) -> None:
+    """4-bit index keys (:mod:`msattn.ops.nvfp4`) are read by kernels whose MMAs take ``Di / 2``
+    values a row: ``Di`` must be a power of two of at least 32."""
+    if index_dim < 32 or index_dim & (index_dim - 1):
+        raise ValueError(f"4-bit index keys (index_dtype torch.uint8) need {name} a power of two "
+                         f"of at least 32, got {index_dim}")
+
+
 def check_index_scale(index_cache: torch.Tensor, index_scale, index_block_scale=None) -> None:
     """The fp8 rule: a float8_e4m3fn ``index_cache [num_pages, page_size, Di]`` needs a float32
     ``index_scale [num_pages, page_size]`` (key = value x scale). The 4-bit rule: a uint8

@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import torch
 
 from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, NVFP4_DTYPE,
-                            check_any_rank,
+                            check_4bit_index_dim, check_any_rank,
                             check_batch_layout, check_batch_layout_values, check_dtype_choice,
                             check_index_scale, check_int, check_kv_scale, check_kv_scales, check_same_device,
                             check_shape, check_tensor, dtype_name, request_pages)
@@ -199,9 +199,7 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     if four_bit:
         check_shape("index_cache", index_cache, (num_pages, page_size, index_dim // 2),
                     "[num_pages, page_size, Di / 2] (4-bit; from k_cache and index_keys)")
-        if index_dim % 16:
-            raise ValueError(f"4-bit index keys need Di a multiple of 16, got index_keys "
-                             f"[total_q, {index_dim}]")
+        check_4bit_index_dim("Di (index_keys.shape[1])", index_dim)
     else:
         check_shape("index_cache", index_cache, (num_pages, page_size, index_dim),
                     "[num_pages, page_size, Di] (from k_cache and index_keys)")
@@ -306,9 +304,8 @@ class MSAPagedCache:
         check_dtype_choice("dtype", dtype, KV_DTYPES)
         check_dtype_choice("index_dtype", index_dtype, (*INDEX_DTYPES, NVFP4_DTYPE))
         four_bit = index_dtype == NVFP4_DTYPE
-        if four_bit and index_dim % 16:
-            raise ValueError(f"4-bit index keys (index_dtype torch.uint8) need index_dim a multiple "
-                             f"of 16, got {index_dim}")
+        if four_bit:
+            check_4bit_index_dim("index_dim", index_dim)
         self.num_pages, self.page_size, self.num_layers = num_pages, page_size, num_layers
         self.num_kv_heads, self.head_dim, self.index_dim = num_kv_heads, head_dim, index_dim
         self.dtype, self.index_dtype = dtype, index_dtype

@@ -19,7 +19,7 @@ import torch
 
 from msattn import dispatch
 from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, NVFP4_DTYPE,
-                            check_batch_layout,
+                            check_4bit_index_dim, check_batch_layout,
                             check_batch_layout_values, check_block_size, check_dtype_choice,
                             check_index_scale, check_kv_scales, check_optional_int,
                             check_same_device, check_selection_params, check_tensor,
@@ -38,10 +38,10 @@ def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_sc
     check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]",
                  dtypes=(*INDEX_DTYPES, NVFP4_DTYPE))
     if index_cache.dtype == NVFP4_DTYPE:
-        if qi.shape[2] < 32 or qi.shape[2] % 16 or index_cache.shape[2] * 2 != qi.shape[2]:
-            raise ValueError(f"a 4-bit index_cache must have shape [num_pages, page_size, Di / 2] "
-                             f"with Di = {qi.shape[2]} (qi) a multiple of 16 and at least 32, got "
-                             f"{tuple(index_cache.shape)}")
+        check_4bit_index_dim("Di (qi.shape[2])", qi.shape[2])
+        if index_cache.shape[2] * 2 != qi.shape[2]:
+            raise ValueError(f"a 4-bit index_cache must have shape [num_pages, page_size, Di / 2 = "
+                             f"{qi.shape[2] // 2}] (Di from qi), got {tuple(index_cache.shape)}")
     elif index_cache.shape[2] != qi.shape[2]:
         raise ValueError(f"index_cache must have shape [num_pages, page_size, Di={qi.shape[2]}] to "
                          f"match qi, got {tuple(index_cache.shape)}")
@@ -249,7 +249,7 @@ class MSAPagedWrapper:
                 ``v_scale``); index_dtype: of the index cache: fp16/bf16/fp32, float8_e4m3fn
                 (``run(index_scale=)``), or torch.uint8 for 4-bit keys (:mod:`msattn.ops.nvfp4`:
                 an index cache ``[num_pages, page_size, Di / 2]`` of e2m1 codes, ``run()`` then
-                takes ``index_block_scale`` and ``index_scale``; Di a multiple of 16, at least 32).
+                takes ``index_block_scale`` and ``index_scale``; Di a power of two, at least 32).
             selection_config: an :class:`msattn.ops.indexer.IndexerConfig` instead of the tuned
                 one, for tuning.
             attention_config: a :class:`msattn.ops.paged_attention.PagedAttentionConfig` instead
@@ -273,9 +273,8 @@ class MSAPagedWrapper:
             raise TypeError("kv_dtype float8_e4m3fn needs dtype float16 or bfloat16 (the queries), "
                             "got float32")
         check_dtype_choice("index_dtype", index_dtype, (*INDEX_DTYPES, NVFP4_DTYPE))
-        if index_dtype == NVFP4_DTYPE and (self.index_dim < 32 or self.index_dim % 16):
-            raise ValueError("4-bit index keys (index_dtype torch.uint8) need index_dim a multiple "
-                             f"of 16 and at least 32, got {self.index_dim}")
+        if index_dtype == NVFP4_DTYPE:
+            check_4bit_index_dim("index_dim", self.index_dim)
         if index_dtype == NVFP4_DTYPE and selection_config is not None and \
                 not isinstance(selection_config, PageTopkConfig):
             raise ValueError("4-bit index keys are read by the decode selection only: "

@@ -339,8 +339,20 @@ def test_4bit_index_keys_functional_and_wrapper():
                                            backend="triton", **scales, **kwargs)
     assert torch.equal(op_o, o) and torch.equal(op_lse, lse)
 
+    # block scales whose last dim is not contiguous: the same selection
+    strided = index_block_scale.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    assert strided.stride(-1) != 1
+    assert torch.equal(msattn.msa_paged_select(c["qi"], index_cache, *layout, backend="triton",
+                                               index_scale=index_scale,
+                                               index_block_scale=strided, **kwargs), indices)
     with pytest.raises(ValueError, match="index_block_scale"):
         msattn.msa_paged_select(c["qi"], index_cache, *layout, index_scale=index_scale, **kwargs)
+    with pytest.raises(ValueError, match="power of two"):  # Di = 48: the kernels need 2^n >= 32
+        msattn.msa_paged_select(torch.cat([c["qi"], c["qi"][..., :16]], -1),
+                                torch.zeros(*index_cache.shape[:2], 24, dtype=torch.uint8,
+                                            device=DEVICE), *layout, index_scale=index_scale,
+                                index_block_scale=index_block_scale[..., :3].contiguous(),
+                                **kwargs)
     with pytest.raises(ValueError, match="index_block_scale must have shape"):
         msattn.msa_paged_select(c["qi"], index_cache, *layout, index_scale=index_scale,
                                 index_block_scale=index_block_scale[..., :1], **kwargs)

@@ -112,27 +112,105 @@ def test_csr_lists_every_visible_entry_once():
     assert int(visible.sum()) == num_valid
 
 
-def test_csr_programs_and_shared_layout():
-    """Every program of a chunk's CSR names the bucket whose program range holds it, a bucket's
-    programs cover its (entry, head) rows, and a layout shared by the chunks gives the CSR a
-    fresh one gives."""
-    q, k, v, indices, cu_q, cu_k = _inputs([30, 50], [60, 50], 4, 2, 16, 16, 3, torch.float32)
-    layout = csr_layout(cu_q, cu_k, total_q=80, num_groups=2, block_size=16, total_k=110)
-    for row_start, row_end in ((0, 25), (25, 80)):
+def _csr_oracle(indices, cu_q, cu_k, *, block_size, row_start, row_end, group_size,
+                rows_per_program, block_table=None):
+    """The CSR of rows [row_start, row_end) built entry by entry in Python (BlockCSR's
+    definition): ``(entries, bucket_start, program_start, program_bucket, row_position,
+    block_key_start, block_position, block_num_keys)`` as lists (program_bucket for the programs
+    that exist)."""
+    num_groups, _, topk = indices.shape
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
+    batch = len(cu_q) - 1
+    len_q = [cu_q[b + 1] - cu_q[b] for b in range(batch)]
+    len_k = [cu_k[b + 1] - cu_k[b] for b in range(batch)]
+    if block_table is None:
+        blocks_of = [-(-n // block_size) for n in len_k]
+        num_blocks = cu_k[-1] // block_size + batch
+    else:
+        blocks_of = [block_table.shape[1]] * batch
+        num_blocks = batch * block_table.shape[1]
+    first_block = [sum(blocks_of[:b]) for b in range(batch)]
+    rows = row_end - row_start
+    seq = [max(b for b in range(batch) if cu_q[b] <= token) for token in range(row_start, row_end)]
+    position = [token - cu_q[b] + len_k[b] - len_q[b]
+                for token, b in zip(range(row_start, row_end), seq)]
+    buckets = [[] for _ in range(num_groups * num_blocks)]
+    chosen = indices.tolist()
+    for g in range(num_groups):
+        for r in range(rows):
+            for slot in range(topk):
+                block = chosen[g][row_start + r][slot]
+                if block >= 0 and block * block_size <= position[r]:
+                    buckets[g * num_blocks + first_block[seq[r]] + block].append(
+                        (g * rows + r) * topk + slot)
+    entries = [e for bucket in buckets for e in bucket]
+    bucket_start, program_start, program_bucket = [0], [0], []
+    for b, bucket in enumerate(buckets):
+        bucket_start.append(bucket_start[-1] + len(bucket))
+        programs = -(-len(bucket) * group_size // rows_per_program)
+        program_start.append(program_start[-1] + programs)
+        program_bucket += [b] * programs
+    block_key_start, block_position, block_num_keys = [], [], []
+    for global_block in range(num_blocks):
+        owners = [b for b in range(batch) if first_block[b] <= global_block]
+        b = max(owners)
+        local = global_block - first_block[b]
+        keys = max(0, min(block_size, len_k[b] - local * block_size))
+        if global_block >= sum(blocks_of):
+            keys = 0
+        block_num_keys.append(keys)
+        block_position.append(local * block_size)
+        if block_table is None:
+            block_key_start.append(cu_k[b] + local * block_size)
+        else:
+            block_key_start.append(int(block_table[b, local]) if keys else 0)
+    return (entries, bucket_start, program_start, program_bucket, position, block_key_start,
+            block_position, block_num_keys)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_csr_matches_its_definition(paged):
+    """build_block_csr against the CSR built entry by entry (contiguous and paged keys, chunks
+    of rows, invisible and -1 entries, indices whose slots are not contiguous), and a layout
+    shared by the chunks gives the same CSR as a fresh one."""
+    lens_q, lens_k = [30, 50], [60, 50]
+    q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 2, 16, 16, 3, torch.float32)
+    indices = indices.clone()
+    indices[1, 3:9, 0] = 3  # block 3 starts at key 48: invisible from rows at positions < 48
+    indices[0, 40:44, 2] = -1
+    strided = indices.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # slot stride != 1
+    block_table = None
+    if paged:  # pages of the two sequences in a random order, the table padded
+        pages = torch.randperm(12, generator=torch.Generator().manual_seed(3)).to(torch.int32)
+        block_table = torch.stack([pages[:6], pages[6:]]).to(DEVICE)
+    layout = csr_layout(cu_q, cu_k, total_q=80, num_groups=2, block_size=16, total_k=110,
+                        block_table=block_table)
+    for row_start, row_end in ((0, 25), (25, 80), (7, 7)):
         args = dict(block_size=16, total_k=110, row_start=row_start, row_end=row_end,
-                    group_size=2, block_m=16, tiles_per_program=1)
-        csr = build_block_csr(indices, cu_q, cu_k, **args)
+                    group_size=2, block_m=16, tiles_per_program=2, block_table=block_table)
+        csr = build_block_csr(strided, cu_q, cu_k, **args)
+        (entries, bucket_start, program_start, program_bucket, position, key_start,
+         block_position, num_keys) = _csr_oracle(indices, cu_q, cu_k, block_size=16,
+                                                 row_start=row_start, row_end=row_end,
+                                                 group_size=2, rows_per_program=32,
+                                                 block_table=block_table)
+        assert csr.entries[:len(entries)].tolist() == entries
+        assert csr.bucket_start.tolist() == bucket_start
+        assert csr.program_start.tolist() == program_start
+        assert csr.program_bucket[:len(program_bucket)].tolist() == program_bucket
+        assert csr.program_bucket.numel() == csr.max_programs + 1 >= len(program_bucket)
+        assert csr.row_position.tolist() == position
+        assert csr.block_key_start.tolist() == key_start
+        assert csr.block_position.tolist() == block_position
+        assert csr.block_num_keys.tolist() == num_keys
+        assert all(t.dtype == torch.int32 for t in (csr.entries, csr.bucket_start,
+                                                    csr.program_start, csr.program_bucket))
         shared = build_block_csr(indices, cu_q, cu_k, layout=layout, **args)
         for name in ("entries", "bucket_start", "program_start", "program_bucket",
                      "block_key_start", "block_position", "block_num_keys", "row_position"):
             assert torch.equal(getattr(csr, name), getattr(shared, name)), name
-        start = csr.program_start.long()
-        counts = (csr.bucket_start[1:] - csr.bucket_start[:-1]).long()
-        assert torch.equal(start[1:] - start[:-1], (counts * 2 + 15) // 16)
-        programs = torch.arange(int(start[-1]), device=start.device)
-        bucket = csr.program_bucket[:programs.numel()].long()
-        assert ((start[bucket] <= programs) & (programs < start[bucket + 1])).all()
-        assert csr.program_bucket.numel() == csr.max_programs + 1 >= int(start[-1])
+    with pytest.raises(ValueError, match="layout was built for another call"):
+        build_block_csr(indices[:1], cu_q, cu_k, layout=layout, **args)
 
 
 def test_msa_attention_triton_equals_reference_batched():

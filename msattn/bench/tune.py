@@ -32,7 +32,7 @@ import torch
 
 import msattn
 from msattn.bench import decode, metrics
-from msattn.bench.cli import parse_length, parse_lengths
+from msattn.bench.cli import parse_chunk_shapes, parse_length, parse_lengths
 from msattn.bench.prefill import PrefillSettings, make_inputs
 from msattn.bench.report import environment, output_stem, write_json
 from msattn.bench.timing import release_memory, time_ms
@@ -99,7 +99,8 @@ def profile(lengths, out: list) -> None:
         c = CONFIG
         host = _host_profile(lambda: msattn.msa_attention(
             x.q, x.k, x.v, x.qi, x.ki, cu_seqlens_q=x.cu_seqlens, cu_seqlens_k=x.cu_seqlens,
-            max_seqlen_q=length, max_seqlen_k=length, **c.selection_kwargs()), calls=5)
+            max_seqlen_q=length, max_seqlen_k=length, backend="triton", **c.selection_kwargs()),
+            calls=5)
         print("  msa_attention host (cProfile, us a call, cumulative):", flush=True)
         for us, function in host:
             print(f"  {us:10.1f} us  {function}", flush=True)
@@ -150,14 +151,15 @@ def _host_profile(fn, calls: int = 20, top: int = 30) -> list:
         torch.cuda.synchronize()
     profiler.disable()
     stats = pstats.Stats(profiler).stats
-    rows = sorted(((cum / calls * 1e6, f"{path.rsplit('/', 2)[-1]}:{line}:{name}")
+    rows = sorted(((cum / calls * 1e6, f"{'/'.join(path.split('/')[-2:])}:{line}:{name}")
                    for (path, line, name), (_, _, _, cum, _) in stats.items()), reverse=True)
     return [[round(us, 1), name] for us, name in rows[:top]]
 
 
 def profile_chunked(shapes, out: list) -> None:
     """One ``msa_paged_attention`` chunked-prefill call (:mod:`msattn.bench.chunked`) per shape:
-    its eager time (host work included), the CUDA time of each of its kernels and their count."""
+    its eager time (host work included), the CUDA time of each of its kernels, the number of
+    device activities (kernels, memsets and copies) and the host profile."""
     from msattn.bench import chunked
 
     settings = chunked.ChunkedSettings(op="prefill-chunked", device=torch.device("cuda"),
@@ -590,7 +592,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", type=lambda t: [parse_shape(x) for x in t.split(",")],
                         default=[(1, 1, 64 << 10), (1, 1, 1 << 20)],
                         help="decode: requests x tokens x context, e.g. 1x1x64k,4x16x128k")
-    parser.add_argument("--chunk-shapes", default="1x512x16k,1x2kx64k,1x16kx1m",
+    parser.add_argument("--chunk-shapes", type=parse_chunk_shapes,
+                        default=parse_chunk_shapes("1x512x16k,1x2kx64k,1x16kx1m"),
                         help="chunked: requests x chunk x prefix, e.g. 1x512x16k,4x2kx64k")
     parser.add_argument("--index-dtypes", default="bf16,fp8,nvfp4,fp8-kv",
                         help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches)")
@@ -627,9 +630,7 @@ def main(argv=None) -> int:
                        dataclasses.replace(configs[0], dq_mode="query")]
         sweep_backward(args.length, configs, rows)
     elif args.what == "chunked":
-        from msattn.bench.cli import parse_chunk_shapes
-
-        profile_chunked(parse_chunk_shapes(args.chunk_shapes), rows)
+        profile_chunked(args.chunk_shapes, rows)
     elif args.what == "prefill-designs":
         sweep_prefill_designs(args.lengths, rows)
     elif args.what == "loss":

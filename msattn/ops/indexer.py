@@ -1006,6 +1006,8 @@ def run_selection(plan: SelectionPlan | BlockTopkPlan, qi: torch.Tensor, keys: t
         keys = keys.contiguous()
     if index_scale is not None and index_scale.stride(-1) != 1:
         index_scale = index_scale.contiguous()
+    if index_block_scale is not None and index_block_scale.stride(-1) != 1:
+        index_block_scale = index_block_scale.contiguous()
     if isinstance(plan, BlockTopkPlan):
         _run_block_topk(plan, qi, keys, cu_seqlens_q, key_lengths, block_size=block_size,
                         init_blocks=init_blocks, local_blocks=local_blocks,

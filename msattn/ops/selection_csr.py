@@ -1,9 +1,9 @@
 """The selection inverted to a CSR: for every (group, key block), the (query token, slot) entries
 that chose it. Built on the GPU without host synchronisation: what every chunk of query rows
-shares once a call (:func:`csr_layout`), then per chunk two small Triton kernels, one sort and two
-searches (seven launches: the host's launch time, not the GPU, bounded short prefills when this
-took some forty torch operations a chunk). The KV-outer sparse-attention forward and its backward
-both walk it.
+shares once a call (:func:`csr_layout`), then per chunk two small Triton kernels, one sort, two
+searches and a prefix sum (seven calls, about ten launches; short prefills were bound by the
+host's launch time when this took some forty torch operations a chunk). The KV-outer
+sparse-attention forward and its backward both walk it.
 """
 
 from __future__ import annotations
@@ -125,36 +125,38 @@ def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, total_
 # the row (the kernels' rule too), else num_buckets (sorts last). Grid: (cdiv(entries, BLOCK),).
 @triton.jit
 def _bucket_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, bucket_ptr,
-                   stride_indices_group, stride_indices_token, row_start, rows, num_entries,
-                   num_blocks, num_buckets, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   stride_indices_group, stride_indices_token, stride_indices_slot, row_start,
+                   rows, num_entries, num_blocks, num_buckets, TOPK: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
     entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = entry < num_entries
     slot = entry % TOPK
     group = entry // TOPK // rows
     token = row_start + (entry // TOPK) % rows
     chosen = tl.load(indices_ptr + group.to(tl.int64) * stride_indices_group
-                     + token.to(tl.int64) * stride_indices_token + slot, mask=mask, other=-1)
+                     + token.to(tl.int64) * stride_indices_token + slot * stride_indices_slot,
+                     mask=mask, other=-1).to(tl.int64)
     position = tl.load(row_position_ptr + token, mask=mask, other=0)
     offset = tl.load(row_block_offset_ptr + token, mask=mask, other=0)
-    valid = (chosen >= 0) & (chosen * BLOCK_SIZE <= position)
-    tl.store(bucket_ptr + entry, tl.where(valid, group * num_blocks + offset + chosen, num_buckets),
-             mask=mask)
+    valid = (chosen >= 0) & (chosen * BLOCK_SIZE <= position)  # int64: no wrap for any id
+    bucket = tl.where(valid, group * num_blocks + offset + chosen, num_buckets)
+    tl.store(bucket_ptr + entry, bucket.to(tl.int32), mask=mask)
 
 
 # One program: BLOCK buckets. From bucket_start [num_buckets + 1] writes programs [num_buckets + 1]
 # int32: programs[0] = 0, programs[b + 1] = the programs bucket b needs (ceil of its entries x
-# GROUP_SIZE rows over ROWS_PER_PROGRAM), whose prefix sums are the buckets' first programs.
+# group_size rows over rows_per_program), whose prefix sums are the buckets' first programs. Both
+# are runtime values (the deterministic backward sizes rows_per_program from total_q).
 # Grid: (cdiv(num_buckets + 1, BLOCK),).
 @triton.jit
-def _bucket_programs_kernel(bucket_start_ptr, programs_ptr, num_buckets, GROUP_SIZE: tl.constexpr,
-                            ROWS_PER_PROGRAM: tl.constexpr, BLOCK: tl.constexpr):
+def _bucket_programs_kernel(bucket_start_ptr, programs_ptr, num_buckets, group_size,
+                            rows_per_program, BLOCK: tl.constexpr):
     slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # programs[slot]: bucket slot - 1
     inside = (slot >= 1) & (slot <= num_buckets)
     count = (tl.load(bucket_start_ptr + slot, mask=inside, other=0)
-             - tl.load(bucket_start_ptr + slot - 1, mask=inside, other=0))
-    programs = (count * GROUP_SIZE + ROWS_PER_PROGRAM - 1) // ROWS_PER_PROGRAM
-    tl.store(programs_ptr + slot, programs, mask=slot <= num_buckets)
+             - tl.load(bucket_start_ptr + slot - 1, mask=inside, other=0)).to(tl.int64)
+    programs = (count * group_size + rows_per_program - 1) // rows_per_program
+    tl.store(programs_ptr + slot, programs.to(tl.int32), mask=slot <= num_buckets)
 
 
 def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -172,30 +174,35 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
         block_table: int32 ``[B, max_pages]`` for paged K/V (one page per block); then
             ``block_key_start`` holds page ids and sequence ``b`` owns global blocks
             ``b * max_pages ...``.
-        layout: :func:`csr_layout` of the same call, shared by its chunks (built when None).
-    Seven launches a chunk, none of which reads anything on the host.
+        layout: :func:`csr_layout` of the same call (same ``cu_seqlens``, ``block_size``,
+            ``total_k``, ``block_table``), shared by its chunks; built here when None.
+    Seven calls a chunk (about ten launches: the sort takes several), none of which reads
+    anything on the host.
     """
     device = indices.device
     num_groups, total_q, topk = indices.shape
     if layout is None:
         layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
                             block_size=block_size, total_k=total_k, block_table=block_table)
-    rows = row_end - row_start
     num_buckets = num_groups * layout.num_blocks
+    if layout.bucket_ids.numel() != num_buckets + 1 or layout.row_position.numel() != total_q:
+        raise ValueError(f"layout was built for another call: {layout.row_position.numel()} rows "
+                         f"and {layout.bucket_ids.numel() - 1} buckets, indices need {total_q} "
+                         f"rows and {num_buckets}")
+    rows = row_end - row_start
     num_entries = num_groups * rows * topk
     bucket = torch.empty(num_entries, dtype=torch.int32, device=device)
     if num_entries:
         _bucket_kernel[(triton.cdiv(num_entries, 1024),)](
             indices, layout.row_position, layout.row_block_offset, bucket, indices.stride(0),
-            indices.stride(1), row_start, rows, num_entries, layout.num_blocks, num_buckets,
-            TOPK=topk, BLOCK_SIZE=block_size, BLOCK=1024)
+            indices.stride(1), indices.stride(2), row_start, rows, num_entries, layout.num_blocks,
+            num_buckets, TOPK=topk, BLOCK_SIZE=block_size, BLOCK=1024)
     sorted_bucket, order = torch.sort(bucket, stable=True)  # invalid entries last
     bucket_start = torch.searchsorted(sorted_bucket, layout.bucket_ids, out_int32=True)
     rows_per_program = block_m * tiles_per_program
     programs = torch.empty(num_buckets + 1, dtype=torch.int32, device=device)
     _bucket_programs_kernel[(triton.cdiv(num_buckets + 1, 1024),)](
-        bucket_start, programs, num_buckets, GROUP_SIZE=group_size,
-        ROWS_PER_PROGRAM=rows_per_program, BLOCK=1024)
+        bucket_start, programs, num_buckets, group_size, rows_per_program, BLOCK=1024)
     program_start = torch.cumsum(programs, 0, dtype=torch.int32)
     max_programs = triton.cdiv(num_entries * group_size, rows_per_program) + num_buckets
     # program -> the last bucket starting at or before it (no host sync)
