@@ -12,6 +12,8 @@
 #   scripts/device_run.sh ncu LENGTH [DTYPE]      Nsight Compute durations of one decode step's kernels
 #   scripts/device_run.sh decode-report           decode GPU tests + memcheck, then the decode benches
 #                                                  beside vLLM (carry .peers) and the decode profile
+#   scripts/device_run.sh prefill-report          prefill GPU tests + memcheck, prefill 8K-128K and the
+#                                                  chunked shapes beside vLLM (carry .peers), chunked profile
 #   scripts/device_run.sh all [BENCH_ARGS...]      test, then the prefill and decode benches
 # Whole logs and results go to $OUT (or ./device_out when OUT is unset); a summary of every step
 # is printed last. The exit status is nonzero when any step failed.
@@ -94,13 +96,29 @@ case "$mode" in
     step tune tune-decode.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
         --shapes 1x1x1m,4x16x128k,32x8x64k --out "$OUT"
     ;;
+  prefill-report)
+    # The prefill checks in one call (about 8 minutes on an H200): the GPU tests and memcheck of
+    # the selection-CSR, sparse-attention and paged paths, prefill 8K-128K and the chunked shapes
+    # beside vLLM (carry .peers), and the chunked-call profile.
+    step pytest pytest.log timeout 200 python3 -m pytest -q -rs -m gpu tests/test_sparse_attention.py \
+        tests/test_sparse_attention_bwd.py tests/test_paged.py tests/test_cache.py
+    step memcheck memcheck.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest -q -x tests/test_sparse_attention.py tests/test_paged.py \
+        -k "not gpu and (csr or matches_reference or chunk or 4bit)"
+    step prefill bench-prefill.log timeout 150 python3 -m msattn.bench.cli bench prefill --out "$OUT" \
+        --lengths 8k,16k,32k,128k --time-budget 2
+    step chunked bench-prefill-chunked.log timeout 90 python3 -m msattn.bench.cli bench prefill-chunked \
+        --out "$OUT"
+    step tune tune-chunked.log timeout 60 python3 -m msattn.bench.tune chunked \
+        --chunk-shapes 1x512x16k,1x1kx16k,1x2kx64k --out "$OUT"
+    ;;
   all)
     run_tests
     step prefill bench-prefill.log python3 -m msattn.bench.cli bench prefill --out "$OUT" "$@"
     step decode bench-decode.log python3 -m msattn.bench.cli bench decode --out "$OUT" "$@"
     ;;
   *)
-    echo "unknown mode $mode (test, memcheck, bench, tune, all)" >&2
+    echo "unknown mode $mode (test, pytest, memcheck, bench, tune, ncu, decode-report, prefill-report, all)" >&2
     exit 2
     ;;
 esac
