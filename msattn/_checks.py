@@ -17,6 +17,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_DTYPE = torch.float8_e4m3fn
 INDEX_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)
 NVFP4_DTYPE = torch.uint8  # a 4-bit index cache: two e2m1 codes a byte (msattn.ops.nvfp4)
+PAGED_INDEX_DTYPES = (*INDEX_DTYPES, NVFP4_DTYPE)  # index caches (4-bit: decode only)
 KV_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)  # K/V caches: fp8 with k_scale / v_scale
 
 

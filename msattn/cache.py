@@ -31,8 +31,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, NVFP4_DTYPE,
-                            check_4bit_index_dim, check_any_rank,
+from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, KV_DTYPES, NVFP4_DTYPE,
+                            PAGED_INDEX_DTYPES, check_4bit_index_dim, check_any_rank,
                             check_batch_layout, check_batch_layout_values, check_dtype_choice,
                             check_index_scale, check_int, check_kv_scale, check_kv_scales, check_same_device,
                             check_shape, check_tensor, dtype_name, request_pages)
@@ -180,7 +180,7 @@ def write_paged_cache(k, v, index_keys, k_cache, v_cache, index_cache, block_tab
     check_tensor("k_cache", k_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
     check_tensor("v_cache", v_cache, 4, "[num_pages, page_size, G, D]", KV_DTYPES)
     check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]",
-                 (*INDEX_DTYPES, NVFP4_DTYPE))
+                 PAGED_INDEX_DTYPES)
     total_q, num_groups, head_dim = k.shape
     num_pages, page_size = k_cache.shape[:2]
     check_shape("k_cache", k_cache, (num_pages, page_size, num_groups, head_dim),
@@ -302,7 +302,7 @@ class MSAPagedCache:
             check_int(name, value, 1)
         check_int("page_size (the MSA block size)", page_size, 1, power_of_two=True)
         check_dtype_choice("dtype", dtype, KV_DTYPES)
-        check_dtype_choice("index_dtype", index_dtype, (*INDEX_DTYPES, NVFP4_DTYPE))
+        check_dtype_choice("index_dtype", index_dtype, PAGED_INDEX_DTYPES)
         four_bit = index_dtype == NVFP4_DTYPE
         if four_bit:
             check_4bit_index_dim("index_dim", index_dim)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from msattn import dispatch
-from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, INDEX_DTYPES, KV_DTYPES, NVFP4_DTYPE,
-                            check_4bit_index_dim, check_batch_layout,
+from msattn._checks import (FLOAT_DTYPES, FP8_DTYPE, KV_DTYPES, NVFP4_DTYPE,
+                            PAGED_INDEX_DTYPES, check_4bit_index_dim, check_batch_layout,
                             check_batch_layout_values, check_block_size, check_dtype_choice,
                             check_index_scale, check_kv_scales, check_optional_int,
                             check_same_device, check_selection_params, check_tensor,
@@ -36,7 +36,7 @@ def _check_layout(qi, index_cache, block_table, cu_seqlens_q, seq_lens, index_sc
     """Shapes and dtypes of the selection inputs (no host synchronisation)."""
     check_tensor("qi", qi, 3, "[total_q, G, Di]")
     check_tensor("index_cache", index_cache, 3, "[num_pages, page_size, Di]",
-                 dtypes=(*INDEX_DTYPES, NVFP4_DTYPE))
+                 dtypes=PAGED_INDEX_DTYPES)
     if index_cache.dtype == NVFP4_DTYPE:
         check_4bit_index_dim("Di (qi.shape[2])", qi.shape[2])
         if index_cache.shape[2] * 2 != qi.shape[2]:
@@ -272,7 +272,7 @@ class MSAPagedWrapper:
         if kv_dtype == FP8_DTYPE and dtype == torch.float32:
             raise TypeError("kv_dtype float8_e4m3fn needs dtype float16 or bfloat16 (the queries), "
                             "got float32")
-        check_dtype_choice("index_dtype", index_dtype, (*INDEX_DTYPES, NVFP4_DTYPE))
+        check_dtype_choice("index_dtype", index_dtype, PAGED_INDEX_DTYPES)
         if index_dtype == NVFP4_DTYPE:
             check_4bit_index_dim("index_dim", self.index_dim)
         if index_dtype == NVFP4_DTYPE and selection_config is not None and \

@@ -1,9 +1,9 @@
 """The selection inverted to a CSR: for every (group, key block), the (query token, slot) entries
 that chose it. Built on the GPU without host synchronisation: what every chunk of query rows
 shares once a call (:func:`csr_layout`), then per chunk two small Triton kernels, one sort, two
-searches and a prefix sum (seven calls, about ten launches; short prefills were bound by the
-host's launch time when this took some forty torch operations a chunk). The KV-outer
-sparse-attention forward and its backward both walk it.
+searches, a prefix sum and three small torch operations (about ten launches; short prefills
+were bound by the host's launch time when this took some forty torch operations a chunk). The
+KV-outer sparse-attention forward and its backward both walk it.
 """
 
 from __future__ import annotations
@@ -176,8 +176,8 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlen
             ``b * max_pages ...``.
         layout: :func:`csr_layout` of the same call (same ``cu_seqlens``, ``block_size``,
             ``total_k``, ``block_table``), shared by its chunks; built here when None.
-    Seven calls a chunk (about ten launches: the sort takes several), none of which reads
-    anything on the host.
+    About ten launches a chunk (two Triton kernels, a sort of several, two searches, a prefix
+    sum and three small torch operations), none of which reads anything on the host.
     """
     device = indices.device
     num_groups, total_q, topk = indices.shape

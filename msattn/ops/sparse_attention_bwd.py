@@ -463,7 +463,9 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         chunk_rows = atomic_dq_chunk_rows(config, q) if dq_atomic else total_q
         chunks = [(start, min(start + chunk_rows, total_q)) for start in range(0, total_q, chunk_rows)]
         always_split = len(chunks) > 1  # dK, dV summed over the chunks in float32
-        num_blocks = total_k // block_size + cu_seqlens_q.numel() - 1  # as build_block_csr's
+        layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
+                            block_size=block_size, total_k=total_k)
+        num_blocks = layout.num_blocks
         num_buckets = num_groups * num_blocks
         # A split bucket has more than rows_per_program rows: this bounds how many there are.
         max_split = num_buckets if always_split else \
@@ -478,17 +480,14 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         if dq_atomic:
             dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else \
                 torch.empty((chunk_rows,) + q.shape[1:], dtype=torch.float32, device=device)
-        split_slot = None
-        layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
-                            block_size=block_size, total_k=total_k)
+        # every bucket its own accumulator slot: 0, 1, ..., num_buckets - 1
+        split_slot = layout.bucket_ids[:num_buckets] if always_split else None
         for row_start, row_end in chunks:
             csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                                   total_k=total_k, row_start=row_start, row_end=row_end,
                                   group_size=group_size, block_m=config.block_m,
                                   tiles_per_program=tiles_per_program, layout=layout)
-            if always_split:
-                split_slot = torch.arange(num_buckets, dtype=torch.int32, device=device)
-            elif can_split:
+            if can_split and not always_split:
                 programs = csr.program_start[1:] - csr.program_start[:-1]
                 split_slot = (torch.cumsum(programs > 1, 0, dtype=torch.int32) - 1).to(torch.int32)
             chunk_dq = dq_acc
@@ -520,8 +519,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 num_warps=config.num_warps, num_stages=config.num_stages)
             if dq_atomic and dq_acc is not dq:
                 dq[row_start:row_end].copy_(chunk_dq)
-        if not always_split:
-            position = csr.row_position
+        position = layout.row_position
         # 3. Zeros for unselected blocks, casts of split buckets.
         _finish_kernel[(num_buckets,)](
             dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
