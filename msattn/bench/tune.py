@@ -607,6 +607,10 @@ def main(argv=None) -> int:
                              "random,correlated")
     parser.add_argument("--fp8-index", action="store_true",
                         help="indexer: sweep the fp8 index path (fp8 keys and queries)")
+    parser.add_argument("--variants", type=json.loads, default=None,
+                        help="backward: a JSON list of BackwardConfig fields to replace in the "
+                             "default, one launch each after the default, e.g. "
+                             "'[{\"atomic_dq_chunk_bytes\": 2147483648}]'")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -624,7 +628,9 @@ def main(argv=None) -> int:
                      workloads=tuple(args.workloads.split(",")))
     elif args.what == "backward":
         configs = _backward_configs()
-        if args.profile_only:  # the default, all rows at once, chunks of 0.5 GiB, query-outer dQ
+        if args.variants is not None:
+            configs = [configs[0]] + [dataclasses.replace(configs[0], **v) for v in args.variants]
+        elif args.profile_only:  # the default, all rows at once, chunks of 0.5 GiB, query-outer dQ
             configs = [configs[0], dataclasses.replace(configs[0], atomic_dq_max_bytes=1 << 40),
                        dataclasses.replace(configs[0], atomic_dq_chunk_bytes=1 << 29),
                        dataclasses.replace(configs[0], dq_mode="query")]

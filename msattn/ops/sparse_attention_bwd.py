@@ -43,7 +43,7 @@ import triton.language as tl
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
-from msattn.ops.utils import dot_options, mma
+from msattn.ops.utils import atomic_add_f32, dot_options, mma, paired_atomics
 
 DQ_MODES = ("atomic", "query")
 
@@ -73,6 +73,8 @@ class BackwardConfig:
         dq_block_n, dq_num_warps, dq_num_stages: of the query-outer dQ kernel (keys per step).
         preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
         finish_warps: of the kernel that zero-fills / casts dK and dV.
+        paired_atomics: the float32 atomics (dQ, split dK/dV) add adjacent column pairs as one
+            8-byte reduction where the GPU has them (:func:`msattn.ops.utils.atomic_add_f32`).
     """
 
     block_m: int = 64
@@ -89,6 +91,7 @@ class BackwardConfig:
     preprocess_rows: int = 32
     preprocess_warps: int = 4
     finish_warps: int = 4
+    paired_atomics: bool = True
 
     def __post_init__(self):
         if self.dq_mode not in DQ_MODES:
@@ -167,7 +170,7 @@ def _preprocess_kernel(
 @triton.jit
 def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_offs, dim, mask,
                     group, num_groups, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    CAN_SPLIT: tl.constexpr):
+                    CAN_SPLIT: tl.constexpr, PAIRED_ATOMICS: tl.constexpr):
     """A program's dK or dV tile ``[BLOCK_N, BLOCK_D]`` (float32): stored into ``out
     [total_k, G, D]`` at its block's key rows, or, for a split bucket, added with atomics into
     the float32 ``acc [num_split, BLOCK_SIZE, D]`` at the bucket's ``split_slot``."""
@@ -175,8 +178,8 @@ def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_of
         + dim[None, :]
     if CAN_SPLIT:
         if split:
-            tl.atomic_add(acc_ptr + (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None] * HEAD_DIM
-                          + dim[None, :], tile, mask=mask, sem="relaxed")
+            atomic_add_f32(acc_ptr + (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None] * HEAD_DIM
+                           + dim[None, :], tile, mask, PAIRED_ATOMICS)
         else:
             tl.store(direct, tile.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -205,7 +208,7 @@ def _block_backward_kernel(
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
         COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        PAIRED_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
         bucket = tl.load(program_bucket_ptr + pid)
@@ -265,17 +268,19 @@ def _block_backward_kernel(
                 if COMPUTE_DQ:
                     dq = mma(tl.trans(ds_t), k, DOT_PRECISION, DOT_UPCAST) * scale
                     acc_row = chunk_row.to(tl.int64) * num_heads + head
-                    tl.atomic_add(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :], dq,
-                                  mask=row_dim_mask, sem="relaxed")
+                    atomic_add_f32(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :], dq,
+                                   row_dim_mask, PAIRED_ATOMICS)
         split_slot = bucket * 0  # int32; its slot among the split buckets (CAN_SPLIT)
         if CAN_SPLIT:
             split_slot = tl.load(split_slot_ptr + bucket)
         if COMPUTE_DK:
             _store_key_tile(dk_ptr, dk_acc_ptr, dk * scale, split, split_slot, key_start, key_offs,
-                            dim, kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT)
+                            dim, kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT,
+                            PAIRED_ATOMICS)
         if COMPUTE_DV:
             _store_key_tile(dv_ptr, dv_acc_ptr, dv, split, split_slot, key_start, key_offs, dim,
-                            kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT)
+                            kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT,
+                            PAIRED_ATOMICS)
 
 
 # One program: one (group, key block) bucket, BLOCK_N keys a step. Grid: (G * num_blocks,).
@@ -515,7 +520,8 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d,
                 BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
                 COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
-                NEED_DS=need_dk or dq_atomic, **dots,
+                NEED_DS=need_dk or dq_atomic,
+                PAIRED_ATOMICS=config.paired_atomics and paired_atomics(device), **dots,
                 num_warps=config.num_warps, num_stages=config.num_stages)
             if dq_atomic and dq_acc is not dq:
                 dq[row_start:row_end].copy_(chunk_dq)
