@@ -62,6 +62,9 @@ class IndexerLossConfig:
         tiles_per_program: KV-outer tiles of one key block per program (the block's K and ki
             are loaded once for them, and its ``dki`` is added once).
         backward_warps, backward_stages: the KV-outer kernel.
+        paired_atomics: the float32 ``dqi``/``dki`` atomics add adjacent column pairs as one
+            8-byte reduction where the GPU has them (:func:`msattn.ops.utils.atomic_add_f32`;
+            opt-in until measured on a GPU).
     """
 
     forward_warps: int = 4
@@ -70,6 +73,7 @@ class IndexerLossConfig:
     tiles_per_program: int = 4
     backward_warps: int = 8
     backward_stages: int = 1
+    paired_atomics: bool = False
 
 
 # Tuned on an H200 at 128K, M3 shape, bf16 (benchmarks/results/tuning/tune-loss_*.json).
@@ -437,7 +441,7 @@ def _launch_kv(q, k, qi, ki, *, csr: BlockCSR | None, cu_seqlens_q, cu_seqlens_k
         TILES_PER_PROGRAM=config.tiles_per_program, DENSE=csr is None,
         TEACHER=teacher_lse is not None, STUDENT=student_lse is not None,
         TERMS=row_terms is not None, GRAD=dqi is not None,
-        PAIRED_ATOMICS=paired_atomics(q.device), **_dims(q, k, qi),
+        PAIRED_ATOMICS=config.paired_atomics and paired_atomics(q.device), **_dims(q, k, qi),
         **dot_options(qi.dtype), num_warps=config.backward_warps,
         num_stages=config.backward_stages)
     if csr is None:

@@ -74,7 +74,8 @@ class BackwardConfig:
         preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
         finish_warps: of the kernel that zero-fills / casts dK and dV.
         paired_atomics: the float32 atomics (dQ, split dK/dV) add adjacent column pairs as one
-            8-byte reduction where the GPU has them (:func:`msattn.ops.utils.atomic_add_f32`).
+            8-byte reduction where the GPU has them (:func:`msattn.ops.utils.atomic_add_f32`;
+            opt-in until measured on a GPU).
     """
 
     block_m: int = 64
@@ -91,7 +92,7 @@ class BackwardConfig:
     preprocess_rows: int = 32
     preprocess_warps: int = 4
     finish_warps: int = 4
-    paired_atomics: bool = True
+    paired_atomics: bool = False
 
     def __post_init__(self):
         if self.dq_mode not in DQ_MODES:
