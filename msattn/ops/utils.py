@@ -13,9 +13,18 @@ LOG2E = 1.4426950408889634  # scores are scaled by this to run the softmax in ex
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _pdl_supported(index: int) -> bool:
-    if torch.cuda.get_device_capability(index)[0] < 9:
+    if _capability_major(index) < 9:
         return False
     try:
         from triton.backends.nvidia.compiler import CUDAOptions
@@ -37,7 +46,7 @@ def programmatic_launch(device: torch.device) -> bool:
     ``gdc_wait()`` before it reads what that kernel wrote."""
     if device.type != "cuda" or interpreted():
         return False
-    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+    return _pdl_supported(_device_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,7 +58,7 @@ def device_sm_count(device: torch.device) -> int:
     """Multiprocessors of a CUDA device; a nominal 4 for the CPU interpreter."""
     if device.type != "cuda":
         return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_device_index(device))
 
 
 def dot_options(dtype: torch.dtype) -> dict:
@@ -76,8 +85,7 @@ def paired_atomics(device: torch.device) -> bool:
     newer: ``red.global.add.v2.f32``; not under the CPU interpreter, which has no inline PTX)."""
     if device.type != "cuda" or interpreted():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    return _capability_major(_device_index(device)) >= 9
 
 
 # Two float32 reductions of one thread's adjacent elements (pack=2): $0, $1 dummy outputs;
