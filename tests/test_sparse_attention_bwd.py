@@ -193,6 +193,36 @@ def test_atomic_dq_in_row_chunks(dtype, paired_atomics):
         assert torch.equal(grad[32:64], torch.zeros_like(grad[32:64]))
 
 
+@pytest.mark.parametrize("heads,groups,block_m,entries", [(8, 2, 16, 4), (16, 2, 16, 2),
+                                                          (16, 1, 16, 1), (16, 2, 32, 4)])
+def test_bulk_dq_by_entry(heads, groups, block_m, entries):
+    """bulk_dq: each entry's (token's) group-of-heads dQ rows go in as one piece (a TMA bulk
+    reduction on sm_90+ GPUs, tl.atomic_add per piece elsewhere), tiles of 1, 2 and 4 entries,
+    partial last tiles, over chunks of query rows; same gradients as the reference."""
+    from msattn.ops.sparse_attention_bwd import bulk_dq_entries
+
+    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([21, 9], [70, 9], heads, groups, 16, 16, 3,
+                                                     torch.bfloat16, seed=heads + block_m)
+    row_bytes = heads * 16 * 4
+    config = _config(block_m=block_m, tiles_per_program=2, bulk_dq=True,
+                     atomic_dq_max_bytes=row_bytes * 20, atomic_dq_chunk_bytes=row_bytes * 11)
+    assert bulk_dq_entries(config, heads // groups, 16) == entries
+    assert bulk_dq_entries(replace_config(config, bulk_dq=False), heads // groups, 16) == 0
+    grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=16, scale=0.25,
+                          config=config)
+    expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=16, scale=0.25)
+    _check_16bit(grads, expected)
+
+
+def test_bulk_dq_falls_back():
+    """Groups of 3 or 6 heads, or tiles of 8 entries, keep the elementwise atomics."""
+    from msattn.ops.sparse_attention_bwd import bulk_dq_entries
+
+    config = _config(block_m=64, bulk_dq=True)
+    assert [bulk_dq_entries(config, g, 128) for g in (3, 6, 8, 16, 32, 64, 128)] == [0, 0, 0, 4, 2, 1, 0]
+    assert bulk_dq_entries(config, 16, 30) == 0
+
+
 def test_unselected_blocks_get_exact_zeros():
     """Blocks nobody selects, or only queries before them select, get dK = dV = 0 exactly
     (the outputs start as NaN); rows that see no key get dq = 0."""
@@ -418,9 +448,12 @@ def test_gpu_m3_shape(lens_q, lens_k):
     expected = _chunked_reference_backward(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=128,
                                            scale=scale, dtype=torch.float32, chunk=64)
     o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=128, softmax_scale=scale)
-    for dq_mode, deterministic, paired in (("atomic", False, False), ("atomic", False, True),
-                                           ("query", False, False), ("atomic", True, False)):
-        config = replace_config(launch_config(q), dq_mode=dq_mode, paired_atomics=paired)
+    for dq_mode, deterministic, paired, bulk in (
+            ("atomic", False, False, False), ("atomic", False, True, False),
+            ("atomic", False, False, True), ("query", False, False, False),
+            ("atomic", True, False, False)):
+        config = replace_config(launch_config(q), dq_mode=dq_mode, paired_atomics=paired,
+                                bulk_dq=bulk)
         grads = sparse_attention_backward(do, q, k, v, o, lse, indices, cu_q, cu_k, block_size=128,
                                           softmax_scale=scale, dlse=dlse, config=config,
                                           deterministic=deterministic, out=_poisoned(q, k, v))

@@ -40,10 +40,11 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
-from msattn.ops.utils import atomic_add_f32, dot_options, mma, paired_atomics
+from msattn.ops.utils import atomic_add_f32, dot_options, mma, paired_atomics, tma_reduce
 
 DQ_MODES = ("atomic", "query")
 
@@ -76,6 +77,11 @@ class BackwardConfig:
         paired_atomics: the float32 atomics (dQ, split dK/dV) add adjacent column pairs as one
             8-byte reduction where the GPU has them (:func:`msattn.ops.utils.atomic_add_f32`;
             opt-in until measured on a GPU).
+        bulk_dq: the atomic dQ adds each entry's ``[group_size, D]`` rows of a tile as one
+            piece (contiguous in dQ): one TMA bulk reduction (``cp.reduce.async.bulk.tensor``)
+            on sm_90+ GPUs instead of an atomic per element; elsewhere ``tl.atomic_add`` per
+            piece. Needs ``block_m // group_size`` in (1, 2, 4), a power-of-two group size and
+            16-bit q (elementwise atomics otherwise); opt-in until measured on a GPU.
     """
 
     block_m: int = 64
@@ -93,6 +99,7 @@ class BackwardConfig:
     preprocess_warps: int = 4
     finish_warps: int = 4
     paired_atomics: bool = False
+    bulk_dq: bool = False
 
     def __post_init__(self):
         if self.dq_mode not in DQ_MODES:
@@ -125,6 +132,17 @@ def atomic_dq_chunk_rows(config: BackwardConfig, q: torch.Tensor) -> int:
     if q.dtype == torch.float32 or total_q * row_bytes <= config.atomic_dq_max_bytes:
         return max(total_q, 1)
     return max(config.atomic_dq_chunk_bytes // row_bytes, 1)
+
+
+def bulk_dq_entries(config: BackwardConfig, group_size: int, head_dim: int) -> int:
+    """Entries (tokens x the group's heads) per row tile whose dQ rows the KV-outer kernel adds
+    as one piece each (``config.bulk_dq``), or 0 for elementwise atomics: the tile must hold 1,
+    2 or 4 whole entries of a power-of-two group, and a dQ row must be 16-byte aligned (TMA)."""
+    entries = config.block_m // group_size
+    if (not config.bulk_dq or group_size & (group_size - 1) or config.block_m % group_size
+            or entries not in (1, 2, 4) or head_dim % 4):
+        return 0
+    return entries
 
 
 def launch_config(q: torch.Tensor) -> BackwardConfig:
@@ -187,6 +205,57 @@ def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_of
         tl.store(direct, tile.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _add_dq_entry(dq_desc, dq_acc_ptr, piece, entries_ptr, entry_start, tile_row,
+                  slot: tl.constexpr, last_row, num_rows, num_heads, group, dim, dim_mask,
+                  GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  TMA: tl.constexpr):
+    """Adds ``piece [GROUP_SIZE, BLOCK_D]`` (float32), the dQ rows of the tile's entry ``slot``
+    (the group's heads of one token, contiguous in ``dq_acc [num_rows * H, D]``), if the entry
+    is in the tile: one TMA bulk reduction (TMA) or ``tl.atomic_add``."""
+    first = tile_row + slot * GROUP_SIZE
+    if first < last_row:
+        entry = tl.load(entries_ptr + entry_start + first // GROUP_SIZE)
+        row = ((entry // TOPK) % num_rows) * num_heads + group * GROUP_SIZE
+        if TMA:
+            dq_desc.atomic_add([row, 0], piece)
+        else:
+            rows = row.to(tl.int64) + tl.arange(0, GROUP_SIZE)
+            tl.atomic_add(dq_acc_ptr + rows[:, None] * HEAD_DIM + dim[None, :], piece,
+                          mask=(rows >= 0)[:, None] & dim_mask[None, :], sem="relaxed")
+
+
+@triton.jit
+def _add_dq_by_entry(dq_desc, dq_acc_ptr, dq, entries_ptr, entry_start, tile_row, last_row,
+                     num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE: tl.constexpr,
+                     TOPK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ENTRIES: tl.constexpr, TMA: tl.constexpr):
+    """Adds a tile's dQ ``[ENTRIES * GROUP_SIZE, BLOCK_D]`` (rows: entry-major, then head) one
+    entry at a time (ENTRIES in 1, 2, 4), splitting the register tile into entry pieces."""
+    if ENTRIES == 1:
+        _add_dq_entry(dq_desc, dq_acc_ptr, dq, entries_ptr, entry_start, tile_row, 0, last_row,
+                      num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, TMA)
+    elif ENTRIES == 2:
+        e0, e1 = tl.split(tl.permute(tl.reshape(dq, [2, GROUP_SIZE, BLOCK_D]), [1, 2, 0]))
+        _add_dq_entry(dq_desc, dq_acc_ptr, e0, entries_ptr, entry_start, tile_row, 0, last_row,
+                      num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, TMA)
+        _add_dq_entry(dq_desc, dq_acc_ptr, e1, entries_ptr, entry_start, tile_row, 1, last_row,
+                      num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, TMA)
+    else:
+        # [a, b, head, dim] with entry = 2a + b, moved to [head, dim, b, a] and split twice.
+        low, high = tl.split(tl.permute(tl.reshape(dq, [2, 2, GROUP_SIZE, BLOCK_D]), [2, 3, 1, 0]))
+        e0, e1 = tl.split(low)
+        e2, e3 = tl.split(high)
+        _add_dq_entry(dq_desc, dq_acc_ptr, e0, entries_ptr, entry_start, tile_row, 0, last_row,
+                      num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, TMA)
+        _add_dq_entry(dq_desc, dq_acc_ptr, e1, entries_ptr, entry_start, tile_row, 1, last_row,
+                      num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, TMA)
+        _add_dq_entry(dq_desc, dq_acc_ptr, e2, entries_ptr, entry_start, tile_row, 2, last_row,
+                      num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, TMA)
+        _add_dq_entry(dq_desc, dq_acc_ptr, e3, entries_ptr, entry_start, tile_row, 3, last_row,
+                      num_rows, num_heads, group, dim, dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, TMA)
+
+
 # One program: key tile program_id(1) (BLOCK_N keys) of one (group, key block) bucket x up to
 # rows_per_program of the bucket's packed (entry, head) rows, in tiles of BLOCK_M; K and V of the
 # tile are loaded once. Grid: (csr.max_programs, BLOCK_SIZE // BLOCK_N); programs past the real
@@ -194,11 +263,12 @@ def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_of
 # [total_k, G, D]; lse2, delta float32 [total_q, H].
 # Writes dk, dv [total_k, G, D] for unsplit buckets, adds into dk_acc, dv_acc float32
 # [num_split, BLOCK_SIZE, D] for split ones (CAN_SPLIT; always_split: every bucket, at slot
-# = bucket); COMPUTE_DQ: adds ds k * scale into dq_acc float32 [num_rows, H, D] with atomics.
+# = bucket); COMPUTE_DQ: adds ds k * scale into dq_acc float32 [num_rows, H, D] with atomics
+# (DQ_ENTRIES > 0: one piece per entry of the tile, a TMA reduction through dq_desc with DQ_TMA).
 @triton.jit
 def _block_backward_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
-        dq_acc_ptr, dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr,
+        dq_acc_ptr, dq_desc, dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr,
         entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, split_slot_ptr,
         block_key_start_ptr, block_position_ptr, block_num_keys_ptr, row_position_ptr,
         stride_q_token, stride_q_head, stride_k_token, stride_k_group,
@@ -209,7 +279,8 @@ def _block_backward_kernel(
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
         COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
-        PAIRED_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        PAIRED_ATOMICS: tl.constexpr, DQ_ENTRIES: tl.constexpr, DQ_TMA: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
         bucket = tl.load(program_bucket_ptr + pid)
@@ -268,9 +339,15 @@ def _block_backward_kernel(
                     dk += mma(ds_t, q, DOT_PRECISION, DOT_UPCAST)
                 if COMPUTE_DQ:
                     dq = mma(tl.trans(ds_t), k, DOT_PRECISION, DOT_UPCAST) * scale
-                    acc_row = chunk_row.to(tl.int64) * num_heads + head
-                    atomic_add_f32(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :], dq,
-                                   row_dim_mask, PAIRED_ATOMICS)
+                    if DQ_ENTRIES > 0:
+                        _add_dq_by_entry(dq_desc, dq_acc_ptr, dq, entries_ptr, entry_start,
+                                         tile_row, last_row, num_rows, num_heads, group, dim,
+                                         dim_mask, GROUP_SIZE, TOPK, HEAD_DIM, BLOCK_D,
+                                         DQ_ENTRIES, DQ_TMA)
+                    else:
+                        acc_row = chunk_row.to(tl.int64) * num_heads + head
+                        atomic_add_f32(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :],
+                                       dq, row_dim_mask, PAIRED_ATOMICS)
         split_slot = bucket * 0  # int32; its slot among the split buckets (CAN_SPLIT)
         if CAN_SPLIT:
             split_slot = tl.load(split_slot_ptr + bucket)
@@ -486,6 +563,9 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         if dq_atomic:
             dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else \
                 torch.empty((chunk_rows,) + q.shape[1:], dtype=torch.float32, device=device)
+        dq_entries = bulk_dq_entries(config, group_size, head_dim) \
+            if dq_acc is not None and dq_acc is not dq else 0
+        dq_tma = dq_entries > 0 and tma_reduce(device)
         # every bucket its own accumulator slot: 0, 1, ..., num_buckets - 1
         split_slot = layout.bucket_ids[:num_buckets] if always_split else None
         for row_start, row_end in chunks:
@@ -502,9 +582,13 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 chunk_dq.zero_()
             elif dq_atomic:
                 dq_acc.zero_()
+            dq_desc = None
+            if dq_tma:
+                dq_desc = TensorDescriptor(chunk_dq, [chunk_dq.shape[0] * num_heads, head_dim],
+                                           [head_dim, 1], [group_size, block_d])
             _block_backward_kernel[(csr.max_programs, block_size // block_n)](
                 q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
-                dq_acc_ptr=chunk_dq, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
+                dq_acc_ptr=chunk_dq, dq_desc=dq_desc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
                 entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
                 program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
                 split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
@@ -522,7 +606,8 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
                 COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
                 NEED_DS=need_dk or dq_atomic,
-                PAIRED_ATOMICS=config.paired_atomics and paired_atomics(device), **dots,
+                PAIRED_ATOMICS=config.paired_atomics and paired_atomics(device),
+                DQ_ENTRIES=dq_entries, DQ_TMA=dq_tma, **dots,
                 num_warps=config.num_warps, num_stages=config.num_stages)
             if dq_atomic and dq_acc is not dq:
                 dq[row_start:row_end].copy_(chunk_dq)

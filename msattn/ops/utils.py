@@ -88,13 +88,19 @@ def paired_atomics(device: torch.device) -> bool:
     return _capability_major(_device_index(device)) >= 9
 
 
+def tma_reduce(device: torch.device) -> bool:
+    """Whether kernels may add tiles with TMA bulk reductions (``desc.atomic_add`` on a
+    ``TensorDescriptor``: sm_90 or newer; not under the CPU interpreter, which lacks them)."""
+    return paired_atomics(device)
+
+
 # Two float32 reductions of one thread's adjacent elements (pack=2): $0, $1 dummy outputs;
 # $2, $3 addresses; $4, $5 masks (int32); $6, $7 values. When both are masked in, the second
 # address is the first + 4 and the first is 8-byte aligned, one packed 8-byte reduction
 # (sm_90+); otherwise one scalar reduction per masked-in element. Correct for any register
 # layout the compiler picks; the MMA accumulator layouts hold column pairs, so tiles of MMA
 # results take the packed path and need half the L2 atomic operations.
-_RED_F32_PAIR = (
+_RED_F32_PAIR = tl.constexpr(
     "{ .reg .pred m0, m1, pv; .reg .b64 d; "
     "setp.ne.b32 m0, $4, 0; setp.ne.b32 m1, $5, 0; "
     "add.s64 d, $2, 4; setp.eq.and.u64 pv, d, $3, m0; and.pred pv, pv, m1; "
