@@ -116,6 +116,9 @@ case "$mode" in
         --chunk-shapes 1x512x16k,1x1kx16k,1x2kx64k --out "$OUT"
     ;;
   train-report)
+    BWD_VARIANTS='[{"paired_atomics": true}, {"bulk_dq": true}, {"bulk_dq": true, "bulk_dkv": true},
+      {"bulk_dq": true, "paired_atomics": true},
+      {"bulk_dq": true, "bulk_dkv": true, "atomic_dq_chunk_bytes": 2147483648}]'
     step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_utils.py \
         tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py
     step memcheck-bwd memcheck-bwd.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -123,7 +126,7 @@ case "$mode" in
         -k "not gpu and (atomic or bulk or backward_matches_reference_fp32 or backward_16bit or split_buckets or exact_zeros or triton_matches_reference)"
     for length in 128k 512k; do
       step "tune-$length" "tune-backward-$length.log" timeout 150 python3 -m msattn.bench.tune backward \
-          --length $length --variants '[{"paired_atomics": true}, {"bulk_dq": true}, {"bulk_dq": true, "paired_atomics": true}]' --out "$OUT"
+          --length $length --variants "$BWD_VARIANTS" --out "$OUT"
     done
     step train bench-train.log timeout 240 python3 -m msattn.bench.cli bench train --out "$OUT" \
         --lengths 32k,128k,512k --dense-kernels cudnn --time-budget 1

@@ -142,18 +142,22 @@ def test_backward_16bit(dtype):
     _check_16bit(grads, expected)
 
 
-@pytest.mark.parametrize("paired_atomics", [False, True])
-def test_split_buckets_and_key_tiles(paired_atomics):
+ATOMICS = {"scalar": {}, "paired": {"paired_atomics": True},
+           "bulk": {"bulk_dq": True, "bulk_dkv": True}}
+
+
+@pytest.mark.parametrize("atomics", list(ATOMICS))
+def test_split_buckets_and_key_tiles(atomics):
     """Every token selects block 0: its bucket takes many programs (float32 atomics for dK, dV
-    and dQ, packed in pairs on sm_90+ GPUs with paired_atomics); 16-key tiles of 64-key blocks
-    (four programs a bucket)."""
+    and dQ, packed in pairs on sm_90+ GPUs with paired_atomics, dK/dV tiles as TMA bulk
+    reductions with bulk_dkv); 16-key tiles of 64-key blocks (four programs a bucket)."""
     lens = [80]
     q, k, v, do, dlse, _, cu_q, cu_k = _inputs(lens, lens, 2, 1, 16, 64, 2, torch.float32, seed=4)
     indices = torch.full((1, 80, 2), -1, dtype=torch.int32, device=DEVICE)
     indices[:, :, 0] = 0
     indices[:, 64:, 1] = 1
     config = _config(block_m=16, block_n=16, tiles_per_program=1, dq_mode="atomic",
-                     paired_atomics=paired_atomics)
+                     **ATOMICS[atomics])
     csr = build_block_csr(indices, cu_q, cu_k, block_size=64, total_k=80, row_start=0,
                           row_end=80, group_size=2, block_m=16, tiles_per_program=1)
     programs = csr.program_start[1:] - csr.program_start[:-1]
@@ -168,9 +172,9 @@ def replace_config(config, **changes):
     return BackwardConfig(**{**config.__dict__, **changes})
 
 
-@pytest.mark.parametrize("paired_atomics", [False, True])
+@pytest.mark.parametrize("atomics", list(ATOMICS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_atomic_dq_in_row_chunks(dtype, paired_atomics):
+def test_atomic_dq_in_row_chunks(dtype, atomics):
     """A float32 dQ buffer bound of 7 rows: the KV-outer kernel runs over chunks of query rows
     (dK, dV summed over them in float32); same gradients, and exact zeros for unselected blocks."""
     from msattn.ops.sparse_attention_bwd import atomic_dq_chunk_rows
@@ -179,7 +183,7 @@ def test_atomic_dq_in_row_chunks(dtype, paired_atomics):
                                                      seed=12)
     row_bytes = 6 * 32 * 4
     config = _config(atomic_dq_max_bytes=row_bytes * 39, atomic_dq_chunk_bytes=row_bytes * 7,
-                     paired_atomics=paired_atomics)
+                     **ATOMICS[atomics])
     assert atomic_dq_chunk_rows(config, q) == 7
     assert atomic_dq_chunk_rows(_config(atomic_dq_max_bytes=row_bytes * 40), q) == 40
     assert atomic_dq_chunk_rows(config, q.float()) == 40  # a float32 dQ accumulates in place
@@ -204,7 +208,7 @@ def test_bulk_dq_by_entry(heads, groups, block_m, entries):
     q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([21, 9], [70, 9], heads, groups, 16, 16, 3,
                                                      torch.bfloat16, seed=heads + block_m)
     row_bytes = heads * 16 * 4
-    config = _config(block_m=block_m, tiles_per_program=2, bulk_dq=True,
+    config = _config(block_m=block_m, tiles_per_program=2, bulk_dq=True, bulk_dkv=True,
                      atomic_dq_max_bytes=row_bytes * 20, atomic_dq_chunk_bytes=row_bytes * 11)
     assert bulk_dq_entries(config, heads // groups, 16) == entries
     assert bulk_dq_entries(replace_config(config, bulk_dq=False), heads // groups, 16) == 0
@@ -453,7 +457,7 @@ def test_gpu_m3_shape(lens_q, lens_k):
             ("atomic", False, False, True), ("query", False, False, False),
             ("atomic", True, False, False)):
         config = replace_config(launch_config(q), dq_mode=dq_mode, paired_atomics=paired,
-                                bulk_dq=bulk)
+                                bulk_dq=bulk, bulk_dkv=bulk)
         grads = sparse_attention_backward(do, q, k, v, o, lse, indices, cu_q, cu_k, block_size=128,
                                           softmax_scale=scale, dlse=dlse, config=config,
                                           deterministic=deterministic, out=_poisoned(q, k, v))

@@ -82,6 +82,8 @@ class BackwardConfig:
             on sm_90+ GPUs instead of an atomic per element; elsewhere ``tl.atomic_add`` per
             piece. Needs ``block_m // group_size`` in (1, 2, 4), a power-of-two group size and
             16-bit q (elementwise atomics otherwise); opt-in until measured on a GPU.
+        bulk_dkv: split buckets add each dK/dV key tile into the float32 sums as one TMA bulk
+            reduction on sm_90+ GPUs (elementwise atomics elsewhere); opt-in until measured.
     """
 
     block_m: int = 64
@@ -100,6 +102,7 @@ class BackwardConfig:
     finish_warps: int = 4
     paired_atomics: bool = False
     bulk_dq: bool = False
+    bulk_dkv: bool = False
 
     def __post_init__(self):
         if self.dq_mode not in DQ_MODES:
@@ -187,18 +190,23 @@ def _preprocess_kernel(
 
 
 @triton.jit
-def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_offs, dim, mask,
-                    group, num_groups, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    CAN_SPLIT: tl.constexpr, PAIRED_ATOMICS: tl.constexpr):
+def _store_key_tile(out_ptr, acc_ptr, acc_desc, tile, split, split_slot, key_start, key_offs, dim,
+                    mask, group, num_groups, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, CAN_SPLIT: tl.constexpr, PAIRED_ATOMICS: tl.constexpr,
+                    BULK: tl.constexpr):
     """A program's dK or dV tile ``[BLOCK_N, BLOCK_D]`` (float32): stored into ``out
     [total_k, G, D]`` at its block's key rows, or, for a split bucket, added with atomics into
-    the float32 ``acc [num_split, BLOCK_SIZE, D]`` at the bucket's ``split_slot``."""
+    the float32 ``acc [num_split, BLOCK_SIZE, D]`` at the bucket's ``split_slot`` (BULK: as one
+    TMA bulk reduction through ``acc_desc``; rows past the block's keys are zeros)."""
     direct = out_ptr + ((key_start + key_offs).to(tl.int64)[:, None] * num_groups + group) * HEAD_DIM \
         + dim[None, :]
     if CAN_SPLIT:
         if split:
-            atomic_add_f32(acc_ptr + (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None] * HEAD_DIM
-                           + dim[None, :], tile, mask, PAIRED_ATOMICS)
+            if BULK:
+                acc_desc.atomic_add([split_slot * BLOCK_SIZE + tl.program_id(1) * BLOCK_N, 0], tile)
+            else:
+                atomic_add_f32(acc_ptr + (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None]
+                               * HEAD_DIM + dim[None, :], tile, mask, PAIRED_ATOMICS)
         else:
             tl.store(direct, tile.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -264,11 +272,12 @@ def _add_dq_by_entry(dq_desc, dq_acc_ptr, dq, entries_ptr, entry_start, tile_row
 # Writes dk, dv [total_k, G, D] for unsplit buckets, adds into dk_acc, dv_acc float32
 # [num_split, BLOCK_SIZE, D] for split ones (CAN_SPLIT; always_split: every bucket, at slot
 # = bucket); COMPUTE_DQ: adds ds k * scale into dq_acc float32 [num_rows, H, D] with atomics
-# (DQ_ENTRIES > 0: one piece per entry of the tile, a TMA reduction through dq_desc with DQ_TMA).
+# (DQ_ENTRIES > 0: one piece per entry of the tile, a TMA reduction through dq_desc with DQ_TMA);
+# DKV_TMA: split buckets add their dK/dV tiles through dk_acc_desc, dv_acc_desc (TMA).
 @triton.jit
 def _block_backward_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
-        dq_acc_ptr, dq_desc, dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr,
+        dq_acc_ptr, dq_desc, dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr, dk_acc_desc, dv_acc_desc,
         entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, split_slot_ptr,
         block_key_start_ptr, block_position_ptr, block_num_keys_ptr, row_position_ptr,
         stride_q_token, stride_q_head, stride_k_token, stride_k_group,
@@ -280,6 +289,7 @@ def _block_backward_kernel(
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
         COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
         PAIRED_ATOMICS: tl.constexpr, DQ_ENTRIES: tl.constexpr, DQ_TMA: tl.constexpr,
+        DKV_TMA: tl.constexpr,
         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
@@ -352,13 +362,13 @@ def _block_backward_kernel(
         if CAN_SPLIT:
             split_slot = tl.load(split_slot_ptr + bucket)
         if COMPUTE_DK:
-            _store_key_tile(dk_ptr, dk_acc_ptr, dk * scale, split, split_slot, key_start, key_offs,
-                            dim, kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT,
-                            PAIRED_ATOMICS)
+            _store_key_tile(dk_ptr, dk_acc_ptr, dk_acc_desc, dk * scale, split, split_slot,
+                            key_start, key_offs, dim, kv_mask, group, num_groups, HEAD_DIM,
+                            BLOCK_SIZE, BLOCK_N, CAN_SPLIT, PAIRED_ATOMICS, DKV_TMA)
         if COMPUTE_DV:
-            _store_key_tile(dv_ptr, dv_acc_ptr, dv, split, split_slot, key_start, key_offs, dim,
-                            kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT,
-                            PAIRED_ATOMICS)
+            _store_key_tile(dv_ptr, dv_acc_ptr, dv_acc_desc, dv, split, split_slot, key_start,
+                            key_offs, dim, kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE,
+                            BLOCK_N, CAN_SPLIT, PAIRED_ATOMICS, DKV_TMA)
 
 
 # One program: one (group, key block) bucket, BLOCK_N keys a step. Grid: (G * num_blocks,).
@@ -566,6 +576,11 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         dq_entries = bulk_dq_entries(config, group_size, head_dim) \
             if dq_acc is not None and dq_acc is not dq else 0
         dq_tma = dq_entries > 0 and tma_reduce(device)
+        dkv_tma = config.bulk_dkv and can_split and head_dim % 4 == 0 and tma_reduce(device)
+        dk_acc_desc, dv_acc_desc = (
+            TensorDescriptor(acc, [acc.shape[0] * block_size, head_dim], [head_dim, 1],
+                             [block_n, block_d]) if dkv_tma and acc is not None else acc
+            for acc in (dk_acc, dv_acc))
         # every bucket its own accumulator slot: 0, 1, ..., num_buckets - 1
         split_slot = layout.bucket_ids[:num_buckets] if always_split else None
         for row_start, row_end in chunks:
@@ -589,7 +604,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             _block_backward_kernel[(csr.max_programs, block_size // block_n)](
                 q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
                 dq_acc_ptr=chunk_dq, dq_desc=dq_desc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
-                entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
+                dk_acc_desc=dk_acc_desc, dv_acc_desc=dv_acc_desc, entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
                 program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
                 split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
                 block_position_ptr=csr.block_position, block_num_keys_ptr=csr.block_num_keys,
@@ -607,7 +622,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
                 NEED_DS=need_dk or dq_atomic,
                 PAIRED_ATOMICS=config.paired_atomics and paired_atomics(device),
-                DQ_ENTRIES=dq_entries, DQ_TMA=dq_tma, **dots,
+                DQ_ENTRIES=dq_entries, DQ_TMA=dq_tma, DKV_TMA=dkv_tma, **dots,
                 num_warps=config.num_warps, num_stages=config.num_stages)
             if dq_atomic and dq_acc is not dq:
                 dq[row_start:row_end].copy_(chunk_dq)
