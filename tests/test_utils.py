@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.utils import atomic_add_f32, dot_options, mma, paired_atomics
+from msattn.ops.utils import atomic_add_f32, dot_options, mma, sm90_reductions
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -54,7 +54,7 @@ def test_atomic_add_f32_tile(col0, num_cols):
     base = torch.randn(rows, out_cols, device=DEVICE)
     out = base.clone()
     _tile_kernel[(programs,)](out, a, b, perm, out_cols, col0, num_valid, num_cols,
-                              BLOCK_M=block_m, BLOCK_D=block_d, PAIRED=paired_atomics(DEVICE),
+                              BLOCK_M=block_m, BLOCK_D=block_d, PAIRED=sm90_reductions(DEVICE),
                               **dot_options(dtype))
     tile = (a.float() @ b.float())  # bf16 products are exact in float32; sums may round apart
     expected = base.clone()
@@ -80,13 +80,13 @@ def test_atomic_add_f32_flat_repeated(offset):
         values = torch.randn(n, device=DEVICE)
         mask = (torch.rand(n, device=DEVICE) < 0.7).to(torch.int32)
         _flat_kernel[(triton.cdiv(n, block),)](out, values, mask, offset, n, BLOCK=block,
-                                               PAIRED=paired_atomics(DEVICE))
+                                               PAIRED=sm90_reductions(DEVICE))
         expected[offset:offset + n] += values.double() * mask
     torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.gpu
-def test_paired_atomics_on_hopper():
+def test_sm90_reductions_on_hopper():
     """The packed path is the one taken on sm_90+ GPUs (so the tests above exercise it there)."""
     major = torch.cuda.get_device_capability()[0]
-    assert paired_atomics(torch.device("cuda")) == (major >= 9)
+    assert sm90_reductions(torch.device("cuda")) == (major >= 9)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import BlockCSR, build_block_csr, row_positions
-from msattn.ops.utils import atomic_add_f32, dot_options, mma, paired_atomics
+from msattn.ops.utils import atomic_add_f32, dot_options, mma, sm90_reductions
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
@@ -441,7 +441,7 @@ def _launch_kv(q, k, qi, ki, *, csr: BlockCSR | None, cu_seqlens_q, cu_seqlens_k
         TILES_PER_PROGRAM=config.tiles_per_program, DENSE=csr is None,
         TEACHER=teacher_lse is not None, STUDENT=student_lse is not None,
         TERMS=row_terms is not None, GRAD=dqi is not None,
-        PAIRED_ATOMICS=config.paired_atomics and paired_atomics(q.device), **_dims(q, k, qi),
+        PAIRED_ATOMICS=config.paired_atomics and sm90_reductions(q.device), **_dims(q, k, qi),
         **dot_options(qi.dtype), num_warps=config.backward_warps,
         num_stages=config.backward_stages)
     if csr is None:

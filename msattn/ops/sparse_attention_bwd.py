@@ -44,7 +44,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
-from msattn.ops.utils import atomic_add_f32, dot_options, mma, paired_atomics, tma_reduce
+from msattn.ops.utils import atomic_add_f32, dot_options, mma, sm90_reductions
 
 DQ_MODES = ("atomic", "query")
 
@@ -575,8 +575,8 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 torch.empty((chunk_rows,) + q.shape[1:], dtype=torch.float32, device=device)
         dq_entries = bulk_dq_entries(config, group_size, head_dim) \
             if dq_acc is not None and dq_acc is not dq else 0
-        dq_tma = dq_entries > 0 and tma_reduce(device)
-        dkv_tma = config.bulk_dkv and can_split and head_dim % 4 == 0 and tma_reduce(device)
+        dq_tma = dq_entries > 0 and sm90_reductions(device)
+        dkv_tma = config.bulk_dkv and can_split and head_dim % 4 == 0 and sm90_reductions(device)
         dk_acc_desc, dv_acc_desc = (
             TensorDescriptor(acc, [acc.shape[0] * block_size, head_dim], [head_dim, 1],
                              [block_n, block_d]) if dkv_tma and acc is not None else acc
@@ -621,7 +621,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
                 COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
                 NEED_DS=need_dk or dq_atomic,
-                PAIRED_ATOMICS=config.paired_atomics and paired_atomics(device),
+                PAIRED_ATOMICS=config.paired_atomics and sm90_reductions(device),
                 DQ_ENTRIES=dq_entries, DQ_TMA=dq_tma, DKV_TMA=dkv_tma, **dots,
                 num_warps=config.num_warps, num_stages=config.num_stages)
             if dq_atomic and dq_acc is not dq:

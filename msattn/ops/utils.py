@@ -80,18 +80,14 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
-def paired_atomics(device: torch.device) -> bool:
-    """Whether :func:`atomic_add_f32` may pack pairs of float32 adds (compiled for sm_90 or
-    newer: ``red.global.add.v2.f32``; not under the CPU interpreter, which has no inline PTX)."""
+def sm90_reductions(device: torch.device) -> bool:
+    """Whether kernels may use the sm_90 float32 reductions: packed pairs in
+    :func:`atomic_add_f32` (``red.global.add.v2.f32``) and TMA bulk reductions
+    (``desc.atomic_add`` on a ``TensorDescriptor``). Compiled for sm_90 or newer only; never
+    under the CPU interpreter, which has neither inline PTX nor descriptor reductions."""
     if device.type != "cuda" or interpreted():
         return False
     return _capability_major(_device_index(device)) >= 9
-
-
-def tma_reduce(device: torch.device) -> bool:
-    """Whether kernels may add tiles with TMA bulk reductions (``desc.atomic_add`` on a
-    ``TensorDescriptor``: sm_90 or newer; not under the CPU interpreter, which lacks them)."""
-    return paired_atomics(device)
 
 
 # Two float32 reductions of one thread's adjacent elements (pack=2): $0, $1 dummy outputs;
@@ -114,7 +110,7 @@ _RED_F32_PAIR = tl.constexpr(
 @triton.jit
 def atomic_add_f32(ptrs, values, mask, PAIRED: tl.constexpr):
     """Relaxed float32 atomic ``*ptrs += values`` where ``mask`` (tensors of one shape).
-    ``PAIRED`` (see :func:`paired_atomics`): adjacent contiguous elements as one packed 8-byte
+    ``PAIRED`` (see :func:`sm90_reductions`): adjacent contiguous elements as one packed 8-byte
     reduction; otherwise ``tl.atomic_add`` (one 4-byte reduction an element)."""
     if PAIRED:
         tl.inline_asm_elementwise(asm=_RED_F32_PAIR, constraints="=r,=r,l,l,r,r,f,f",
