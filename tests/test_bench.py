@@ -256,3 +256,13 @@ def test_chunked_cpu_suite_end_to_end(tmp_path, capsys, no_cuda):
         cli.main(["bench", "cpu", "--shapes", "1x64x0"])
     with pytest.raises(SystemExit):
         cli.main(["bench", "prefill-chunked-cpu", "--lengths", "1k"])
+
+
+def test_max_abs_diff_in_row_chunks():
+    a = torch.randn(10, 3, 4, dtype=torch.bfloat16)
+    b = torch.randn(10, 3, 4, dtype=torch.bfloat16)
+    expected = float((a.float() - b.float()).abs().max())
+    assert expected > 0
+    assert metrics.max_abs_diff(a, b, rows=3) == expected == metrics.max_abs_diff(a, b)
+    assert metrics.max_abs_diff(a[:0], b[:0]) == 0.0
+    assert metrics.max_abs_diff(torch.tensor(1.5), torch.tensor(-1.0)) == 2.5  # 0-d (a loss)

@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 
 from msattn.bench.dense import _first_line
+from msattn.bench.metrics import max_abs_diff
 from msattn.bench.timing import release_memory, synchronize
 from msattn.cache import FP8_DTYPE, dequantize_index_keys
 
@@ -309,13 +310,6 @@ def make_peer_prefill(modules: PeerModules, q: torch.Tensor, qi: torch.Tensor, c
                         max_query_len=end - start, max_seq_len=end, **options)
 
     return PeerStep(run=run, topk_idx=topk_idx, output=output)
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 1 << 16) -> float:
-    """Largest ``|a - b|`` of two ``[N, ...]`` tensors, ``rows`` rows at a time in float32 (at 1M
-    tokens of M3's shape a whole float32 copy is 32 GiB)."""
-    return max((float((a[i:i + rows].float() - b[i:i + rows].float()).abs().max())
-                for i in range(0, a.shape[0], rows)), default=0.0)
 
 
 def time_peer(make_steps: Callable[[], list[PeerStep]], measure: Callable, device: torch.device,

@@ -199,8 +199,7 @@ def sweep_attention(length: int, configs: list, chunk_rows_list, out: list) -> N
                "chunk_rows": chunk_rows}
         try:
             got, _ = _attend(x, config, chunk_rows)
-            row["max_abs_diff"] = max((got[i:i + 65536].float() - expected[i:i + 65536].float())
-                                      .abs().max().item() for i in range(0, length, 65536))
+            row["max_abs_diff"] = metrics.max_abs_diff(got, expected)
             del got
             row["ms"] = _time(lambda y: _attend(y, config, chunk_rows), x)
             row["tflops"] = metrics.tflops(flops, row["ms"])
@@ -317,7 +316,7 @@ def sweep_backward(length: int, configs: list, out: list) -> None:
             row["extra_gib"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
             if expected is None:
                 expected = grads
-            row["max_abs_diff"] = [float((g.float() - e.float()).abs().max()) for g, e in zip(grads, expected)]
+            row["max_abs_diff"] = [metrics.max_abs_diff(g, e) for g, e in zip(grads, expected)]
             del grads
             row["ms"] = _time(lambda y: run(y, config), x)
         except Exception as error:  # a config that does not compile or fit is reported, not fatal
@@ -349,7 +348,7 @@ def sweep_loss(length: int, configs: list, out: list) -> None:
             got = run(x, config)
             if expected is None:
                 expected = got
-            row["max_abs_diff"] = [float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected)]
+            row["max_abs_diff"] = [metrics.max_abs_diff(g, e) for g, e in zip(got, expected)]
             del got
             row["ms"] = _time(lambda y: run(y, config), x)
         except Exception as error:  # a config that does not compile or fit is reported, not fatal
