@@ -197,21 +197,23 @@ def test_atomic_dq_in_row_chunks(dtype, atomics):
         assert torch.equal(grad[32:64], torch.zeros_like(grad[32:64]))
 
 
-@pytest.mark.parametrize("heads,groups,block_m,entries", [(8, 2, 16, 4), (16, 2, 16, 2),
-                                                          (16, 1, 16, 1), (16, 2, 32, 4)])
-def test_bulk_dq_by_entry(heads, groups, block_m, entries):
+@pytest.mark.parametrize("heads,groups,block_m,entries,head_dim", [
+    (8, 2, 16, 4, 16), (16, 2, 16, 2, 16), (16, 1, 16, 1, 16), (16, 2, 32, 4, 16),
+    (8, 2, 16, 4, 24)])
+def test_bulk_dq_by_entry(heads, groups, block_m, entries, head_dim):
     """bulk_dq: each entry's (token's) group-of-heads dQ rows go in as one piece (a TMA bulk
     reduction on sm_90+ GPUs, tl.atomic_add per piece elsewhere), tiles of 1, 2 and 4 entries,
-    partial last tiles, over chunks of query rows; same gradients as the reference."""
+    partial last tiles, a head dim below its power of two, over chunks of query rows (bulk
+    dK/dV too); same gradients as the reference."""
     from msattn.ops.sparse_attention_bwd import bulk_dq_entries
 
-    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([21, 9], [70, 9], heads, groups, 16, 16, 3,
-                                                     torch.bfloat16, seed=heads + block_m)
-    row_bytes = heads * 16 * 4
+    q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([21, 9], [70, 9], heads, groups, head_dim,
+                                                     16, 3, torch.bfloat16, seed=heads + block_m)
+    row_bytes = heads * head_dim * 4
     config = _config(block_m=block_m, tiles_per_program=2, bulk_dq=True, bulk_dkv=True,
                      atomic_dq_max_bytes=row_bytes * 20, atomic_dq_chunk_bytes=row_bytes * 11)
-    assert bulk_dq_entries(config, heads // groups, 16) == entries
-    assert bulk_dq_entries(replace_config(config, bulk_dq=False), heads // groups, 16) == 0
+    assert bulk_dq_entries(config, heads // groups, head_dim) == entries
+    assert bulk_dq_entries(replace_config(config, bulk_dq=False), heads // groups, head_dim) == 0
     grads = _triton_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=16, scale=0.25,
                           config=config)
     expected = _reference_grads(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=16, scale=0.25)
