@@ -14,9 +14,9 @@
 #                                                  beside vLLM (carry .peers) and the decode profile
 #   scripts/device_run.sh prefill-report          prefill GPU tests + memcheck, prefill 8K-128K and the
 #                                                  chunked shapes beside vLLM (carry .peers), chunked profile
-#   scripts/device_run.sh train-report          training GPU tests + memcheck of the backward kernels,
-#                                                  the backward with paired atomics and bulk dQ (opt-in) at
-#                                                  128K and 512K, the training step at 32K-512K
+#   scripts/device_run.sh train-report          the backward with paired atomics and bulk (TMA) reductions
+#                                                  (opt-in) at 128K and 512K, training GPU tests + memcheck
+#                                                  of the backward kernels, the training step at 32K-512K
 #   scripts/device_run.sh all [BENCH_ARGS...]      test, then the prefill and decode benches
 # Whole logs and results go to $OUT (or ./device_out when OUT is unset); a summary of every step
 # is printed last. The exit status is nonzero when any step failed.
@@ -116,18 +116,20 @@ case "$mode" in
         --chunk-shapes 1x512x16k,1x1kx16k,1x2kx64k --out "$OUT"
     ;;
   train-report)
+    # The A/B of the float32 gradient reductions first (the lease may end early), then the GPU
+    # tests and memcheck of the backward and loss kernels, then the training step.
     BWD_VARIANTS='[{"paired_atomics": true}, {"bulk_dq": true}, {"bulk_dq": true, "bulk_dkv": true},
       {"bulk_dq": true, "paired_atomics": true},
       {"bulk_dq": true, "bulk_dkv": true, "atomic_dq_chunk_bytes": 2147483648}]'
+    for length in 128k 512k; do
+      step "tune-$length" "tune-backward-$length.log" timeout 150 python3 -m msattn.bench.tune backward \
+          --length $length --variants "$BWD_VARIANTS" --out "$OUT"
+    done
     step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_utils.py \
         tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py
     step memcheck-bwd memcheck-bwd.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 -m pytest -q -x tests/test_utils.py tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py \
         -k "not gpu and (atomic or bulk or backward_matches_reference_fp32 or backward_16bit or split_buckets or exact_zeros or triton_matches_reference)"
-    for length in 128k 512k; do
-      step "tune-$length" "tune-backward-$length.log" timeout 150 python3 -m msattn.bench.tune backward \
-          --length $length --variants "$BWD_VARIANTS" --out "$OUT"
-    done
     step train bench-train.log timeout 240 python3 -m msattn.bench.cli bench train --out "$OUT" \
         --lengths 32k,128k,512k --dense-kernels cudnn --time-budget 1
     ;;
