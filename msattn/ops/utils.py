@@ -101,8 +101,8 @@ def atomic_add_f32(ptrs, values, mask, PAIRED: tl.constexpr):
         # second address is the first + 4 and the first is 8-byte aligned: one packed 8-byte
         # reduction (sm_90+); otherwise one scalar reduction per masked-in element. Correct for
         # any register layout; the MMA accumulator layouts hold column pairs, so tiles of MMA
-        # results take the packed path. (The PTX is a literal here: Triton 3.6 rejects a
-        # module-level string, plain or tl.constexpr.)
+        # results take the packed path. The addresses go in as int64: Triton 3.6 type-checks
+        # the arguments against each other and rejects a pointer beside float values.
         tl.inline_asm_elementwise(
             asm="{ .reg .pred m0, m1, pv; .reg .b64 d; "
                 "setp.ne.b32 m0, $4, 0; setp.ne.b32 m1, $5, 0; "
@@ -113,7 +113,8 @@ def atomic_add_f32(ptrs, values, mask, PAIRED: tl.constexpr):
                 "@m0 red.global.add.f32 [$2], $6; @m1 red.global.add.f32 [$3], $7; "
                 "mov.b32 $0, 0; mov.b32 $1, 0; }",
             constraints="=r,=r,l,l,r,r,f,f",
-            args=[ptrs, mask.to(tl.int32), values.to(tl.float32)], dtype=tl.int32,
+            args=[ptrs.to(tl.int64, bitcast=True), mask.to(tl.int32), values.to(tl.float32)],
+            dtype=tl.int32,
             is_pure=False, pack=2)
     else:
         tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
