@@ -603,8 +603,9 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                                            [head_dim, 1], [group_size, block_d])
             _block_backward_kernel[(csr.max_programs, block_size // block_n)](
                 q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
-                dq_acc_ptr=chunk_dq, dq_desc=dq_desc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc, dv_acc_ptr=dv_acc,
-                dk_acc_desc=dk_acc_desc, dv_acc_desc=dv_acc_desc, entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
+                dq_acc_ptr=chunk_dq, dq_desc=dq_desc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc,
+                dv_acc_ptr=dv_acc, dk_acc_desc=dk_acc_desc, dv_acc_desc=dv_acc_desc,
+                entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
                 program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
                 split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
                 block_position_ptr=csr.block_position, block_num_keys_ptr=csr.block_num_keys,
