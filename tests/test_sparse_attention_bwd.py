@@ -225,7 +225,8 @@ def test_bulk_dq_falls_back():
     from msattn.ops.sparse_attention_bwd import bulk_dq_entries
 
     config = _config(block_m=64, bulk_dq=True)
-    assert [bulk_dq_entries(config, g, 128) for g in (3, 6, 8, 16, 32, 64, 128)] == [0, 0, 0, 4, 2, 1, 0]
+    entries = [bulk_dq_entries(config, g, 128) for g in (3, 6, 8, 16, 32, 64, 128)]
+    assert entries == [0, 0, 0, 4, 2, 1, 0]
     assert bulk_dq_entries(config, 16, 30) == 0
 
 

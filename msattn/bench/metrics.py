@@ -79,6 +79,7 @@ def selection_stats(indices: torch.Tensor, *, seq_len: int, block_size: int) -> 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor, rows: int = 1 << 16) -> float:
     """Largest ``|a - b|`` of two tensors of one shape (``[N, ...]`` or 0-d), ``rows`` rows at a
     time in float32 (at 1M tokens of M3's shape a whole float32 copy of q is 32 GiB)."""
-    a, b = a.reshape(1, *a.shape) if a.dim() == 0 else a, b.reshape(1, *b.shape) if b.dim() == 0 else b
+    if a.dim() == 0:
+        a, b = a.reshape(1), b.reshape(1)
     return max((float((a[i:i + rows].float() - b[i:i + rows].float()).abs().max())
                 for i in range(0, a.shape[0], rows)), default=0.0)
