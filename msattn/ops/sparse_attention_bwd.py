@@ -81,9 +81,11 @@ class BackwardConfig:
             piece (contiguous in dQ): one TMA bulk reduction (``cp.reduce.async.bulk.tensor``)
             on sm_90+ GPUs instead of an atomic per element; elsewhere ``tl.atomic_add`` per
             piece. Needs ``block_m // group_size`` in (1, 2, 4), a power-of-two group size and
-            16-bit q (elementwise atomics otherwise); opt-in until measured on a GPU.
+            16-bit q (elementwise atomics otherwise).
         bulk_dkv: split buckets add each dK/dV key tile into the float32 sums as one TMA bulk
-            reduction on sm_90+ GPUs (elementwise atomics elsewhere); opt-in until measured.
+            reduction on sm_90+ GPUs (elementwise atomics elsewhere). With ``bulk_dq``: 102.95
+            against 106.01 ms at 128K on an H100 (tuning/tune-backward_nvidia-h100-80gb-hbm3_
+            20261207-163825.json); both opt-in until their GPU tests run and 512K is measured.
     """
 
     block_m: int = 64
