@@ -232,7 +232,7 @@ def _add_dq_entry(dq_desc, dq_acc_ptr, piece, entries_ptr, entry_start, tile_row
         else:
             rows = row.to(tl.int64) + tl.arange(0, GROUP_SIZE)
             tl.atomic_add(dq_acc_ptr + rows[:, None] * HEAD_DIM + dim[None, :], piece,
-                          mask=(rows >= 0)[:, None] & dim_mask[None, :], sem="relaxed")
+                          mask=dim_mask[None, :], sem="relaxed")
 
 
 @triton.jit

@@ -114,8 +114,7 @@ def atomic_add_f32(ptrs, values, mask, PAIRED: tl.constexpr):
                 "mov.b32 $0, 0; mov.b32 $1, 0; }",
             constraints="=r,=r,l,l,r,r,f,f",
             args=[ptrs.to(tl.int64, bitcast=True), mask.to(tl.int32), values.to(tl.float32)],
-            dtype=tl.int32,
-            is_pure=False, pack=2)
+            dtype=tl.int32, is_pure=False, pack=2)
     else:
         tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
 
