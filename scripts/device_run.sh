@@ -125,7 +125,7 @@ case "$mode" in
     BWD_VARIANTS='[{"paired_atomics": true}, {"bulk_dq": true}, {"bulk_dq": true, "bulk_dkv": true},
       {"bulk_dq": true, "paired_atomics": true},
       {"bulk_dq": true, "bulk_dkv": true, "atomic_dq_chunk_bytes": 2147483648}]'
-    for length in 128k 512k; do
+    for length in 512k 128k; do
       step "tune-$length" "tune-backward-$length.log" timeout 150 python3 -m msattn.bench.tune backward \
           --length $length --variants "$BWD_VARIANTS" --out "$OUT"
     done

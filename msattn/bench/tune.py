@@ -290,11 +290,14 @@ def sweep_indexer(length: int, configs: list, out: list, *, fp8: bool = False) -
 
 
 def sweep_backward(length: int, configs: list, out: list) -> None:
-    """The sparse-attention backward with each launch configuration: time, peak memory above
-    the inputs, and the largest gradient difference from the first configuration."""
+    """The sparse-attention backward with each launch configuration: time, useful TFLOP/s, peak
+    memory above the inputs, and the largest gradient difference from the first configuration."""
+    from msattn.bench.train import attended_pairs, sparse_bwd_flops
     from msattn.ops import sparse_attention_bwd as bwd
 
     x = _inputs(length)
+    flops = sparse_bwd_flops(CONFIG, attended_pairs(x.indices, x.cu_seqlens, x.cu_seqlens,
+                                                    CONFIG.block_size))
     o, lse = _attend(x)
     do = torch.randn_like(o)
     scale = CONFIG.head_dim ** -0.5
@@ -319,6 +322,7 @@ def sweep_backward(length: int, configs: list, out: list) -> None:
             row["max_abs_diff"] = [metrics.max_abs_diff(g, e) for g, e in zip(grads, expected)]
             del grads
             row["ms"] = _time(lambda y: run(y, config), x)
+            row["tflops"] = round(flops / row["ms"] / 1e9, 1)  # useful: the official MSA model
         except Exception as error:  # a config that does not compile or fit is reported, not fatal
             row["error"] = str(error).splitlines()[0][:200]
         print(json.dumps(row), flush=True)
@@ -351,6 +355,7 @@ def sweep_loss(length: int, configs: list, out: list) -> None:
             row["max_abs_diff"] = [metrics.max_abs_diff(g, e) for g, e in zip(got, expected)]
             del got
             row["ms"] = _time(lambda y: run(y, config), x)
+            row["tflops"] = round(flops / row["ms"] / 1e9, 1)  # useful: the official MSA model
         except Exception as error:  # a config that does not compile or fit is reported, not fatal
             row["error"] = str(error).splitlines()[0][:200]
         print(json.dumps(row), flush=True)
