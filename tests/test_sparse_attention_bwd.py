@@ -142,15 +142,14 @@ def test_backward_16bit(dtype):
     _check_16bit(grads, expected)
 
 
-ATOMICS = {"scalar": {}, "paired": {"paired_atomics": True},
-           "bulk": {"bulk_dq": True, "bulk_dkv": True}}
+ATOMICS = {"elementwise": {"bulk_dq": False}, "bulk": {"bulk_dq": True}}
 
 
 @pytest.mark.parametrize("atomics", list(ATOMICS))
 def test_split_buckets_and_key_tiles(atomics):
     """Every token selects block 0: its bucket takes many programs (float32 atomics for dK, dV
-    and dQ, packed in pairs on sm_90+ GPUs with paired_atomics, dK/dV tiles as TMA bulk
-    reductions with bulk_dkv); 16-key tiles of 64-key blocks (four programs a bucket)."""
+    and dQ: elementwise, or one piece per entry with bulk_dq); 16-key tiles of 64-key blocks
+    (four programs a bucket)."""
     lens = [80]
     q, k, v, do, dlse, _, cu_q, cu_k = _inputs(lens, lens, 2, 1, 16, 64, 2, torch.float32, seed=4)
     indices = torch.full((1, 80, 2), -1, dtype=torch.int32, device=DEVICE)
@@ -203,14 +202,14 @@ def test_atomic_dq_in_row_chunks(dtype, atomics):
 def test_bulk_dq_by_entry(heads, groups, block_m, entries, head_dim):
     """bulk_dq: each entry's (token's) group-of-heads dQ rows go in as one piece (a TMA bulk
     reduction on sm_90+ GPUs, tl.atomic_add per piece elsewhere), tiles of 1, 2 and 4 entries,
-    partial last tiles, a head dim below its power of two, over chunks of query rows (bulk
-    dK/dV too); same gradients as the reference."""
+    partial last tiles, a head dim below its power of two, over chunks of query rows; same
+    gradients as the reference."""
     from msattn.ops.sparse_attention_bwd import bulk_dq_entries
 
     q, k, v, do, dlse, indices, cu_q, cu_k = _inputs([21, 9], [70, 9], heads, groups, head_dim,
                                                      16, 3, torch.bfloat16, seed=heads + block_m)
     row_bytes = heads * head_dim * 4
-    config = _config(block_m=block_m, tiles_per_program=2, bulk_dq=True, bulk_dkv=True,
+    config = _config(block_m=block_m, tiles_per_program=2, bulk_dq=True,
                      atomic_dq_max_bytes=row_bytes * 20, atomic_dq_chunk_bytes=row_bytes * 11)
     assert bulk_dq_entries(config, heads // groups, head_dim) == entries
     assert bulk_dq_entries(replace_config(config, bulk_dq=False), heads // groups, head_dim) == 0
@@ -228,6 +227,17 @@ def test_bulk_dq_falls_back():
     entries = [bulk_dq_entries(config, g, 128) for g in (3, 6, 8, 16, 32, 64, 128)]
     assert entries == [0, 0, 0, 4, 2, 1, 0]
     assert bulk_dq_entries(config, 16, 30) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_bulk_dq_takes_tma_on_sm90():
+    """On sm_90+ GPUs the bulk dQ pieces are TMA reductions (the GPU tests above exercise them);
+    older GPUs keep tl.atomic_add per piece."""
+    from msattn.ops.utils import sm90_reductions
+
+    major = torch.cuda.get_device_capability()[0]
+    assert sm90_reductions(torch.device("cuda")) == (major >= 9)
+    assert BackwardConfig().bulk_dq
 
 
 def test_unselected_blocks_get_exact_zeros():
@@ -455,12 +465,9 @@ def test_gpu_m3_shape(lens_q, lens_k):
     expected = _chunked_reference_backward(q, k, v, indices, cu_q, cu_k, do, dlse, block_size=128,
                                            scale=scale, dtype=torch.float32, chunk=64)
     o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=128, softmax_scale=scale)
-    for dq_mode, deterministic, paired, bulk in (
-            ("atomic", False, False, False), ("atomic", False, True, False),
-            ("atomic", False, False, True), ("query", False, False, False),
-            ("atomic", True, False, False)):
-        config = replace_config(launch_config(q), dq_mode=dq_mode, paired_atomics=paired,
-                                bulk_dq=bulk, bulk_dkv=bulk)
+    for dq_mode, deterministic, bulk in (("atomic", False, True), ("atomic", False, False),
+                                         ("query", False, True), ("atomic", True, True)):
+        config = replace_config(launch_config(q), dq_mode=dq_mode, bulk_dq=bulk)
         grads = sparse_attention_backward(do, q, k, v, o, lse, indices, cu_q, cu_k, block_size=128,
                                           softmax_scale=scale, dlse=dlse, config=config,
                                           deterministic=deterministic, out=_poisoned(q, k, v))

@@ -369,7 +369,7 @@ def _loss_configs() -> list:
     variants = [dict(block_e=128, tiles_per_program=2), dict(block_e=32, tiles_per_program=8),
                 dict(tiles_per_program=8), dict(tiles_per_program=2), dict(backward_warps=4),
                 dict(backward_stages=2), dict(block_e=128, tiles_per_program=2, backward_warps=4),
-                dict(block_e=128, tiles_per_program=4), dict(paired_atomics=True)]
+                dict(block_e=128, tiles_per_program=4)]
     return [default] + [dataclasses.replace(default, **v) for v in variants]
 
 

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import BlockCSR, build_block_csr, row_positions
-from msattn.ops.utils import atomic_add_f32, dot_options, mma, sm90_reductions
+from msattn.ops.utils import dot_options, mma
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
@@ -62,9 +62,6 @@ class IndexerLossConfig:
         tiles_per_program: KV-outer tiles of one key block per program (the block's K and ki
             are loaded once for them, and its ``dki`` is added once).
         backward_warps, backward_stages: the KV-outer kernel.
-        paired_atomics: the float32 ``dqi``/``dki`` atomics add adjacent column pairs as one
-            8-byte reduction where the GPU has them (:func:`msattn.ops.utils.atomic_add_f32`;
-            opt-in until measured on a GPU).
     """
 
     forward_warps: int = 4
@@ -73,7 +70,6 @@ class IndexerLossConfig:
     tiles_per_program: int = 4
     backward_warps: int = 8
     backward_stages: int = 1
-    paired_atomics: bool = False
 
 
 # Tuned on an H200 at 128K, M3 shape, bf16 (benchmarks/results/tuning/tune-loss_*.json).
@@ -231,8 +227,7 @@ def _indexer_loss_kv_kernel(
         INDEX_DIM: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TOPK: tl.constexpr, BLOCK_E: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
         DENSE: tl.constexpr, TEACHER: tl.constexpr, STUDENT: tl.constexpr, TERMS: tl.constexpr,
-        GRAD: tl.constexpr, PAIRED_ATOMICS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr):
+        GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     rows_per_program = TILES_PER_PROGRAM * BLOCK_E
     if DENSE:
         block = tl.program_id(0)
@@ -329,12 +324,12 @@ def _indexer_loss_kv_kernel(
                 ds += tl.where(visible, tl.exp2(s - student_lse2[:, None]) * mass[:, None], 0.0)
             if GRAD:
                 dqi = mma(ds.to(ki.dtype), ki, DOT_PRECISION, DOT_UPCAST)
-                atomic_add_f32(dqi_ptr + row[:, None] * INDEX_DIM + idim[None, :], dqi,
-                               row_mask[:, None] & idim_mask[None, :], PAIRED_ATOMICS)
+                tl.atomic_add(dqi_ptr + row[:, None] * INDEX_DIM + idim[None, :], dqi,
+                              mask=row_mask[:, None] & idim_mask[None, :], sem="relaxed")
                 dki += mma(tl.trans(ds.to(qi.dtype)), qi, DOT_PRECISION, DOT_UPCAST)
         if GRAD:
-            atomic_add_f32(dki_ptr + keys[:, None] * INDEX_DIM + idim[None, :], dki,
-                           key_mask[:, None] & idim_mask[None, :], PAIRED_ATOMICS)
+            tl.atomic_add(dki_ptr + keys[:, None] * INDEX_DIM + idim[None, :], dki,
+                          mask=key_mask[:, None] & idim_mask[None, :], sem="relaxed")
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -440,8 +435,7 @@ def _launch_kv(q, k, qi, ki, *, csr: BlockCSR | None, cu_seqlens_q, cu_seqlens_k
         BLOCK_SIZE=block_size, BLOCK_E=config.block_e, TOPK=topk,
         TILES_PER_PROGRAM=config.tiles_per_program, DENSE=csr is None,
         TEACHER=teacher_lse is not None, STUDENT=student_lse is not None,
-        TERMS=row_terms is not None, GRAD=dqi is not None,
-        PAIRED_ATOMICS=config.paired_atomics and sm90_reductions(q.device), **_dims(q, k, qi),
+        TERMS=row_terms is not None, GRAD=dqi is not None, **_dims(q, k, qi),
         **dot_options(qi.dtype), num_warps=config.backward_warps,
         num_stages=config.backward_stages)
     if csr is None:

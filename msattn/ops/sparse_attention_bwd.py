@@ -44,7 +44,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
-from msattn.ops.utils import atomic_add_f32, dot_options, mma, sm90_reductions
+from msattn.ops.utils import dot_options, mma, sm90_reductions
 
 DQ_MODES = ("atomic", "query")
 
@@ -74,18 +74,16 @@ class BackwardConfig:
         dq_block_n, dq_num_warps, dq_num_stages: of the query-outer dQ kernel (keys per step).
         preprocess_rows, preprocess_warps: (token, head) rows per preprocess program, its warps.
         finish_warps: of the kernel that zero-fills / casts dK and dV.
-        paired_atomics: the float32 atomics (dQ, split dK/dV) add adjacent column pairs as one
-            8-byte reduction where the GPU has them (:func:`msattn.ops.utils.atomic_add_f32`;
-            opt-in until measured on a GPU).
         bulk_dq: the atomic dQ adds each entry's ``[group_size, D]`` rows of a tile as one
             piece (contiguous in dQ): one TMA bulk reduction (``cp.reduce.async.bulk.tensor``)
             on sm_90+ GPUs instead of an atomic per element; elsewhere ``tl.atomic_add`` per
             piece. Needs ``block_m // group_size`` in (1, 2, 4), a power-of-two group size and
-            16-bit q (elementwise atomics otherwise).
-        bulk_dkv: split buckets add each dK/dV key tile into the float32 sums as one TMA bulk
-            reduction on sm_90+ GPUs (elementwise atomics elsewhere). With ``bulk_dq``: 102.95
-            against 106.01 ms at 128K on an H100 (tuning/tune-backward_nvidia-h100-80gb-hbm3_
-            20261207-163825.json); both opt-in until their GPU tests run and 512K is measured.
+            16-bit q (elementwise atomics otherwise). On an H100 (one run) 420.7 against 433.1
+            ms at 512K and 102.5 against 106.3 at 128K
+            (tuning/tune-backward_nvidia-h100-80gb-hbm3_20261207-181858.json, -181912.json).
+            Measured and dropped in that run: TMA reductions of split buckets' dK/dV tiles
+            (no gain: 424.7 ms at 512K) and packed 8-byte ``red.global.add.v2.f32`` atomics
+            (slower: 452.0 ms).
     """
 
     block_m: int = 64
@@ -102,9 +100,7 @@ class BackwardConfig:
     preprocess_rows: int = 32
     preprocess_warps: int = 4
     finish_warps: int = 4
-    paired_atomics: bool = False
-    bulk_dq: bool = False
-    bulk_dkv: bool = False
+    bulk_dq: bool = True
 
     def __post_init__(self):
         if self.dq_mode not in DQ_MODES:
@@ -192,23 +188,18 @@ def _preprocess_kernel(
 
 
 @triton.jit
-def _store_key_tile(out_ptr, acc_ptr, acc_desc, tile, split, split_slot, key_start, key_offs, dim,
-                    mask, group, num_groups, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, CAN_SPLIT: tl.constexpr, PAIRED_ATOMICS: tl.constexpr,
-                    BULK: tl.constexpr):
+def _store_key_tile(out_ptr, acc_ptr, tile, split, split_slot, key_start, key_offs, dim, mask,
+                    group, num_groups, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    CAN_SPLIT: tl.constexpr):
     """A program's dK or dV tile ``[BLOCK_N, BLOCK_D]`` (float32): stored into ``out
     [total_k, G, D]`` at its block's key rows, or, for a split bucket, added with atomics into
-    the float32 ``acc [num_split, BLOCK_SIZE, D]`` at the bucket's ``split_slot`` (BULK: as one
-    TMA bulk reduction through ``acc_desc``; rows past the block's keys are zeros)."""
+    the float32 ``acc [num_split, BLOCK_SIZE, D]`` at the bucket's ``split_slot``."""
     direct = out_ptr + ((key_start + key_offs).to(tl.int64)[:, None] * num_groups + group) * HEAD_DIM \
         + dim[None, :]
     if CAN_SPLIT:
         if split:
-            if BULK:
-                acc_desc.atomic_add([split_slot * BLOCK_SIZE + tl.program_id(1) * BLOCK_N, 0], tile)
-            else:
-                atomic_add_f32(acc_ptr + (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None]
-                               * HEAD_DIM + dim[None, :], tile, mask, PAIRED_ATOMICS)
+            tl.atomic_add(acc_ptr + (split_slot.to(tl.int64) * BLOCK_SIZE + key_offs)[:, None]
+                          * HEAD_DIM + dim[None, :], tile, mask=mask, sem="relaxed")
         else:
             tl.store(direct, tile.to(out_ptr.dtype.element_ty), mask=mask)
     else:
@@ -274,12 +265,11 @@ def _add_dq_by_entry(dq_desc, dq_acc_ptr, dq, entries_ptr, entry_start, tile_row
 # Writes dk, dv [total_k, G, D] for unsplit buckets, adds into dk_acc, dv_acc float32
 # [num_split, BLOCK_SIZE, D] for split ones (CAN_SPLIT; always_split: every bucket, at slot
 # = bucket); COMPUTE_DQ: adds ds k * scale into dq_acc float32 [num_rows, H, D] with atomics
-# (DQ_ENTRIES > 0: one piece per entry of the tile, a TMA reduction through dq_desc with DQ_TMA);
-# DKV_TMA: split buckets add their dK/dV tiles through dk_acc_desc, dv_acc_desc (TMA).
+# (DQ_ENTRIES > 0: one piece per entry of the tile, a TMA reduction through dq_desc with DQ_TMA).
 @triton.jit
 def _block_backward_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr,
-        dq_acc_ptr, dq_desc, dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr, dk_acc_desc, dv_acc_desc,
+        dq_acc_ptr, dq_desc, dk_ptr, dv_ptr, dk_acc_ptr, dv_acc_ptr,
         entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, split_slot_ptr,
         block_key_start_ptr, block_position_ptr, block_num_keys_ptr, row_position_ptr,
         stride_q_token, stride_q_head, stride_k_token, stride_k_group,
@@ -290,9 +280,7 @@ def _block_backward_kernel(
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, CAN_SPLIT: tl.constexpr, COMPUTE_DQ: tl.constexpr,
         COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, NEED_DS: tl.constexpr,
-        PAIRED_ATOMICS: tl.constexpr, DQ_ENTRIES: tl.constexpr, DQ_TMA: tl.constexpr,
-        DKV_TMA: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+        DQ_ENTRIES: tl.constexpr, DQ_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     if pid < tl.load(program_start_ptr + num_buckets):
         bucket = tl.load(program_bucket_ptr + pid)
@@ -358,19 +346,18 @@ def _block_backward_kernel(
                                          DQ_ENTRIES, DQ_TMA)
                     else:
                         acc_row = chunk_row.to(tl.int64) * num_heads + head
-                        atomic_add_f32(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :],
-                                       dq, row_dim_mask, PAIRED_ATOMICS)
+                        tl.atomic_add(dq_acc_ptr + acc_row[:, None] * HEAD_DIM + dim[None, :],
+                                      dq, mask=row_dim_mask, sem="relaxed")
         split_slot = bucket * 0  # int32; its slot among the split buckets (CAN_SPLIT)
         if CAN_SPLIT:
             split_slot = tl.load(split_slot_ptr + bucket)
         if COMPUTE_DK:
-            _store_key_tile(dk_ptr, dk_acc_ptr, dk_acc_desc, dk * scale, split, split_slot,
-                            key_start, key_offs, dim, kv_mask, group, num_groups, HEAD_DIM,
-                            BLOCK_SIZE, BLOCK_N, CAN_SPLIT, PAIRED_ATOMICS, DKV_TMA)
-        if COMPUTE_DV:
-            _store_key_tile(dv_ptr, dv_acc_ptr, dv_acc_desc, dv, split, split_slot, key_start,
+            _store_key_tile(dk_ptr, dk_acc_ptr, dk * scale, split, split_slot, key_start,
                             key_offs, dim, kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE,
-                            BLOCK_N, CAN_SPLIT, PAIRED_ATOMICS, DKV_TMA)
+                            CAN_SPLIT)
+        if COMPUTE_DV:
+            _store_key_tile(dv_ptr, dv_acc_ptr, dv, split, split_slot, key_start, key_offs, dim,
+                            kv_mask, group, num_groups, HEAD_DIM, BLOCK_SIZE, CAN_SPLIT)
 
 
 # One program: one (group, key block) bucket, BLOCK_N keys a step. Grid: (G * num_blocks,).
@@ -578,11 +565,6 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         dq_entries = bulk_dq_entries(config, group_size, head_dim) \
             if dq_acc is not None and dq_acc is not dq else 0
         dq_tma = dq_entries > 0 and sm90_reductions(device)
-        dkv_tma = config.bulk_dkv and can_split and head_dim % 4 == 0 and sm90_reductions(device)
-        dk_acc_desc, dv_acc_desc = (
-            TensorDescriptor(acc, [acc.shape[0] * block_size, head_dim], [head_dim, 1],
-                             [block_n, block_d]) if dkv_tma and acc is not None else acc
-            for acc in (dk_acc, dv_acc))
         # every bucket its own accumulator slot: 0, 1, ..., num_buckets - 1
         split_slot = layout.bucket_ids[:num_buckets] if always_split else None
         for row_start, row_end in chunks:
@@ -606,7 +588,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             _block_backward_kernel[(csr.max_programs, block_size // block_n)](
                 q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse2_ptr=lse2, delta_ptr=delta,
                 dq_acc_ptr=chunk_dq, dq_desc=dq_desc, dk_ptr=dk, dv_ptr=dv, dk_acc_ptr=dk_acc,
-                dv_acc_ptr=dv_acc, dk_acc_desc=dk_acc_desc, dv_acc_desc=dv_acc_desc,
+                dv_acc_ptr=dv_acc,
                 entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
                 program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
                 split_slot_ptr=split_slot, block_key_start_ptr=csr.block_key_start,
@@ -624,8 +606,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
                 BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size, CAN_SPLIT=can_split,
                 COMPUTE_DQ=dq_atomic, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
                 NEED_DS=need_dk or dq_atomic,
-                PAIRED_ATOMICS=config.paired_atomics and sm90_reductions(device),
-                DQ_ENTRIES=dq_entries, DQ_TMA=dq_tma, DKV_TMA=dkv_tma, **dots,
+                DQ_ENTRIES=dq_entries, DQ_TMA=dq_tma, **dots,
                 num_warps=config.num_warps, num_stages=config.num_stages)
             if dq_atomic and dq_acc is not dq:
                 dq[row_start:row_end].copy_(chunk_dq)

@@ -81,42 +81,12 @@ def mma(a, b, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
 
 
 def sm90_reductions(device: torch.device) -> bool:
-    """Whether kernels may use the sm_90 float32 reductions: packed pairs in
-    :func:`atomic_add_f32` (``red.global.add.v2.f32``) and TMA bulk reductions
-    (``desc.atomic_add`` on a ``TensorDescriptor``). Compiled for sm_90 or newer only; never
-    under the CPU interpreter, which has neither inline PTX nor descriptor reductions."""
+    """Whether kernels may use TMA bulk float32 reductions (``desc.atomic_add`` on a
+    ``TensorDescriptor``: ``cp.reduce.async.bulk.tensor``): sm_90 or newer; never under the CPU
+    interpreter, which has no descriptor reductions."""
     if device.type != "cuda" or interpreted():
         return False
     return _capability_major(_device_index(device)) >= 9
-
-
-@triton.jit
-def atomic_add_f32(ptrs, values, mask, PAIRED: tl.constexpr):
-    """Relaxed float32 atomic ``*ptrs += values`` where ``mask`` (tensors of one shape).
-    ``PAIRED`` (see :func:`sm90_reductions`): adjacent contiguous elements as one packed 8-byte
-    reduction; otherwise ``tl.atomic_add`` (one 4-byte reduction an element)."""
-    if PAIRED:
-        # Two reductions of one thread's adjacent elements (pack=2): $0, $1 dummy outputs; $2,
-        # $3 addresses; $4, $5 masks (int32); $6, $7 values. When both are masked in, the
-        # second address is the first + 4 and the first is 8-byte aligned: one packed 8-byte
-        # reduction (sm_90+); otherwise one scalar reduction per masked-in element. Correct for
-        # any register layout; the MMA accumulator layouts hold column pairs, so tiles of MMA
-        # results take the packed path. The addresses go in as int64: Triton 3.6 type-checks
-        # the arguments against each other and rejects a pointer beside float values.
-        tl.inline_asm_elementwise(
-            asm="{ .reg .pred m0, m1, pv; .reg .b64 d; "
-                "setp.ne.b32 m0, $4, 0; setp.ne.b32 m1, $5, 0; "
-                "add.s64 d, $2, 4; setp.eq.and.u64 pv, d, $3, m0; and.pred pv, pv, m1; "
-                "and.b64 d, $2, 7; setp.eq.and.u64 pv, d, 0, pv; "
-                "@pv red.global.add.v2.f32 [$2], {$6, $7}; "
-                "not.pred pv, pv; and.pred m0, m0, pv; and.pred m1, m1, pv; "
-                "@m0 red.global.add.f32 [$2], $6; @m1 red.global.add.f32 [$3], $7; "
-                "mov.b32 $0, 0; mov.b32 $1, 0; }",
-            constraints="=r,=r,l,l,r,r,f,f",
-            args=[ptrs.to(tl.int64, bitcast=True), mask.to(tl.int32), values.to(tl.float32)],
-            dtype=tl.int32, is_pure=False, pack=2)
-    else:
-        tl.atomic_add(ptrs, values, mask=mask, sem="relaxed")
 
 
 @triton.jit
