@@ -168,25 +168,35 @@ def _csr_oracle(indices, cu_q, cu_k, *, block_size, row_start, row_end, group_si
             block_position, block_num_keys)
 
 
+# (lens_q, lens_k): two sequences; then seven, with an empty query run, keys in exact blocks, a
+# one-key sequence and a 0-query 0-key one (the layout kernel's binary searches over the batch).
+CSR_BATCHES = [([30, 50], [60, 50]), ([5, 0, 17, 1, 9, 0, 30], [20, 16, 17, 1, 64, 0, 33])]
+
+
+@pytest.mark.parametrize("lens", range(len(CSR_BATCHES)))
 @pytest.mark.parametrize("paged", [False, True])
-def test_csr_matches_its_definition(paged):
+def test_csr_matches_its_definition(paged, lens):
     """build_block_csr against the CSR built entry by entry (contiguous and paged keys, chunks
     of rows, invisible and -1 entries, indices whose slots are not contiguous), and a layout
     shared by the chunks gives the same CSR as a fresh one."""
-    lens_q, lens_k = [30, 50], [60, 50]
+    lens_q, lens_k = CSR_BATCHES[lens]
+    total_q, total_k = sum(lens_q), sum(lens_k)
     q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 2, 16, 16, 3, torch.float32)
     indices = indices.clone()
-    indices[1, 3:9, 0] = 3  # block 3 starts at key 48: invisible from rows at positions < 48
-    indices[0, 40:44, 2] = -1
+    if lens == 0:
+        indices[1, 3:9, 0] = 3  # block 3 starts at key 48: invisible from rows at positions < 48
+        indices[0, 40:44, 2] = -1
     strided = indices.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # slot stride != 1
     block_table = None
-    if paged:  # pages of the two sequences in a random order, the table padded
-        pages = torch.randperm(12, generator=torch.Generator().manual_seed(3)).to(torch.int32)
-        block_table = torch.stack([pages[:6], pages[6:]]).to(DEVICE)
-    layout = csr_layout(cu_q, cu_k, total_q=80, num_groups=2, block_size=16, total_k=110,
-                        block_table=block_table)
-    for row_start, row_end in ((0, 25), (25, 80), (7, 7)):
-        args = dict(block_size=16, total_k=110, row_start=row_start, row_end=row_end,
+    if paged:  # pages of the sequences in a random order, the table padded
+        max_pages = max(-(-n // 16) for n in lens_k) + 1
+        pages = torch.randperm(len(lens_k) * max_pages,
+                               generator=torch.Generator().manual_seed(3)).to(torch.int32)
+        block_table = pages.view(len(lens_k), max_pages).to(DEVICE)
+    layout = csr_layout(cu_q, cu_k, total_q=total_q, num_groups=2, block_size=16,
+                        total_k=total_k, block_table=block_table)
+    for row_start, row_end in ((0, 25), (25, total_q), (7, 7)):
+        args = dict(block_size=16, total_k=total_k, row_start=row_start, row_end=row_end,
                     group_size=2, block_m=16, tiles_per_program=2, block_table=block_table)
         csr = build_block_csr(strided, cu_q, cu_k, **args)
         (entries, bucket_start, program_start, program_bucket, position, key_start,

@@ -1,8 +1,9 @@
 """The selection inverted to a CSR: for every (group, key block), the (query token, slot) entries
 that chose it. Built on the GPU without host synchronisation: what every chunk of query rows
-shares once a call (:func:`csr_layout`), then per chunk two small Triton kernels, one sort, two
-searches, a prefix sum and three small torch operations (about ten launches; short prefills
-were bound by the host's launch time when this took some forty torch operations a chunk). The
+shares once a call (:func:`csr_layout`: one Triton kernel, and a prefix sum for contiguous
+keys), then per chunk two small Triton kernels, one sort, two searches, a prefix sum and three
+small torch operations (about ten launches; short prefills were bound by the host's launch time
+when this took some forty torch operations a chunk, and the layout another forty a call). The
 KV-outer sparse-attention forward and its backward both walk it.
 """
 
@@ -81,42 +82,111 @@ def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_st
     return rows - cu_seqlens_q[seq].long() + (len_k - len_q)[seq]
 
 
+@triton.jit
+def _search_right(sorted_ptr, n, x, mask, steps):
+    """``torch.searchsorted(sorted[:n], x, right=True)`` for each element of ``x`` where
+    ``mask``: the count of ``sorted[i] <= x`` (``sorted_ptr`` int32, nondecreasing; ``steps`` at
+    least ``n.bit_length()``)."""
+    lo = tl.zeros_like(x)
+    hi = lo + n
+    for _ in range(steps):
+        active = mask & (lo < hi)
+        mid = (lo + hi) // 2
+        value = tl.load(sorted_ptr + mid, mask=active, other=0)
+        right = active & (value <= x)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+# One program: BLOCK query rows, BLOCK global key blocks and BLOCK bucket ids of a CSRLayout.
+# Row r < total_q of sequence s (the last with cu_seqlens_q[s] <= r): row_position = r -
+# cu_seqlens_q[s] + len_k(s) - len_q(s), row_block_offset = the global id of s's first block.
+# Block b < num_blocks of sequence s (the last whose first block is <= b): block_position = (b -
+# first block) * BLOCK_SIZE, block_num_keys (0 past the keys), block_key_start (the key
+# row in total_k, or with PAGED the page id block_table[s, b - first block]; sequence s owns
+# blocks s * max_pages ...). bucket_ids[i] = i for i <= num_buckets. cu_seqlens_q, cu_seqlens_k
+# int32 [batch + 1]; block_offset int32 [batch + 1] the first blocks (unused when PAGED); all
+# outputs int32. Grid: (cdiv(max(total_q, num_blocks, num_buckets + 1), BLOCK),).
+@triton.jit
+def _layout_kernel(cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_offset_ptr, block_table_ptr,
+                   row_position_ptr, row_block_offset_ptr, block_key_start_ptr, block_position_ptr,
+                   block_num_keys_ptr, bucket_ids_ptr, stride_table_seq, stride_table_page,
+                   batch, total_q, num_blocks, num_buckets, max_pages, steps,
+                   BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(bucket_ids_ptr + i, i, mask=i <= num_buckets)
+
+    row_mask = i < total_q
+    seq = tl.minimum(_search_right(cu_seqlens_q_ptr + 1, batch, i, row_mask, steps), batch - 1)
+    q_start = tl.load(cu_seqlens_q_ptr + seq, mask=row_mask, other=0)
+    len_q = tl.load(cu_seqlens_q_ptr + seq + 1, mask=row_mask, other=0) - q_start
+    len_k = tl.load(cu_seqlens_k_ptr + seq + 1, mask=row_mask, other=0) \
+        - tl.load(cu_seqlens_k_ptr + seq, mask=row_mask, other=0)
+    tl.store(row_position_ptr + i, i - q_start + len_k - len_q, mask=row_mask)
+    if PAGED:
+        first_block = seq * max_pages
+    else:
+        first_block = tl.load(block_offset_ptr + seq, mask=row_mask, other=0)
+    tl.store(row_block_offset_ptr + i, first_block, mask=row_mask)
+
+    block_mask = i < num_blocks
+    if PAGED:
+        seq = tl.minimum(i // max_pages, batch - 1)
+        first_block = seq * max_pages
+    else:
+        seq = tl.minimum(_search_right(block_offset_ptr + 1, batch, i, block_mask, steps),
+                         batch - 1)
+        first_block = tl.load(block_offset_ptr + seq, mask=block_mask, other=0)
+    k_start = tl.load(cu_seqlens_k_ptr + seq, mask=block_mask, other=0)
+    len_k = tl.load(cu_seqlens_k_ptr + seq + 1, mask=block_mask, other=0) - k_start
+    position = (i - first_block) * BLOCK_SIZE
+    # 0 past a sequence's keys, so for the blocks past the batch's (the last sequence's)
+    num_keys = tl.minimum(tl.maximum(len_k - position, 0), BLOCK_SIZE)
+    if PAGED:  # blocks past a sequence's pages have no keys and are never dereferenced
+        key_start = tl.load(block_table_ptr + seq.to(tl.int64) * stride_table_seq
+                            + (i - first_block) * stride_table_page,
+                            mask=block_mask & (num_keys > 0), other=0)
+    else:
+        key_start = k_start + position
+    tl.store(block_position_ptr + i, position, mask=block_mask)
+    tl.store(block_num_keys_ptr + i, num_keys, mask=block_mask)
+    tl.store(block_key_start_ptr + i, key_start, mask=block_mask)
+
+
 def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, total_q: int,
                num_groups: int, block_size: int, total_k: int,
                block_table: torch.Tensor | None = None) -> CSRLayout:
     """The part of :func:`build_block_csr` that does not depend on the chunk of rows (see
-    :class:`CSRLayout`; arguments as there, ``total_q`` the rows of ``indices``)."""
+    :class:`CSRLayout`; arguments as there, ``total_q`` the rows of ``indices``): one Triton
+    kernel, after two torch operations (the blocks' prefix sum) for contiguous keys."""
     device = cu_seqlens_q.device
     batch = cu_seqlens_q.numel() - 1
-    len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
     if block_table is None:
         num_blocks = total_k // block_size + batch  # bound on the blocks of all sequences
-        seq_blocks = (len_k + block_size - 1) // block_size
+        max_pages = 0
+        seq_blocks = (torch.diff(cu_seqlens_k) + (block_size - 1)) // block_size
+        block_offset = torch.cumsum(torch.nn.functional.pad(seq_blocks, (1, 0)), 0,
+                                    dtype=torch.int32)
     else:
-        num_blocks = batch * block_table.shape[1]
-        seq_blocks = torch.full_like(len_k, block_table.shape[1])
-    block_offset = torch.zeros(batch + 1, dtype=torch.int64, device=device)
-    torch.cumsum(seq_blocks, 0, out=block_offset[1:])
-    seq = torch.searchsorted(cu_seqlens_q[1:], torch.arange(total_q, device=device),
-                             right=True).clamp_max(batch - 1)
-
-    global_block = torch.arange(num_blocks, device=device)
-    block_seq = torch.searchsorted(block_offset[1:], global_block, right=True).clamp_max(batch - 1)
-    block_position = (global_block - block_offset[block_seq]) * block_size
-    block_num_keys = (len_k[block_seq] - block_position).clamp(0, block_size)
-    block_num_keys = torch.where(global_block < block_offset[-1], block_num_keys, 0)
-    if block_table is None:
-        block_key_start = cu_seqlens_k[block_seq].long() + block_position
-    else:  # page ids; blocks past a sequence's pages have no keys and are never dereferenced
-        block_key_start = torch.where(block_num_keys > 0, block_table.flatten().long(), 0)
-    return CSRLayout(
-        row_position=row_positions(cu_seqlens_q, cu_seqlens_k, 0, total_q).to(torch.int32),
-        row_block_offset=block_offset[seq].to(torch.int32),
-        block_key_start=block_key_start.to(torch.int32),
-        block_position=block_position.to(torch.int32),
-        block_num_keys=block_num_keys.to(torch.int32),
-        bucket_ids=torch.arange(num_groups * num_blocks + 1, dtype=torch.int32, device=device),
-        num_blocks=num_blocks)
+        max_pages = block_table.shape[1]
+        num_blocks = batch * max_pages
+        block_offset = cu_seqlens_q  # unused (PAGED)
+    num_buckets = num_groups * num_blocks
+    out = torch.empty(2 * total_q + 3 * num_blocks + num_buckets + 1, dtype=torch.int32,
+                      device=device)
+    row_position, row_block_offset, block_key_start, block_position, block_num_keys, bucket_ids = \
+        out.split([total_q, total_q, num_blocks, num_blocks, num_blocks, num_buckets + 1])
+    table = block_table if block_table is not None else cu_seqlens_q
+    block = 1024
+    _layout_kernel[(triton.cdiv(max(total_q, num_blocks, num_buckets + 1), block),)](
+        cu_seqlens_q, cu_seqlens_k, block_offset, table, row_position, row_block_offset,
+        block_key_start, block_position, block_num_keys, bucket_ids,
+        table.stride(0), table.stride(-1), batch, total_q, num_blocks, num_buckets, max_pages,
+        batch.bit_length(), BLOCK_SIZE=block_size, PAGED=block_table is not None, BLOCK=block)
+    return CSRLayout(row_position=row_position, row_block_offset=row_block_offset,
+                     block_key_start=block_key_start, block_position=block_position,
+                     block_num_keys=block_num_keys, bucket_ids=bucket_ids, num_blocks=num_blocks)
 
 
 # One program: BLOCK consecutive (group, chunk row, slot) entries of the selection of chunk rows
