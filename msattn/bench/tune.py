@@ -322,7 +322,7 @@ def sweep_backward(length: int, configs: list, out: list) -> None:
             row["max_abs_diff"] = [metrics.max_abs_diff(g, e) for g, e in zip(grads, expected)]
             del grads
             row["ms"] = _time(lambda y: run(y, config), x)
-            row["tflops"] = round(flops / row["ms"] / 1e9, 1)  # useful: the official MSA model
+            row["tflops"] = metrics.tflops(flops, row["ms"])  # useful: the official MSA model
         except Exception as error:  # a config that does not compile or fit is reported, not fatal
             row["error"] = str(error).splitlines()[0][:200]
         print(json.dumps(row), flush=True)
@@ -355,7 +355,6 @@ def sweep_loss(length: int, configs: list, out: list) -> None:
             row["max_abs_diff"] = [metrics.max_abs_diff(g, e) for g, e in zip(got, expected)]
             del got
             row["ms"] = _time(lambda y: run(y, config), x)
-            row["tflops"] = round(flops / row["ms"] / 1e9, 1)  # useful: the official MSA model
         except Exception as error:  # a config that does not compile or fit is reported, not fatal
             row["error"] = str(error).splitlines()[0][:200]
         print(json.dumps(row), flush=True)
