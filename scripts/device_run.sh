@@ -117,26 +117,26 @@ case "$mode" in
     ;;
   train-report)
     # The A/B of the float32 gradient reductions (the bulk TMA dQ against elementwise atomics,
-    # 2 GiB dQ chunks) first (the lease may end early), then the GPU
-    # tests and memcheck of the backward and loss kernels, then the training step. Together they
-    # can exceed one device call (10 minutes): `train-report ab` runs the A/B and the GPU tests,
-    # `train-report check` the memcheck and the training step; no argument runs both.
+    # 2 GiB dQ chunks) first (the lease may end early), then the GPU tests and memcheck of the
+    # backward and loss kernels, then the training step. Together they can exceed one device
+    # call (10 minutes): `train-report ab` runs the A/B and the GPU tests, `train-report check`
+    # the memcheck and the training step; no argument runs both.
     part=${1:-all}
     if [ "$part" != check ]; then
-    BWD_VARIANTS='[{"bulk_dq": false}, {"atomic_dq_chunk_bytes": 2147483648}]'
-    for length in 512k 128k; do
-      step "tune-$length" "tune-backward-$length.log" timeout 150 python3 -m msattn.bench.tune backward \
-          --length $length --variants "$BWD_VARIANTS" --out "$OUT"
-    done
-    step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_sparse_attention_bwd.py \
-        tests/test_indexer_loss.py
+      BWD_VARIANTS='[{"bulk_dq": false}, {"atomic_dq_chunk_bytes": 2147483648}]'
+      for length in 512k 128k; do
+        step "tune-$length" "tune-backward-$length.log" timeout 150 python3 -m msattn.bench.tune backward \
+            --length $length --variants "$BWD_VARIANTS" --out "$OUT"
+      done
+      step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_sparse_attention_bwd.py \
+          tests/test_indexer_loss.py
     fi
     if [ "$part" != ab ]; then
-    step memcheck-bwd memcheck-bwd.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 -m pytest -q -x tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py \
-        -k "not gpu and (atomic or bulk or backward_matches_reference_fp32 or backward_16bit or split_buckets or exact_zeros or triton_matches_reference)"
-    step train bench-train.log timeout 240 python3 -m msattn.bench.cli bench train --out "$OUT" \
-        --lengths 32k,128k,512k --dense-kernels cudnn --time-budget 1
+      step memcheck-bwd memcheck-bwd.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+          python3 -m pytest -q -x tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py \
+          -k "not gpu and (atomic or bulk or backward_matches_reference_fp32 or backward_16bit or split_buckets or exact_zeros or triton_matches_reference)"
+      step train bench-train.log timeout 240 python3 -m msattn.bench.cli bench train --out "$OUT" \
+          --lengths 32k,128k,512k --dense-kernels cudnn --time-budget 1
     fi
     ;;
   all)
