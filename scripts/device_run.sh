@@ -12,8 +12,9 @@
 #   scripts/device_run.sh ncu LENGTH [DTYPE]      Nsight Compute durations of one decode step's kernels
 #   scripts/device_run.sh decode-report           decode GPU tests + memcheck, then the decode benches
 #                                                  beside vLLM (carry .peers) and the decode profile
-#   scripts/device_run.sh prefill-report          prefill GPU tests + memcheck, prefill 8K-128K and the
-#                                                  chunked shapes beside vLLM (carry .peers), chunked profile
+#   scripts/device_run.sh prefill-report [bench|check]  the chunked shapes beside vLLM (carry .peers),
+#                                                  the chunked profile (fused against block-top-k
+#                                                  selection), prefill 8K-128K; GPU tests + memcheck
 #   scripts/device_run.sh train-report [ab|check] the backward's float32 reductions (bulk TMA dQ against
 #                                                  elementwise atomics) at 128K and 512K, training GPU tests + memcheck
 #                                                  of the backward kernels, the training step at 32K-512K
@@ -100,20 +101,31 @@ case "$mode" in
         --shapes 1x1x1m,4x16x128k,32x8x64k --out "$OUT"
     ;;
   prefill-report)
-    # The prefill checks in one call (about 8 minutes on an H200): the GPU tests and memcheck of
-    # the selection-CSR, sparse-attention and paged paths, prefill 8K-128K and the chunked shapes
-    # beside vLLM (carry .peers), and the chunked-call profile.
-    step pytest pytest.log timeout 200 python3 -m pytest -q -rs -m gpu tests/test_sparse_attention.py \
-        tests/test_sparse_attention_bwd.py tests/test_paged.py tests/test_cache.py
-    step memcheck memcheck.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 -m pytest -q -x tests/test_sparse_attention.py tests/test_paged.py \
-        -k "not gpu and (csr or matches_reference or chunk or 4bit)"
-    step prefill bench-prefill.log timeout 150 python3 -m msattn.bench.cli bench prefill --out "$OUT" \
-        --lengths 8k,16k,32k,128k --time-budget 2
-    step chunked bench-prefill-chunked.log timeout 90 python3 -m msattn.bench.cli bench prefill-chunked \
-        --out "$OUT"
-    step tune tune-chunked.log timeout 60 python3 -m msattn.bench.tune chunked \
-        --chunk-shapes 1x512x16k,1x1kx16k,1x2kx64k --out "$OUT"
+    # The prefill checks (about 8 minutes each part on an H200): `prefill-report bench` times the
+    # chunked shapes beside vLLM (carry .peers), the chunked-call profile with the fused selection
+    # against the block-score + top-k one, and prefill 8K-128K; `prefill-report check` runs the
+    # GPU tests and memcheck of the selection-CSR, sparse-attention, paged and chunk-selection
+    # paths. No argument runs both.
+    part=${1:-all}
+    if [ "$part" != check ]; then
+      step chunked bench-prefill-chunked.log timeout 120 python3 -m msattn.bench.cli bench prefill-chunked \
+          --out "$OUT"
+      step tune tune-chunked.log timeout 150 python3 -m msattn.bench.tune chunked \
+          --chunk-shapes 1x512x16k,1x1kx16k,1x2kx64k,4x2kx64k --selections fused,block-topk --out "$OUT"
+      step prefill bench-prefill.log timeout 200 python3 -m msattn.bench.cli bench prefill --out "$OUT" \
+          --lengths 8k,16k,32k,128k --time-budget 2
+    fi
+    if [ "$part" != bench ]; then
+      step pytest pytest.log timeout 200 python3 -m pytest -q -rs -m gpu tests/test_sparse_attention.py \
+          tests/test_sparse_attention_bwd.py tests/test_paged.py tests/test_cache.py
+      step pytest-sel pytest-selection.log timeout 150 python3 -m pytest -q -rs tests/test_indexer.py \
+          tests/test_paged.py -k "block_topk or select or chunk"
+      step memcheck memcheck.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+          python3 -m pytest -q -x tests/test_sparse_attention.py tests/test_paged.py \
+          -k "not gpu and (csr or matches_reference or chunk or 4bit)"
+      step memcheck-sel memcheck-selection.log timeout 90 compute-sanitizer --tool memcheck \
+          --error-exitcode 9 python3 -m pytest -q -x tests/test_indexer.py -k "block_topk_selects"
+    fi
     ;;
   train-report)
     # The A/B of the float32 gradient reductions (the bulk TMA dQ against elementwise atomics,

@@ -8,10 +8,12 @@ import torch
 import msattn
 import msattn.cache
 from msattn import reference
+from msattn.ops import indexer
 from msattn.ops.indexer import (BlockTopkPlan, PageTopkConfig, launch_config,
                                 plan_selection, select_blocks_fp8,
                                 run_selection, select_blocks, select_blocks_paged)
 from msattn.ops.nvfp4 import dequantize_nvfp4, quantize_nvfp4
+from msattn.ops.utils import device_sm_count
 from tests.kernel_cases import DEVICE, assert_selection_matches, cu_seqlens, index_inputs, paginate
 
 # lens_q, lens_k, groups, index_dim, block_size, topk, init_blocks, local_blocks, dtype, integer, splits
@@ -244,13 +246,54 @@ def test_decode_selection_matches_reference(case):
         assert not plan.counters.any()
 
 
-def test_decode_selection_is_the_default_for_short_query_runs():
-    plan = plan_selection(8, 2, 4, 16, 100, topk=16, device=torch.device(DEVICE))
-    assert isinstance(plan, BlockTopkPlan)
-    assert not isinstance(plan_selection(8, 2, 4, 17, 100, topk=16, device=torch.device(DEVICE)),
+def test_block_topk_is_the_default_for_decode_and_short_chunks(monkeypatch):
+    """Decode runs, and chunks whose row tiles cannot fill the GPU (the fused kernel would split
+    the keys) while their block scores fit the budget, take the block-score + top-k kernels."""
+    device = torch.device(DEVICE)
+    assert isinstance(plan_selection(8, 2, 4, 16, 100, topk=16, device=device), BlockTopkPlan)
+    assert isinstance(plan_selection(17, 1, 4, 17, 100, topk=16, device=device), BlockTopkPlan)
+    monkeypatch.setattr(indexer, "BLOCK_TOPK_MAX_SCORE_BYTES", 17 * 4 * 100 * 4 - 1)
+    assert not isinstance(plan_selection(17, 1, 4, 17, 100, topk=16, device=device), BlockTopkPlan)
+    assert isinstance(plan_selection(17, 1, 4, 16, 100, topk=16, device=device), BlockTopkPlan)
+    monkeypatch.undo()
+    long_run = 256 * device_sm_count(device)  # rows enough for one fused tile per multiprocessor
+    assert not isinstance(plan_selection(long_run, 1, 4, long_run, 100, topk=16, device=device),
                           BlockTopkPlan)
-    assert not isinstance(plan_selection(8, 2, 4, 4, 100, topk=16, device=torch.device(DEVICE),
-                                         num_splits=2), BlockTopkPlan)
+    assert not isinstance(plan_selection(8, 2, 4, 4, 100, topk=16, device=device, num_splits=2),
+                          BlockTopkPlan)
+
+
+# lens_q, lens_k, groups, block_size, topk, init_blocks, local_blocks, integer
+BLOCK_TOPK_PREFILL_CASES = [
+    ([100], [100], 2, 16, 4, 0, 1, False),  # T = S: the score tiles stop at their last row's block
+    ([70, 130, 1], [200, 130, 5], 3, 16, 3, 1, 1, True),  # varlen, ties, T < S
+    ([40, 0, 33], [400, 20, 33], 4, 32, 5, 1, 2, True),  # an empty query run, topk > blocks
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_TOPK_PREFILL_CASES,
+                         ids=[f"case{i}" for i in range(len(BLOCK_TOPK_PREFILL_CASES))])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_block_topk_selects_chunks_as_reference(case, paged):
+    """The block-score + top-k kernels on query runs longer than decode's (chunked prefill), on
+    contiguous and on paged keys, select as the reference."""
+    lens_q, lens_k, groups, block_size, topk, init_blocks, local_blocks, integer = case
+    qi, ki, cu_q, cu_k, cache, table, seq_lens, _ = _paged_index_case(
+        lens_q, lens_k, groups, 16, block_size, torch.float32, integer=integer, seed=len(lens_q) + topk)
+    kwargs = dict(topk=topk, init_blocks=init_blocks, local_blocks=local_blocks)
+    expected = reference.select_blocks(qi, ki, cu_q, cu_k, block_size=block_size, **kwargs)
+    max_blocks = table.shape[1] if paged else -(-max(lens_k) // block_size)
+    plan = plan_selection(qi.shape[0], len(lens_q), groups, max(lens_q), max_blocks, topk=topk,
+                          device=qi.device, config=PageTopkConfig())
+    out = torch.full_like(expected, 12345)  # poison: every element must be written
+    if paged:
+        run_selection(plan, qi, cache, cu_q, seq_lens, block_size=block_size, block_table=table,
+                      init_blocks=init_blocks, local_blocks=local_blocks, out=out)
+    else:
+        run_selection(plan, qi, ki, cu_q, cu_k, block_size=block_size, init_blocks=init_blocks,
+                      local_blocks=local_blocks, out=out)
+    assert_selection_matches(out, expected, qi, ki, cu_q, cu_k, block_size=block_size,
+                             rel_tol=0.0 if integer else 1e-5)
 
 
 @pytest.mark.parametrize("integer", [True, False], ids=["exact", "random"])

@@ -156,38 +156,64 @@ def _host_profile(fn, calls: int = 20, top: int = 30) -> list:
     return [[round(us, 1), name] for us, name in rows[:top]]
 
 
-def profile_chunked(shapes, out: list) -> None:
-    """One ``msa_paged_attention`` chunked-prefill call (:mod:`msattn.bench.chunked`) per shape:
-    its eager time (host work included), the CUDA time of each of its kernels, the number of
-    device activities (kernels, memsets and copies) and the host profile."""
+# Chunk selections: the default rule, the fused kernel always, the block-score + top-k kernels
+# wherever the fused kernel would split the keys (indexer.BLOCK_TOPK_MAX_SCORE_BYTES).
+CHUNK_SELECTIONS = {"default": None, "fused": 0, "block-topk": 1 << 40}
+
+
+def profile_chunked(shapes, out: list, selections=("default",)) -> None:
+    """One ``msa_paged_attention`` chunked-prefill call (:mod:`msattn.bench.chunked`) per shape
+    and selection rule (:data:`CHUNK_SELECTIONS`), on the same inputs: its eager time (host work
+    included), the CUDA time of each of its kernels, the number of device activities (kernels,
+    memsets and copies), the host profile, and the output's largest difference from the first
+    rule's."""
     from msattn.bench import chunked
 
     settings = chunked.ChunkedSettings(op="prefill-chunked", device=torch.device("cuda"),
                                        config=CONFIG, shapes=tuple(shapes), dtype=torch.bfloat16,
                                        backend="triton", warmup=3, repeats=20, time_budget_s=2.0)
+    default_budget = indexer.BLOCK_TOPK_MAX_SCORE_BYTES
     for shape in shapes:
         x = chunked.make_inputs(settings, shape)
         call = functools.partial(chunked._msa, settings, shape[1])
-        eager_ms = _time(call, x)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            call(x)
-            torch.cuda.synchronize()
-        kernels = _kernel_times(prof, 1e3, name_chars=90, digits=4)  # ms
-        launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-        name = chunked.shape_name(shape)
-        print(f"chunked {name}: eager {eager_ms:.3f} ms, kernels {sum(kernels.values()):.3f} ms "
-              f"in {launches} launches", flush=True)
-        for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
-            print(f"  {ms:10.4f} ms  {kernel}", flush=True)
-        host = _host_profile(lambda: call(x))
-        print("  host (cProfile, us a call, cumulative):", flush=True)
-        for us, function in host:
-            print(f"  {us:10.1f} us  {function}", flush=True)
-        out.append({"kind": "chunked-profile", "shape": name, "eager_ms": eager_ms,
-                    "launches": launches, "kernels_ms": kernels, "host_us": host})
-        del x
+        first_o = None
+        for selection in selections:
+            budget = CHUNK_SELECTIONS[selection]
+            indexer.BLOCK_TOPK_MAX_SCORE_BYTES = default_budget if budget is None else budget
+            try:
+                row = _profile_chunk(call, x, chunked.shape_name(shape), selection)
+                o = call(x)
+            finally:
+                indexer.BLOCK_TOPK_MAX_SCORE_BYTES = default_budget
+            if first_o is None:
+                first_o = o
+            else:
+                row["max_abs_diff_vs_" + selections[0]] = metrics.max_abs_diff(o, first_o)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("kernels_ms", "host_us")}),
+                  flush=True)
+            out.append(row)
+        del x, first_o, o
         release_memory(torch.device("cuda"))
+
+
+def _profile_chunk(call, x, name: str, selection: str) -> dict:
+    eager_ms = _time(call, x)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call(x)
+        torch.cuda.synchronize()
+    kernels = _kernel_times(prof, 1e3, name_chars=90, digits=4)  # ms
+    launches = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"chunked {name} ({selection} selection): eager {eager_ms:.3f} ms, kernels "
+          f"{sum(kernels.values()):.3f} ms in {launches} launches", flush=True)
+    for kernel, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {ms:10.4f} ms  {kernel}", flush=True)
+    host = _host_profile(lambda: call(x))
+    print("  host (cProfile, us a call, cumulative):", flush=True)
+    for us, function in host:
+        print(f"  {us:10.1f} us  {function}", flush=True)
+    return {"kind": "chunked-profile", "shape": name, "selection": selection, "eager_ms": eager_ms,
+            "launches": launches, "kernels_ms": kernels, "host_us": host}
 
 
 def sweep_attention(length: int, configs: list, chunk_rows_list, out: list) -> None:
@@ -598,6 +624,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-shapes", type=parse_chunk_shapes,
                         default=parse_chunk_shapes("1x512x16k,1x2kx64k,1x16kx1m"),
                         help="chunked: requests x chunk x prefix, e.g. 1x512x16k,4x2kx64k")
+    parser.add_argument("--selections", default="default",
+                        help="chunked: selection rules, some of " + ",".join(CHUNK_SELECTIONS))
     parser.add_argument("--index-dtypes", default="bf16,fp8,nvfp4,fp8-kv",
                         help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches)")
     parser.add_argument("--profile-only", action="store_true",
@@ -639,7 +667,7 @@ def main(argv=None) -> int:
                        dataclasses.replace(configs[0], dq_mode="query")]
         sweep_backward(args.length, configs, rows)
     elif args.what == "chunked":
-        profile_chunked(args.chunk_shapes, rows)
+        profile_chunked(args.chunk_shapes, rows, tuple(args.selections.split(",")))
     elif args.what == "prefill-designs":
         sweep_prefill_designs(args.lengths, rows)
     elif args.what == "loss":

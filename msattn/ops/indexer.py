@@ -36,6 +36,10 @@ FAN_IN = 8
 MAX_SPLITS = 512
 # Elements (rows x candidates) of one merge step's tile: bounds the merging program's registers.
 MERGE_TILE = 4096
+# Query runs too short for the fused kernel's row tiles to fill the GPU (chunked prefill) make it
+# split the keys and merge partial lists, a serial tail: up to this many bytes of float32 block
+# scores (rows x blocks x 4) they take the block-score + top-k kernels of decode instead.
+BLOCK_TOPK_MAX_SCORE_BYTES = 64 << 20
 
 
 
@@ -574,7 +578,9 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
         own_block = position // BLOCK_SIZE
         rows = (q_start * NUM_GROUPS + tile * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_ptr = scores_ptr + rows * stride_scores_row
-        for block in range(block_lo, block_hi):
+        # Blocks after the tile's last row's own block are seen by none of its rows (the top-k
+        # kernel reads a row's blocks up to its own only).
+        for block in range(block_lo, tl.minimum(block_hi, tl.max(own_block) + 1)):
             if PAGED:
                 page = tl.load(block_table_ptr + batch.to(tl.int64) * stride_block_table + block).to(tl.int64)
                 block_base = page * stride_ki_page
@@ -934,15 +940,29 @@ def _score_dot_options(dtype: torch.dtype, key_format: int) -> dict:
     return dot_options(torch.float16 if key_format == 2 else dtype)
 
 
+def _block_topk_wins(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int,
+                     device: torch.device) -> bool:
+    """Whether the block-score + top-k kernels select instead of the fused one: for decode runs,
+    and for query runs that the fused kernel's row tiles cannot spread over the GPU (it would
+    split the keys) while their block scores take at most :data:`BLOCK_TOPK_MAX_SCORE_BYTES`."""
+    if max_len_q <= PAGE_TOPK_MAX_QUERY_LEN:
+        return True
+    rows_per_sequence = max_len_q * num_groups
+    fused = launch_config(rows_per_sequence, device.type == "cuda")
+    fused_splits = _num_splits(triton.cdiv(rows_per_sequence, fused.block_r) * batch,
+                               max(1, max_blocks), fused.splits_per_sm, device) > 1
+    return fused_splits and total_q * num_groups * max_blocks * 4 <= BLOCK_TOPK_MAX_SCORE_BYTES
+
+
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                    topk: int, device: torch.device, num_splits: int | None = None,
                    config: IndexerConfig | PageTopkConfig | None = None) -> SelectionPlan | BlockTopkPlan:
     """Choose the selection's kernels and size their grids and workspaces.
 
-    Query runs of at most :data:`PAGE_TOPK_MAX_QUERY_LEN` tokens (decode) get the block-score
-    and top-k kernels (a :class:`BlockTopkPlan`); longer ones, or a given ``num_splits`` or
-    :class:`IndexerConfig`, the fused kernel (a :class:`SelectionPlan`: query tiles x B x key
-    splits). A plan's workspace serves one launch at a time: launches of one plan must not run
+    Query runs of at most :data:`PAGE_TOPK_MAX_QUERY_LEN` tokens (decode), and short chunks
+    (:func:`_block_topk_wins`), get the block-score and top-k kernels (a :class:`BlockTopkPlan`);
+    longer ones, or a given ``num_splits`` or :class:`IndexerConfig`, the fused kernel (a
+    :class:`SelectionPlan`: query tiles x B x key splits). A plan's workspace serves one launch at a time: launches of one plan must not run
     concurrently (on different streams).
 
     Args:
@@ -952,7 +972,8 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
         config: a launch configuration (default: :func:`launch_config` or :class:`PageTopkConfig`).
     """
     if isinstance(config, PageTopkConfig) or (
-            config is None and num_splits is None and max_len_q <= PAGE_TOPK_MAX_QUERY_LEN):
+            config is None and num_splits is None
+            and _block_topk_wins(total_q, batch, num_groups, max_len_q, max_blocks, device)):
         return _plan_block_topk(total_q, batch, num_groups, max_len_q, max_blocks, topk=topk,
                                 device=device, config=config or PageTopkConfig())
     rows_per_sequence = max(1, max_len_q * num_groups)
