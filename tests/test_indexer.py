@@ -248,11 +248,11 @@ def test_decode_selection_matches_reference(case):
 
 def test_block_topk_is_the_default_for_decode_and_short_chunks(monkeypatch):
     """Decode runs, and chunks whose row tiles cannot fill the GPU (the fused kernel would split
-    the keys) against few key blocks, take the block-score + top-k kernels."""
+    the keys) while their block scores fit the budget, take the block-score + top-k kernels."""
     device = torch.device(DEVICE)
     assert isinstance(plan_selection(8, 2, 4, 16, 100, topk=16, device=device), BlockTopkPlan)
     assert isinstance(plan_selection(17, 1, 4, 17, 100, topk=16, device=device), BlockTopkPlan)
-    monkeypatch.setattr(indexer, "BLOCK_TOPK_MAX_BLOCKS", 99)
+    monkeypatch.setattr(indexer, "BLOCK_TOPK_MAX_SCORE_BYTES", 17 * 4 * 100 * 4 - 1)
     assert not isinstance(plan_selection(17, 1, 4, 17, 100, topk=16, device=device), BlockTopkPlan)
     assert isinstance(plan_selection(17, 1, 4, 16, 100, topk=16, device=device), BlockTopkPlan)
     monkeypatch.undo()

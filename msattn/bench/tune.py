@@ -157,7 +157,7 @@ def _host_profile(fn, calls: int = 20, top: int = 30) -> list:
 
 
 # Chunk selections: the default rule, the fused kernel always, the block-score + top-k kernels
-# wherever the fused kernel would split the keys (indexer.BLOCK_TOPK_MAX_BLOCKS).
+# wherever the fused kernel would split the keys (indexer.BLOCK_TOPK_MAX_SCORE_BYTES).
 CHUNK_SELECTIONS = {"default": None, "fused": 0, "block-topk": 1 << 40}
 
 
@@ -172,19 +172,19 @@ def profile_chunked(shapes, out: list, selections=("default",)) -> None:
     settings = chunked.ChunkedSettings(op="prefill-chunked", device=torch.device("cuda"),
                                        config=CONFIG, shapes=tuple(shapes), dtype=torch.bfloat16,
                                        backend="triton", warmup=3, repeats=20, time_budget_s=2.0)
-    default_blocks = indexer.BLOCK_TOPK_MAX_BLOCKS
+    default_bytes = indexer.BLOCK_TOPK_MAX_SCORE_BYTES
     for shape in shapes:
         x = chunked.make_inputs(settings, shape)
         call = functools.partial(chunked._msa, settings, shape[1])
         first_o = None
         for selection in selections:
-            blocks = CHUNK_SELECTIONS[selection]
-            indexer.BLOCK_TOPK_MAX_BLOCKS = default_blocks if blocks is None else blocks
+            budget = CHUNK_SELECTIONS[selection]
+            indexer.BLOCK_TOPK_MAX_SCORE_BYTES = default_bytes if budget is None else budget
             try:
                 row = _profile_chunk(call, x, chunked.shape_name(shape), selection)
                 o = call(x)
             finally:
-                indexer.BLOCK_TOPK_MAX_BLOCKS = default_blocks
+                indexer.BLOCK_TOPK_MAX_SCORE_BYTES = default_bytes
             if first_o is None:
                 first_o = o
             else:

@@ -36,12 +36,14 @@ FAN_IN = 8
 MAX_SPLITS = 512
 # Elements (rows x candidates) of one merge step's tile: bounds the merging program's registers.
 MERGE_TILE = 4096
-# Query runs too short for the fused kernel's row tiles to fill the GPU (chunked prefill) make it
-# split the keys and merge partial lists, a serial tail: against up to this many key blocks they
-# take the block-score + top-k kernels of decode instead. H100, chunks on 16K prefixes (128
-# blocks): 512 tokens 0.264 -> 0.043 ms, 1K 0.216 -> 0.078; on 64K (512 blocks) the fused kernel
-# wins: 2K 0.615 against 0.647, 4 x 2K 1.28 against 2.23 (benchmarks/results/tuning/).
-BLOCK_TOPK_MAX_BLOCKS = 128
+# Query runs too short for the fused kernel's row tiles to fill the GPU (short prefills, chunks)
+# make it split the keys and merge partial lists, a serial tail: up to this many bytes of float32
+# block scores ((token, group) rows x key blocks x 4) they take the block-score + top-k kernels of
+# decode instead. H100 (benchmarks/results/tuning/, M3 shape), fused against block-top-k, ms:
+# chunks of 512 and 1K tokens on a 16K prefix 0.264 / 0.043 and 0.216 / 0.078, a 4K prefill
+# 0.278 / 0.221 (scores of 1-2 MiB); an 8K prefill 0.262 / 0.376 (8 MiB), a 2K chunk on a 64K
+# prefix 0.615 / 0.647 (16 MiB), 4 x 2K on 64K 1.28 / 2.23 (64 MiB).
+BLOCK_TOPK_MAX_SCORE_BYTES = 4 << 20
 
 
 
@@ -946,14 +948,14 @@ def _block_topk_wins(total_q: int, batch: int, num_groups: int, max_len_q: int, 
                      device: torch.device) -> bool:
     """Whether the block-score + top-k kernels select instead of the fused one: for decode runs,
     and for query runs that the fused kernel's row tiles cannot spread over the GPU (it would
-    split the keys) against at most :data:`BLOCK_TOPK_MAX_BLOCKS` key blocks."""
+    split the keys) while their block scores take at most :data:`BLOCK_TOPK_MAX_SCORE_BYTES`."""
     if max_len_q <= PAGE_TOPK_MAX_QUERY_LEN:
         return True
     rows_per_sequence = max_len_q * num_groups
     fused = launch_config(rows_per_sequence, device.type == "cuda")
     fused_splits = _num_splits(triton.cdiv(rows_per_sequence, fused.block_r) * batch,
                                max(1, max_blocks), fused.splits_per_sm, device) > 1
-    return fused_splits and max_blocks <= BLOCK_TOPK_MAX_BLOCKS
+    return fused_splits and total_q * num_groups * max_blocks * 4 <= BLOCK_TOPK_MAX_SCORE_BYTES
 
 
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
