@@ -27,8 +27,10 @@ import triton.language as tl
 from msattn.ops.selection_csr import build_block_csr, csr_layout
 from msattn.ops.utils import LOG2E, dot_options, finish_softmax, mma
 
-# Memory for the partial outputs of one chunk of query rows.
-PARTIAL_BUDGET_BYTES = 1 << 30
+# Memory for the partial outputs of one chunk of query rows: 5 GiB / 4 holds 4,096 rows of the M3
+# shape (266 KB a row), so that a 16K prefill runs in 4 equal chunks (1 GiB made it 4 x 4,036 rows
+# and one of 240; H200: 6.36 against 6.65 ms for its attention, tuning/tune-attention_*-175704).
+PARTIAL_BUDGET_BYTES = 5 << 28
 
 
 @dataclass(frozen=True)
@@ -211,12 +213,14 @@ def launch_config(q: torch.Tensor) -> AttentionConfig:
 class _Workspace:
     """Where the partials of each chunk of query rows go.
 
-    A chunk's partials take ``per_row`` bytes a row, 16x the row's output: at 1M tokens a 1 GiB
-    buffer holds only ~4K rows, and every chunk reloads the K/V blocks it selects. The output
+    A chunk's partials take ``per_row`` bytes a row, 16x the row's output: at 1M tokens a 1.25 GiB
+    buffer holds only ~5K rows, and every chunk reloads the K/V blocks it selects. The output
     rows after a chunk are not written yet, so while they can hold its partials they are the
     workspace: chunks then cover about 1/17 of the rows left (60K rows first at 1M), which cuts
     the chunks, and the K/V reloads, about fourfold. The last rows use a buffer of at most
-    ``PARTIAL_BUDGET_BYTES`` (or ``chunk_rows`` rows when given: fixed chunks, no output reuse).
+    ``PARTIAL_BUDGET_BYTES`` (or ``chunk_rows`` rows when given: fixed chunks, no output reuse),
+    in chunks of equal size: a short last chunk would pay a launch sequence and a grid's tail
+    for a few rows.
     """
 
     def __init__(self, o: torch.Tensor, topk: int, chunk_rows: int | None):
@@ -242,7 +246,7 @@ class _Workspace:
                 start = (row_start + rows) * self.out_row  # a multiple of 16 bytes
                 space = self.o_bytes[start:start + rows * self.per_row]
             else:
-                rows = min(self.buffer_rows, remaining)
+                rows = triton.cdiv(remaining, triton.cdiv(remaining, self.buffer_rows))
                 if self.buffer is None:
                     self.buffer = torch.empty(self.buffer_rows * self.per_row, dtype=torch.uint8,
                                               device=self.device)
