@@ -265,9 +265,9 @@ def test_block_topk_is_the_default_for_decode_and_short_chunks(monkeypatch):
 
 # lens_q, lens_k, groups, block_size, topk, init_blocks, local_blocks, integer
 BLOCK_TOPK_PREFILL_CASES = [
-    ([100], [100], 2, 16, 4, 0, 1, False),  # T = S: the score tiles stop at their last row's block
-    ([70, 130, 1], [200, 130, 5], 3, 16, 3, 1, 1, True),  # varlen, ties, T < S
-    ([40, 0, 33], [400, 20, 33], 4, 32, 5, 1, 2, True),  # an empty query run, topk > blocks
+    ([48], [48], 2, 16, 4, 0, 1, False),  # T = S: the score tiles stop at their last row's block
+    ([20, 33, 1], [200, 33, 5], 3, 16, 3, 1, 1, True),  # varlen, ties, T < S
+    ([12, 0, 9], [400, 20, 9], 4, 32, 5, 1, 2, True),  # an empty query run, topk > blocks
 ]
 
 
