@@ -15,7 +15,7 @@ from msattn import dispatch, reference
 from msattn.backends import triton as triton_backend
 from msattn.cache import (dequantize_index_keys, dequantize_kv, gather_paged, quantize_index_keys,
                           quantize_kv, write_paged_cache)
-from msattn.ops.indexer import launch_config, select_blocks_paged
+from msattn.ops.indexer import BlockTopkPlan, launch_config, plan_selection, select_blocks_paged
 from msattn.ops.nvfp4 import dequantize_nvfp4, quantize_nvfp4
 from msattn.ops.paged_attention import (PagedAttentionConfig, plan_paged_attention,
                                         run_paged_attention)
@@ -618,6 +618,28 @@ def test_gpu_decode_selection_long_context(fp8, fan_in):
                             **kwargs)
         assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
                                  block_size=128, rel_tol=0.0 if fp8 else 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_chunk_selection_both_kernels():
+    """Chunked prefill at the M3 index shape through the default dispatch: a 1K chunk on a 16K
+    prefix takes the block-score + top-k kernels, 2K chunks of two requests on 64K and 28K
+    prefixes the fused kernel (``indexer.BLOCK_TOPK_MAX_SCORE_BYTES``); both select as the
+    contiguous reference, within float32 near-ties."""
+    kwargs = dict(topk=16, init_blocks=0, local_blocks=1)
+    for lens_q, lens_k, block_topk in (([1024], [17408], True),
+                                       ([2048, 2048], [67584, 30000], False)):
+        c = _case(lens_q, lens_k, 4, 4, 16, 128, 128, torch.bfloat16, seed=len(lens_q))
+        plan = plan_selection(c["qi"].shape[0], len(lens_q), 4, max(lens_q),
+                              c["block_table"].shape[1], topk=16, device=c["qi"].device)
+        assert isinstance(plan, BlockTopkPlan) == block_topk
+        expected = reference.select_blocks(c["qi"], c["ki"], c["cu_q"], c["cu_k"], block_size=128,
+                                           **kwargs)
+        out = torch.full_like(expected, 12345)
+        select_blocks_paged(c["qi"], c["index_cache"], c["block_table"], c["cu_q"], c["seq_lens"],
+                            max_len_q=max(lens_q), out=out, **kwargs)
+        assert_selection_matches(out, expected, c["qi"], c["ki"], c["cu_q"], c["cu_k"],
+                                 block_size=128, rel_tol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
