@@ -117,9 +117,9 @@ case "$mode" in
     fi
     if [ "$part" != bench ]; then
       step pytest pytest.log timeout 200 python3 -m pytest -q -rs -m gpu tests/test_sparse_attention.py \
-          tests/test_sparse_attention_bwd.py tests/test_paged.py tests/test_cache.py
-      step pytest-sel pytest-selection.log timeout 150 python3 -m pytest -q -rs tests/test_indexer.py \
-          tests/test_paged.py -k "block_topk or select or chunk"
+          tests/test_sparse_attention_bwd.py tests/test_paged.py tests/test_cache.py tests/test_indexer.py
+      step pytest-sel pytest-selection.log timeout 150 python3 -m pytest -q -rs -m "not gpu" \
+          tests/test_indexer.py tests/test_paged.py -k "block_topk or select or chunk"
       step memcheck memcheck.log timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
           python3 -m pytest -q -x tests/test_sparse_attention.py tests/test_paged.py \
           -k "not gpu and (csr or matches_reference or chunk or 4bit)"

@@ -944,29 +944,17 @@ def _score_dot_options(dtype: torch.dtype, key_format: int) -> dict:
     return dot_options(torch.float16 if key_format == 2 else dtype)
 
 
-def _block_topk_wins(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int,
-                     device: torch.device) -> bool:
-    """Whether the block-score + top-k kernels select instead of the fused one: for decode runs,
-    and for query runs that the fused kernel's row tiles cannot spread over the GPU (it would
-    split the keys) while their block scores take at most :data:`BLOCK_TOPK_MAX_SCORE_BYTES`."""
-    if max_len_q <= PAGE_TOPK_MAX_QUERY_LEN:
-        return True
-    rows_per_sequence = max_len_q * num_groups
-    fused = launch_config(rows_per_sequence, device.type == "cuda")
-    fused_splits = _num_splits(triton.cdiv(rows_per_sequence, fused.block_r) * batch,
-                               max(1, max_blocks), fused.splits_per_sm, device) > 1
-    return fused_splits and total_q * num_groups * max_blocks * 4 <= BLOCK_TOPK_MAX_SCORE_BYTES
-
-
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                    topk: int, device: torch.device, num_splits: int | None = None,
                    config: IndexerConfig | PageTopkConfig | None = None) -> SelectionPlan | BlockTopkPlan:
     """Choose the selection's kernels and size their grids and workspaces.
 
-    Query runs of at most :data:`PAGE_TOPK_MAX_QUERY_LEN` tokens (decode), and short chunks
-    (:func:`_block_topk_wins`), get the block-score and top-k kernels (a :class:`BlockTopkPlan`);
-    longer ones, or a given ``num_splits`` or :class:`IndexerConfig`, the fused kernel (a
-    :class:`SelectionPlan`: query tiles x B x key splits). A plan's workspace serves one launch at a time: launches of one plan must not run
+    Query runs of at most :data:`PAGE_TOPK_MAX_QUERY_LEN` tokens (decode), and runs whose row
+    tiles cannot fill the GPU (the fused kernel would split the keys) while their block scores
+    take at most :data:`BLOCK_TOPK_MAX_SCORE_BYTES` (short chunks), get the block-score and top-k
+    kernels (a :class:`BlockTopkPlan`); the others, or a given ``num_splits`` or
+    :class:`IndexerConfig`, the fused kernel (a :class:`SelectionPlan`: query tiles x B x key
+    splits). A plan's workspace serves one launch at a time: launches of one plan must not run
     concurrently (on different streams).
 
     Args:
@@ -975,9 +963,8 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
         num_splits: key-range splits of the fused kernel (default: chosen from the grid size).
         config: a launch configuration (default: :func:`launch_config` or :class:`PageTopkConfig`).
     """
-    if isinstance(config, PageTopkConfig) or (
-            config is None and num_splits is None
-            and _block_topk_wins(total_q, batch, num_groups, max_len_q, max_blocks, device)):
+    by_rule = config is None and num_splits is None
+    if isinstance(config, PageTopkConfig) or (by_rule and max_len_q <= PAGE_TOPK_MAX_QUERY_LEN):
         return _plan_block_topk(total_q, batch, num_groups, max_len_q, max_blocks, topk=topk,
                                 device=device, config=config or PageTopkConfig())
     rows_per_sequence = max(1, max_len_q * num_groups)
@@ -988,6 +975,10 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
     max_blocks = max(1, max_blocks)
     if num_splits is None:
         num_splits = _num_splits(num_tiles * batch, max_blocks, config.splits_per_sm, device)
+        if (by_rule and num_splits > 1
+                and total_q * num_groups * max_blocks * 4 <= BLOCK_TOPK_MAX_SCORE_BYTES):
+            return _plan_block_topk(total_q, batch, num_groups, max_len_q, max_blocks, topk=topk,
+                                    device=device, config=PageTopkConfig())
     num_splits = max(1, min(num_splits, max_blocks, MAX_SPLITS))
     blocks_per_split = triton.cdiv(max_blocks, num_splits)
     num_splits = triton.cdiv(max_blocks, blocks_per_split)
