@@ -1,5 +1,6 @@
 """4-bit (NVFP4-style) index keys: quantise/dequantise round trips, the Triton tile helper against
-dequantize_nvfp4 bit for bit (interpreter on CPU, kernels on a GPU), selection agreement."""
+dequantize_nvfp4 bit for bit (the integer decode in the interpreter on CPU, the PTX fp8-conversion
+decode on sm_89+ GPUs), selection agreement."""
 
 import pytest
 import torch
@@ -8,8 +9,12 @@ import triton.language as tl
 
 from msattn import reference
 from msattn.ops.nvfp4 import (dequantize_nvfp4, nvfp4_halves, quantize_nvfp4, selection_agreement)
+from msattn.ops.utils import fp8_conversions
 from tests.kernel_cases import DEVICE, cu_seqlens
 
+# The tile helper decodes with PTX fp8 conversions where the GPU has them (sm_89+), else with
+# integer ops (the interpreter): the tests below check whichever path the device takes.
+PTX_DECODE = fp8_conversions(torch.device(DEVICE))
 GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -148,7 +153,8 @@ def test_large_and_negative_values_do_not_overflow():
 def _tile_kernel(packed_ptr, block_scale_ptr, token_scale_ptr, block_table_ptr, seq_len, q_ptr,
                  tile_ptr, scores_ptr, stride_packed_page, stride_packed_token,
                  stride_scale_page, stride_scale_token, stride_token_scale_page,
-                 PAGE_SIZE: tl.constexpr, DI: tl.constexpr, M: tl.constexpr):
+                 PAGE_SIZE: tl.constexpr, DI: tl.constexpr, M: tl.constexpr,
+                 PTX_DECODE: tl.constexpr):
     """One program per logical page ``i`` (physical page ``block_table[i]``): writes the page's
     tile ``[PAGE_SIZE, DI]`` (its even and odd elements from ``nvfp4_halves``, zeros past
     ``seq_len``) and ``scores = q [M, DI] . tile^T * token scale`` as the decode indexer takes
@@ -159,7 +165,7 @@ def _tile_kernel(packed_ptr, block_scale_ptr, token_scale_ptr, block_table_ptr, 
     row_mask = i * PAGE_SIZE + rows < seq_len
     even, odd = nvfp4_halves(packed_ptr + page * stride_packed_page, stride_packed_token,
                              block_scale_ptr + page * stride_scale_page, stride_scale_token,
-                             rows, row_mask, DI)
+                             rows, row_mask, DI, PTX_DECODE)
     out_rows = i * PAGE_SIZE + rows
     half = tl.arange(0, DI // 2)
     tl.store(tile_ptr + out_rows[:, None] * DI + 2 * half[None, :], even)
@@ -211,7 +217,7 @@ def test_triton_tile_matches_dequantize(index_dim, page_size):
     _tile_kernel[(num_pages,)](
         packed_view, scale_view, token_scale, block_table, seq_len, q, tile, scores,
         packed_view.stride(0), packed_view.stride(1), scale_view.stride(0), scale_view.stride(1),
-        token_scale.stride(0), PAGE_SIZE=page_size, DI=index_dim, M=m)
+        token_scale.stride(0), PAGE_SIZE=page_size, DI=index_dim, M=m, PTX_DECODE=PTX_DECODE)
     ordered = block_table.long()
     expected = dequantize_nvfp4(packed[ordered], block_scale[ordered].view(torch.float8_e4m3fn),
                                 torch.ones(num_pages, page_size, device=DEVICE), dtype=tile.dtype)
@@ -243,7 +249,8 @@ def test_triton_tile_every_code_and_scale():
         q = torch.zeros(16, index_dim, dtype=torch.float16, device=DEVICE)
         _tile_kernel[(1,)](p, s, t, torch.zeros(1, dtype=torch.int32, device=DEVICE), page_size, q,
                            tile, scores, p.stride(0), p.stride(1), s.stride(0), s.stride(1),
-                           t.stride(0), PAGE_SIZE=page_size, DI=index_dim, M=16)
+                           t.stride(0), PAGE_SIZE=page_size, DI=index_dim, M=16,
+                           PTX_DECODE=PTX_DECODE)
         expected = dequantize_nvfp4(p[0], s[0], t[0], dtype=torch.float16)
         assert torch.equal(tile.view(torch.int16), expected.view(torch.int16))
 

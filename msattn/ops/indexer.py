@@ -27,8 +27,9 @@ import triton.language as tl
 
 from msattn.cache import quantize_index_keys
 from msattn.ops.nvfp4 import nvfp4_halves
-from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, gdc_launch_dependents,
-                              gdc_wait, interpreted, mma, programmatic_launch)
+from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, fp8_conversions,
+                              gdc_launch_dependents, gdc_wait, interpreted, mma,
+                              programmatic_launch)
 
 # Split programs merge in a two-level tree: groups of fan_in splits, then the group lists; up to
 # 2 * fan_in splits merge in one level. (H200, 1M-token decode: fan-in 8 and 16 within 2%.)
@@ -549,8 +550,9 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
                          NUM_GROUPS: tl.constexpr, INDEX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          INIT_BLOCKS: tl.constexpr, LOCAL_BLOCKS: tl.constexpr,
-                         PAGED: tl.constexpr, KEY_FORMAT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                         PAGED: tl.constexpr, KEY_FORMAT: tl.constexpr, PTX_DECODE: tl.constexpr,
+                         PDL_TRIGGER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         DOT_UPCAST: tl.constexpr):
     chunk = tl.program_id(0)
     batch = tl.program_id(1)
     tile = tl.program_id(2)
@@ -598,7 +600,8 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
                 if KEY_FORMAT == 2:
                     k_even, k_odd = nvfp4_halves(ki_ptr + block_base, stride_ki_token,
                                                  block_scale_ptr + page * stride_block_scale_page,
-                                                 stride_block_scale_token, offs, key_mask, BLOCK_D)
+                                                 stride_block_scale_token, offs, key_mask, BLOCK_D,
+                                                 PTX_DECODE)
                     scores = mma(q_even, tl.trans(k_even), DOT_PRECISION, DOT_UPCAST)
                     scores += mma(q_odd, tl.trans(k_odd), DOT_PRECISION, DOT_UPCAST)
                     key_scale = tl.load(key_scale_ptr + page * stride_scale_page + offs,
@@ -921,7 +924,8 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
         blocks_per_program=plan.blocks_per_program, NUM_GROUPS=plan.num_groups,
         INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim), BLOCK_R=plan.block_r,
         BLOCK_N=min(block_size, config.block_n), BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks,
-        LOCAL_BLOCKS=local_blocks, PAGED=paged, KEY_FORMAT=key_format, PDL_TRIGGER=pdl,
+        LOCAL_BLOCKS=local_blocks, PAGED=paged, KEY_FORMAT=key_format,
+        PTX_DECODE=key_format == 2 and fp8_conversions(qi.device), PDL_TRIGGER=pdl,
         **_score_dot_options(qi.dtype, key_format),
         num_warps=config.score_warps, num_stages=config.score_stages)
     _block_topk_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.num_segments)](

@@ -150,12 +150,15 @@ def _e2m1_to_fp16(code):
 
 @triton.jit
 def nvfp4_halves(packed_ptr, stride_packed_row, block_scale_ptr, stride_block_scale_row, rows,
-                 row_mask, DI: tl.constexpr):
+                 row_mask, DI: tl.constexpr, PTX_DECODE: tl.constexpr):
     """Load rows of 4-bit keys as their even and odd elements, ``e2m1 * block_scale`` (no token
     scale), two ``[N, DI // 2]`` fp16 tiles: element ``2j`` of a row (low nibble of byte ``j``)
     and element ``2j + 1`` (high nibble). A kernel takes ``q[:, 0::2] . even^T + q[:, 1::2] .
     odd^T`` (two MMAs with K = DI / 2), so the nibbles are never interleaved in registers, and
     multiplies the scores by the float32 token scale afterwards.
+
+    The tile is decoded as ``[N, DI // 16, 8]`` (row, scale block, byte), so each block scale is
+    loaded once and broadcast over its 8 bytes in registers.
 
     Args:
         packed_ptr: uint8 pointer, e.g. the first byte of a page ``packed[page]``; row ``r`` starts
@@ -166,20 +169,45 @@ def nvfp4_halves(packed_ptr, stride_packed_row, block_scale_ptr, stride_block_sc
             when ``rows * stride`` may pass 2^31).
         row_mask: ``[N]`` bool; masked rows are not read and come back as zeros.
         DI: index dim, a power of two of at least 32 (MMAs need K = DI / 2 >= 16).
+        PTX_DECODE: decode four bytes at a time with e4m3 conversions (sm_89+ GPUs,
+            :func:`msattn.ops.utils.fp8_conversions`); otherwise with integer ops per value (the
+            CPU interpreter). Both give the same bits.
     Returns:
         ``(even, odd)``, ``[N, DI // 2]`` fp16 each, bit for bit the even and odd columns of
         ``dequantize_nvfp4(packed, block_scale, ones)`` (the products are exact in fp16).
     """
     tl.static_assert(DI >= 32, "DI must be at least 32")
+    BLOCKS: tl.constexpr = DI // 16
+    block = tl.arange(0, BLOCKS)
     half = tl.arange(0, DI // 2)
     packed = tl.load(packed_ptr + rows[:, None] * stride_packed_row + half[None, :],
-                     mask=row_mask[:, None], other=0).to(tl.int32)  # [N, DI // 2]
-    # Both elements of byte j lie in block j // 8 (16 elements a block): one scale per byte,
-    # read again by the 8 bytes of a block (from L1).
+                     mask=row_mask[:, None], other=0)
+    packed = tl.reshape(packed, (packed.shape[0], BLOCKS, 8))
     block_scale = tl.load(block_scale_ptr + rows[:, None] * stride_block_scale_row
-                          + (half // 8)[None, :], mask=row_mask[:, None], other=0.0)
-    block_scale = block_scale.to(tl.float8e4nv, bitcast=True).to(tl.float16)  # exact
-    return _e2m1_to_fp16(packed & 0xF) * block_scale, _e2m1_to_fp16(packed >> 4) * block_scale
+                          + block[None, :], mask=row_mask[:, None], other=0.0)
+    block_scale = block_scale.to(tl.float8e4nv, bitcast=True).to(tl.float16)[:, :, None]  # exact
+    if PTX_DECODE:
+        # Four bytes -> their low and high nibbles as fp16 ``e2m1 * 2^-6``. An e2m1 code
+        # ``s ee m`` moved into an e4m3 byte as ``s 00ee m00`` is exactly ``e2m1 * 2^-6`` (exponent
+        # bias 7 against 1; code 1, 0.5, lands on the subnormal 2^-7), which sm_89's
+        # ``cvt.rn.f16x2.e4m3x2`` widens two at a time: 9 integer operations and 4 conversions
+        # for 8 values. $0, $1: the low nibbles of bytes 0-1 and 2-3 (fp16x2); $2, $3 the high
+        # ones; $4 the four bytes.
+        even, odd = tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b, lo, hi; .reg .b16 l0, l1, h0, h1; "
+            "and.b32 a, $4, 0x07070707; shl.b32 a, a, 2; and.b32 b, $4, 0x08080808; "
+            "shl.b32 b, b, 4; or.b32 lo, a, b; shr.u32 a, $4, 2; and.b32 a, a, 0x1C1C1C1C; "
+            "and.b32 b, $4, 0x80808080; or.b32 hi, a, b; mov.b32 {l0, l1}, lo; "
+            "mov.b32 {h0, h1}, hi; cvt.rn.f16x2.e4m3x2 $0, l0; cvt.rn.f16x2.e4m3x2 $1, l1; "
+            "cvt.rn.f16x2.e4m3x2 $2, h0; cvt.rn.f16x2.e4m3x2 $3, h1; }",
+            "=r,=r,=r,=r,r", [packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        block_scale = block_scale * 64.0  # exact (a power of two; at most 448 * 64 < 65504)
+    else:
+        packed = packed.to(tl.int32)
+        even = _e2m1_to_fp16(packed & 0xF)
+        odd = _e2m1_to_fp16(packed >> 4)
+    return (tl.reshape(even * block_scale, (even.shape[0], DI // 2)),
+            tl.reshape(odd * block_scale, (odd.shape[0], DI // 2)))
 
 
 def selection_agreement(indices_a: torch.Tensor, indices_b: torch.Tensor) -> dict:

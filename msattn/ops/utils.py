@@ -18,8 +18,12 @@ def _device_index(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    return _capability(index)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,6 +91,14 @@ def sm90_reductions(device: torch.device) -> bool:
     if device.type != "cuda" or interpreted():
         return False
     return _capability_major(_device_index(device)) >= 9
+
+
+def fp8_conversions(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may use PTX's fp8 conversions (``cvt.rn.f16x2.e4m3x2``):
+    an NVIDIA GPU of sm_89 or newer, never the CPU interpreter."""
+    if device.type != "cuda" or interpreted() or torch.version.hip is not None:
+        return False
+    return _capability(_device_index(device)) >= (8, 9)
 
 
 @triton.jit
