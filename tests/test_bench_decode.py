@@ -16,6 +16,7 @@ from msattn import reference
 from msattn.bench import cli, decode, report
 from msattn.cache import dequantize_index_keys, gather_paged
 from msattn.config import MSAConfig
+from msattn.ops.nvfp4 import quantize_nvfp4
 
 HAS_PAGED = importlib.util.find_spec("msattn.paged") is not None
 needs_paged = pytest.mark.skipif(not HAS_PAGED, reason="msattn.paged (the paged API) is missing")
@@ -74,6 +75,10 @@ def test_byte_model_m3():
     fp8 = decode.msa_bytes(config, seq_len=n, batch=1, q_tokens=1, index_dtype="fp8")
     assert dense / bf16 == pytest.approx(2048 / 260, rel=1e-3)
     assert dense / fp8 == pytest.approx(2048 / 136, rel=1e-3)
+    # 4-bit keys: 64 code bytes, 8 e4m3 block scales and a float32 scale per token.
+    nvfp4 = decode.msa_bytes(config, seq_len=n, batch=1, q_tokens=1, index_dtype="nvfp4")
+    assert nvfp4 == n * (64 + 8 + 4) + selected_kv
+    assert dense / nvfp4 == pytest.approx(2048 / 80, rel=1e-3)
 
 
 def test_gbps_and_input_sets():
@@ -93,7 +98,7 @@ def test_bottom_right_causal_mask():
 
 
 def test_cache_set_layout():
-    s = settings(index_dtypes=("bf16", "fp8", "fp16"))
+    s = settings(index_dtypes=("bf16", "fp8", "fp16", "nvfp4"))
     torch.manual_seed(0)
     cache = decode.make_cache_set(s, seq_len=70, batch=3)  # 5 pages per request, last one partial
     assert cache.k_cache.shape == (15, 16, 2, 16) and cache.pages_per_request == 5
@@ -104,12 +109,20 @@ def test_cache_set_layout():
     assert table[:, :-1].flatten().tolist() != list(range(15))  # in a random order
     assert cache.seq_lens.tolist() == [70, 70, 70]
     assert cache.k_cache.abs().min() > 0 or cache.k_cache.std() > 0.5
-    keys_fp8, scale = cache.index["fp8"]
-    keys_bf16, none = cache.index["bf16"]
-    assert none is None and cache.index["fp16"][0].dtype == torch.float16
+    keys_fp8, scale, no_block_scale = cache.index["fp8"]
+    keys_bf16, none, no_block_scale_bf16 = cache.index["bf16"]
+    assert none is None and no_block_scale is None and no_block_scale_bf16 is None
+    assert cache.index["fp16"][0].dtype == torch.float16
     assert keys_fp8.dtype == torch.float8_e4m3fn and scale.shape == (15, 16)
     back = dequantize_index_keys(keys_fp8, scale)
     assert ((back - keys_bf16.float()).abs() <= 2 ** -4 * keys_bf16.float().abs() + 1e-6).all()
+    # 4-bit keys: the same keys quantised (codes, float32 token scales, e4m3 block scales).
+    packed, token_scale, block_scale = cache.index["nvfp4"]
+    assert packed.dtype == torch.uint8 and packed.shape == (15, 16, 8)
+    assert token_scale.shape == (15, 16) and block_scale.shape == (15, 16, 1)
+    expected = quantize_nvfp4(keys_bf16)
+    assert torch.equal(packed, expected[0]) and torch.equal(block_scale.float(), expected[1].float())
+    assert torch.equal(token_scale, expected[2])
     # The dense copies are the logical sequences of the paged cache.
     k, v = decode.dense_kv(cache)
     assert k.shape == (3, 2, 70, 16) and k.is_contiguous()

@@ -56,12 +56,16 @@ from msattn.bench.dense import DenseResult, _first_line
 from msattn.bench.prefill import _dense_skipped
 from msattn.bench.report import dtype_name, format_length
 from msattn.bench.timing import (Timing, l2_cache_bytes, release_memory, synchronize, time_ms)
+from msattn._checks import NVFP4_DTYPE
 from msattn.cache import FP8_DTYPE, quantize_index_keys
+from msattn.ops.nvfp4 import NVFP4_BLOCK, quantize_nvfp4
 from msattn.config import MSAConfig
 
 GIB = 1 << 30
-# Index-key dtypes by the names used in the rows and on the command line.
-INDEX_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8_DTYPE}
+# Index-key dtypes by the names used in the rows and on the command line ("nvfp4": the 4-bit
+# keys of msattn.ops.nvfp4, uint8 codes with e4m3 block scales and float32 token scales).
+INDEX_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": FP8_DTYPE,
+                "nvfp4": NVFP4_DTYPE}
 # Input sets rotated through at most (decode touches little memory per call: short contexts need
 # many sets to span twice the L2 cache).
 MAX_INPUT_SETS = 32
@@ -138,9 +142,12 @@ class DecodeSettings:
 # ----------------------------------------------------------------------------------------------
 
 def index_bytes_per_token(config: MSAConfig, index_dtype: str) -> int:
-    """Bytes of one token's index key (plus its float32 scale with fp8)."""
+    """Bytes of one token's index key (plus its float32 scale with fp8, and its e4m3 block
+    scales and float32 scale with 4-bit keys)."""
     if index_dtype == "fp8":
         return config.index_dim + 4
+    if index_dtype == "nvfp4":
+        return config.index_dim // 2 + config.index_dim // NVFP4_BLOCK + 4
     return config.index_dim * INDEX_DTYPES[index_dtype].itemsize
 
 
@@ -187,7 +194,8 @@ class CacheSet:
 
     k_cache: torch.Tensor  # [num_pages, page_size, G, D]
     v_cache: torch.Tensor
-    index: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # dtype name -> (cache, scale)
+    # dtype name -> (cache, token scale or None, block scale or None (4-bit keys only))
+    index: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
     block_table: torch.Tensor  # int32 [B, pages_per_request + 1], last column -1
     seq_lens: torch.Tensor  # int32 [B]
     seq_len: int
@@ -198,7 +206,7 @@ class CacheSet:
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.k_cache, self.v_cache, *(t for pair in self.index.values() for t in pair)]
+        tensors = [self.k_cache, self.v_cache, *(t for keys in self.index.values() for t in keys)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -215,10 +223,13 @@ def make_cache_set(settings: DecodeSettings, seq_len: int, batch: int) -> CacheS
     keys = torch.randn(num_pages, page_size, config.index_dim, device=device, dtype=torch.bfloat16)
     index = {}
     for name in settings.index_dtypes:
-        if INDEX_DTYPES[name] == FP8_DTYPE:
-            index[name] = quantize_index_keys(keys)
+        if name == "nvfp4":
+            packed, block_scale, token_scale = quantize_nvfp4(keys)
+            index[name] = (packed, token_scale, block_scale)
+        elif INDEX_DTYPES[name] == FP8_DTYPE:
+            index[name] = (*quantize_index_keys(keys), None)
         else:
-            index[name] = (keys.to(INDEX_DTYPES[name]), None)
+            index[name] = (keys.to(INDEX_DTYPES[name]), None, None)
     del keys
     order = torch.randperm(num_pages, device=device).view(batch, pages).to(torch.int32)
     padding = torch.full((batch, 1), -1, dtype=torch.int32, device=device)
@@ -426,9 +437,10 @@ def _path(settings: DecodeSettings, q_tokens: int) -> dispatch.Path:
 
 
 def _cache_args(cache: CacheSet, index_dtype: str) -> dict:
-    index_cache, index_scale = cache.index[index_dtype]
+    index_cache, index_scale, index_block_scale = cache.index[index_dtype]
     return dict(k_cache=cache.k_cache, v_cache=cache.v_cache, index_cache=index_cache,
-                block_table=cache.block_table, seq_lens=cache.seq_lens, index_scale=index_scale)
+                block_table=cache.block_table, seq_lens=cache.seq_lens, index_scale=index_scale,
+                index_block_scale=index_block_scale)
 
 
 def _functional(settings: DecodeSettings, args: dict, backend: str | None = None) -> torch.Tensor:
@@ -437,6 +449,7 @@ def _functional(settings: DecodeSettings, args: dict, backend: str | None = None
         args["q"], args["qi"], args["k_cache"], args["v_cache"], args["index_cache"],
         args["block_table"], args["cu_seqlens_q"], args["seq_lens"], topk=c.topk,
         init_blocks=c.init_blocks, local_blocks=c.local_blocks, index_scale=args["index_scale"],
+        index_block_scale=args["index_block_scale"],
         backend=settings.backend if backend is None else backend)
 
 
@@ -487,7 +500,8 @@ def measure_msa(settings: DecodeSettings, caches: Sequence[CacheSet], queries: S
     def run(args):
         return wrapper.run(args["q"], args["qi"], args["k_cache"], args["v_cache"],
                            args["index_cache"], args["block_table"], args["seq_lens"],
-                           index_scale=args["index_scale"])
+                           index_scale=args["index_scale"],
+                           index_block_scale=args["index_block_scale"])
 
     for args in sets:  # compile and autotune outside the graphs and the timing
         run(args)
@@ -556,13 +570,17 @@ def measure_peer(settings: DecodeSettings, caches: Sequence[CacheSet], queries: 
     layouts first, outside the timing) and compare its selection and output on set 0 with
     ``msa``'s; a failure to import, run or capture it is recorded in ``skipped``."""
     skipped = peer_skip_reason(settings, [q_tokens] * (queries[0].cu_seqlens_q.numel() - 1))
+    if index_dtype == "nvfp4":
+        skipped = "vLLM has no 4-bit index keys"
     if skipped is not None:
         return PeerResult(skipped=skipped)
     config = settings.config
     try:
         modules = vllm_peer.load()
         steps = [vllm_peer.make_peer_step(
-            modules, x.q, x.qi, vllm_peer.convert_cache(**_cache_args(cache, index_dtype)),
+            modules, x.q, x.qi, vllm_peer.convert_cache(**{
+                k: v for k, v in _cache_args(cache, index_dtype).items()
+                if k != "index_block_scale"}),
             max_seq_len=cache.seq_len, topk=config.topk, init_blocks=config.init_blocks,
             local_blocks=config.local_blocks, softmax_scale=config.head_dim ** -0.5,
             decode_query_len=q_tokens) for cache, x in zip(caches, queries)]
