@@ -10,11 +10,13 @@
 #                                                  decode-multi, train, hf)
 #   scripts/device_run.sh tune WHAT [options]     kernel profile / launch-config sweep (msattn.bench.tune)
 #   scripts/device_run.sh ncu LENGTH [DTYPE]      Nsight Compute durations of one decode step's kernels
-#   scripts/device_run.sh decode-report           decode GPU tests + memcheck, then the decode benches
-#                                                  beside vLLM (carry .peers) and the decode profile
+#   scripts/device_run.sh decode-report [multi]   decode GPU tests + memcheck, then the decode bench
+#                                                  (bf16, fp8 and 4-bit keys) beside vLLM (carry .peers)
+#                                                  and dense, the 1M decode profile; `multi` adds decode-multi
 #   scripts/device_run.sh prefill-report [bench|check]  the chunked shapes beside vLLM (carry .peers),
 #                                                  the chunked profile (fused against block-top-k
 #                                                  selection), prefill 8K-128K; GPU tests + memcheck
+#                                                  and the chunked call's host time (host_time_chunked.py)
 #   scripts/device_run.sh train-report [ab|check] the backward's float32 reductions (bulk TMA dQ against
 #                                                  elementwise atomics) at 128K and 512K, training GPU tests + memcheck
 #                                                  of the backward kernels, the training step at 32K-512K
@@ -91,14 +93,16 @@ case "$mode" in
     step pytest pytest.log timeout 150 python3 -m pytest -q -rs tests/test_indexer.py tests/test_paged.py \
         tests/test_nvfp4.py tests/test_cache.py
     step memcheck memcheck.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 -m pytest -q -x tests/test_indexer.py tests/test_paged.py \
-        -k "not gpu and (decode or wrapper or public or fp8 or 4bit or chunk)"
-    step decode bench-decode.log timeout 200 python3 -m msattn.bench.cli bench decode --out "$OUT" \
-        --lengths 8k,16k,64k,256k,1m --time-budget 0.5
-    step decode-multi bench-decode-multi.log timeout 150 python3 -m msattn.bench.cli bench decode-multi \
-        --out "$OUT" --batches 8,32 --q-tokens 8 --lengths 4k,64k --index-dtypes bf16 --time-budget 0.3
+        python3 -m pytest -q -x tests/test_indexer.py tests/test_paged.py tests/test_nvfp4.py \
+        -k "not gpu and (decode or wrapper or public or fp8 or 4bit or chunk or triton_tile)"
+    step decode bench-decode.log timeout 240 python3 -m msattn.bench.cli bench decode --out "$OUT" \
+        --lengths 8k,16k,64k,256k,1m --index-dtypes bf16,fp8,nvfp4 --time-budget 0.5
     step tune tune-decode.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
-        --shapes 1x1x1m,4x16x128k,32x8x64k --out "$OUT"
+        --shapes 1x1x1m --out "$OUT"
+    if [ "${1:-}" = multi ]; then
+      step decode-multi bench-decode-multi.log timeout 150 python3 -m msattn.bench.cli bench decode-multi \
+          --out "$OUT" --batches 8,32 --q-tokens 8 --lengths 4k,64k --index-dtypes bf16 --time-budget 0.3
+    fi
     ;;
   prefill-report)
     # The prefill checks (about 8 minutes each part on an H200): `prefill-report bench` times the
@@ -125,6 +129,7 @@ case "$mode" in
           -k "not gpu and (csr or matches_reference or chunk or 4bit)"
       step memcheck-sel memcheck-selection.log timeout 90 compute-sanitizer --tool memcheck \
           --error-exitcode 9 python3 -m pytest -q -x tests/test_indexer.py -k "block_topk_selects"
+      step host host-chunked.log timeout 60 python3 scripts/host_time_chunked.py
     fi
     ;;
   train-report)
