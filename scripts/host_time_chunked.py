@@ -9,6 +9,7 @@ sync), and for reference the launch cost of an empty Triton kernel with as many 
 block-attention kernel and of one small torch operation.
 """
 
+import collections
 import sys
 import time
 
@@ -42,6 +43,47 @@ def timed(fn, calls=CALLS):
     return (issued - start) / calls * 1e6, (done - start) / calls * 1e6
 
 
+def launch_host_times(fn, calls=CALLS):
+    """Host microseconds a call that each Triton kernel's launch (JITFunction.run) takes in fn."""
+    original = triton.runtime.jit.JITFunction.run
+    spent = collections.defaultdict(float)
+
+    def run(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            spent[self.fn.__name__] += time.perf_counter() - start
+
+    triton.runtime.jit.JITFunction.run = run
+    try:
+        fn()
+        spent.clear()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    finally:
+        triton.runtime.jit.JITFunction.run = original
+    total = sum(spent.values()) / calls * 1e6
+    print(f"  Triton launches: {total:.1f} us a call: " + ", ".join(
+        f"{name} {t / calls * 1e6:.1f}" for name, t in sorted(spent.items(), key=lambda kv: -kv[1])))
+
+
+def torch_op_times(fn, calls=10):
+    """Self host time a call of the torch operations in fn (torch.profiler, CPU only)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / calls
+    print(f"  torch operations (self host time, profiled): {total:.1f} us a call: " + ", ".join(
+        f"{e.key[6:]} x{e.count // calls} {e.self_cpu_time_total / calls:.1f}" for e in events[:12]))
+
+
 def main(shapes):
     config = MSAConfig()
     settings = ChunkedSettings(op="host", device=torch.device("cuda"), config=config,
@@ -51,6 +93,13 @@ def main(shapes):
     ints = [t] * 4 + list(range(1, 27))
     us = timed(lambda: _empty_kernel[(1,)](*ints, C0=1, C1=2, C2=3, C3=4))
     print(f"empty Triton kernel, 30 arguments: host {us[0]:.1f} us, done {us[1]:.1f} us")
+    compiled = _empty_kernel[(1,)](*ints, C0=1, C1=2, C2=3, C3=4)
+    try:  # the compiled kernel's own launcher, without the JIT's binding and cache lookup
+        runner = compiled[(1, 1, 1)]
+        us = timed(lambda: runner(*ints, 1, 2, 3, 4))
+        print(f"the same, launched through its CompiledKernel: host {us[0]:.1f} us, done {us[1]:.1f} us")
+    except Exception as error:  # noqa: BLE001 (an API difference of this Triton)
+        print(f"CompiledKernel launch failed: {error}")
     us = timed(lambda: torch.cumsum(t, 0))
     print(f"torch.cumsum of 16 int32: host {us[0]:.1f} us, done {us[1]:.1f} us")
     for shape in shapes:
@@ -73,6 +122,8 @@ def main(shapes):
         for name, fn in rows.items():
             host, done = timed(fn)
             print(f"  {name:46s} host {host:7.1f} us   done {done:7.1f} us")
+        launch_host_times(lambda: _msa(settings, chunk, x))
+        torch_op_times(lambda: _msa(settings, chunk, x))
 
 
 if __name__ == "__main__":
