@@ -97,8 +97,8 @@ case "$mode" in
         -k "not gpu and (decode or wrapper or public or fp8 or 4bit or chunk or triton_tile)"
     step decode bench-decode.log timeout 240 python3 -m msattn.bench.cli bench decode --out "$OUT" \
         --lengths 8k,16k,64k,256k,1m --index-dtypes bf16,fp8,nvfp4 --time-budget 0.5
-    step tune tune-decode.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
-        --shapes 1x1x1m --out "$OUT"
+    step tune tune-decode.log timeout 200 python3 -m msattn.bench.tune decode --shapes 1x1x1m \
+        --index-dtypes bf16,fp8,nvfp4 --out "$OUT"
     if [ "${1:-}" = multi ]; then
       step decode-multi bench-decode-multi.log timeout 150 python3 -m msattn.bench.cli bench decode-multi \
           --out "$OUT" --batches 8,32 --q-tokens 8 --lengths 4k,64k --index-dtypes bf16 --time-budget 0.3

@@ -452,8 +452,8 @@ def _selection_configs(rows_per_sequence: int) -> list:
     """The decode selections raced: the fused indexer (split keys merged in the same launch)
     and the block-score + top-k kernels with their launch variants."""
     block_topk = indexer.PageTopkConfig()
-    variants = [dict(segment=512), dict(score_stages=3),
-                dict(programs_per_sm=8, batched_programs_per_sm=4)]
+    variants = [dict(segment=512), dict(score_stages=3), dict(score_stages=4),
+                dict(score_warps=8), dict(programs_per_sm=8, batched_programs_per_sm=4)]
     return [("fused", indexer.launch_config(rows_per_sequence, is_cuda=True)),
             ("block-topk", block_topk),
             *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants),
@@ -499,11 +499,9 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_onl
                                                        index_dtypes):
             queries = decode.make_queries(settings, batch, q_tokens, workload)
             step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
-                                          index_dtype={"nvfp4": "fp8", "fp8-kv": "bf16"}.get(
-                                              index_dtype, index_dtype),
+                                          index_dtype={"fp8-kv": "bf16"}.get(index_dtype,
+                                                                             index_dtype),
                                           kv_bytes=1 if index_dtype == "fp8-kv" else 2)
-            if index_dtype == "nvfp4":  # Di / 2 + Di / 16 + 4 bytes per key for fp8's Di + 4
-                step_bytes -= (CONFIG.index_dim // 2 - CONFIG.index_dim // 16) * length * batch
             wrapper = msattn.MSAPagedWrapper(
                 num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
                 head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
