@@ -122,6 +122,14 @@ def main(shapes):
         for name, fn in rows.items():
             host, done = timed(fn)
             print(f"  {name:46s} host {host:7.1f} us   done {done:7.1f} us")
+        torch.cuda.set_sync_debug_mode("error")  # a host synchronisation inside the call raises
+        try:
+            _msa(settings, chunk, x)
+            print("  host synchronisations in the call: none")
+        except RuntimeError as error:
+            print(f"  host synchronisation in the call: {str(error).splitlines()[0]}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         launch_host_times(lambda: _msa(settings, chunk, x))
         torch_op_times(lambda: _msa(settings, chunk, x))
 
