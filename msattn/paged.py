@@ -292,7 +292,8 @@ class MSAPagedWrapper:
         self.batch, self.total_q, self.max_len_q, self.max_pages = batch, total_q, max_len_q, max_pages
         self.selection_plan = plan_selection(total_q, batch, self.num_kv_heads, max_len_q, max_pages,
                                              topk=self.topk, device=self.device,
-                                             config=selection_config)
+                                             config=selection_config,
+                                             four_bit_keys=index_dtype == NVFP4_DTYPE)
         self.attention_plan = paged_attention.plan_paged_attention(
             total_q, batch, max_len_q, self.num_heads, self.num_kv_heads, self.head_dim, self.topk,
             dtype, self.device, config=attention_config)

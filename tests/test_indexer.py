@@ -261,6 +261,12 @@ def test_block_topk_is_the_default_for_decode_and_short_chunks(monkeypatch):
                           BlockTopkPlan)
     assert not isinstance(plan_selection(8, 2, 4, 4, 100, topk=16, device=device, num_splits=2),
                           BlockTopkPlan)
+    # 4-bit keys spread one request's blocks over twice the score programs.
+    plain = plan_selection(1, 1, 4, 1, 64 * device_sm_count(device), topk=16, device=device)
+    four_bit = plan_selection(1, 1, 4, 1, 64 * device_sm_count(device), topk=16, device=device,
+                              four_bit_keys=True)
+    assert four_bit.config == indexer.PAGE_TOPK_4BIT and plain.config == indexer.PageTopkConfig()
+    assert four_bit.num_chunks == 2 * plain.num_chunks
 
 
 # lens_q, lens_k, groups, block_size, topk, init_blocks, local_blocks, integer

@@ -417,7 +417,7 @@ def _decode_step(wrapper, cache, queries, index_dtype):
         return lambda _: wrapper.run(queries.q, queries.qi, k_cache, v_cache, index_cache,
                                      cache.block_table, cache.seq_lens, k_scale=k_scale,
                                      v_scale=v_scale)
-    index_cache, index_scale = cache.index[index_dtype]
+    index_cache, index_scale, _ = cache.index[index_dtype]
     return lambda _: wrapper.run(queries.q, queries.qi, cache.k_cache, cache.v_cache, index_cache,
                                  cache.block_table, cache.seq_lens, index_scale=index_scale)
 

@@ -487,6 +487,13 @@ class PageTopkConfig:
     topk_warps: int = 4
 
 
+# 4-bit keys: their score tiles are short on bytes and long on latency (decode, shared-memory
+# round trip), so one request's blocks are spread over twice the programs. H100, 1M tokens, one
+# step (benchmarks/results/tuning/tune-decode_nvidia-h100-80gb-hbm3_20261207-2156.log): 84.3 us
+# against 103.3 with 4 programs per SM.
+PAGE_TOPK_4BIT = PageTopkConfig(programs_per_sm=8)
+
+
 @triton.jit
 def _fp8_dot(q, k, EMULATED: tl.constexpr):
     """``q [R, Di] . k [N, Di]^T`` in float32 for fp8 queries (:func:`_quantize_rows_fp8`; float32
@@ -808,7 +815,7 @@ def select_blocks_paged(qi: torch.Tensor, index_cache: torch.Tensor, block_table
         max_len_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     plan = plan_selection(qi.shape[0], block_table.shape[0], qi.shape[1], max_len_q,
                           block_table.shape[1], topk=topk, device=qi.device, num_splits=num_splits,
-                          config=config)
+                          config=config, four_bit_keys=index_cache.dtype == torch.uint8)
     return run_selection(plan, qi, index_cache, cu_seqlens_q, seq_lens, block_size=index_cache.shape[1],
                          init_blocks=init_blocks, local_blocks=local_blocks, block_table=block_table,
                          index_scale=index_scale, index_block_scale=index_block_scale, out=out)
@@ -950,7 +957,8 @@ def _score_dot_options(dtype: torch.dtype, key_format: int) -> dict:
 
 def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                    topk: int, device: torch.device, num_splits: int | None = None,
-                   config: IndexerConfig | PageTopkConfig | None = None) -> SelectionPlan | BlockTopkPlan:
+                   config: IndexerConfig | PageTopkConfig | None = None,
+                   four_bit_keys: bool = False) -> SelectionPlan | BlockTopkPlan:
     """Choose the selection's kernels and size their grids and workspaces.
 
     Query runs of at most :data:`PAGE_TOPK_MAX_QUERY_LEN` tokens (decode), and runs whose row
@@ -965,12 +973,15 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
         max_len_q: longest query run of a sequence; max_blocks: most key blocks of a sequence
             (the width of the block table for paged keys).
         num_splits: key-range splits of the fused kernel (default: chosen from the grid size).
-        config: a launch configuration (default: :func:`launch_config` or :class:`PageTopkConfig`).
+        config: a launch configuration (default: :func:`launch_config` or :class:`PageTopkConfig`,
+            :data:`PAGE_TOPK_4BIT` with ``four_bit_keys``).
+        four_bit_keys: the keys are 4-bit (:mod:`msattn.ops.nvfp4`; decode selection only).
     """
     by_rule = config is None and num_splits is None
     if isinstance(config, PageTopkConfig) or (by_rule and max_len_q <= PAGE_TOPK_MAX_QUERY_LEN):
         return _plan_block_topk(total_q, batch, num_groups, max_len_q, max_blocks, topk=topk,
-                                device=device, config=config or PageTopkConfig())
+                                device=device,
+                                config=config or (PAGE_TOPK_4BIT if four_bit_keys else PageTopkConfig()))
     rows_per_sequence = max(1, max_len_q * num_groups)
     if config is None:
         config = launch_config(rows_per_sequence, device.type == "cuda")
