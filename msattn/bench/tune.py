@@ -453,7 +453,9 @@ def _selection_configs(rows_per_sequence: int) -> list:
     and the block-score + top-k kernels with their launch variants."""
     block_topk = indexer.PageTopkConfig()
     variants = [dict(segment=512), dict(score_stages=3), dict(score_stages=4),
-                dict(score_warps=8), dict(programs_per_sm=8, batched_programs_per_sm=4)]
+                dict(score_warps=8), dict(programs_per_sm=8, batched_programs_per_sm=4),
+                dict(programs_per_sm=8), dict(programs_per_sm=16), dict(block_n=64),
+                dict(block_n=64, programs_per_sm=8), dict(programs_per_sm=8, score_warps=8)]
     return [("fused", indexer.launch_config(rows_per_sequence, is_cuda=True)),
             ("block-topk", block_topk),
             *((f"block-topk {v}", dataclasses.replace(block_topk, **v)) for v in variants),
