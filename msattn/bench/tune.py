@@ -398,17 +398,18 @@ def _loss_configs() -> list:
     return [default] + [dataclasses.replace(default, **v) for v in variants]
 
 
-def _decode_settings(length: int, batch: int = 1, q_tokens: int = 1) -> decode.DecodeSettings:
+def _decode_settings(length: int, batch: int = 1, q_tokens: int = 1,
+                     index_dtypes=("bf16",)) -> decode.DecodeSettings:
+    """Decode settings of one shape; its cache sets hold the index keys in ``index_dtypes``
+    (names of :data:`decode.INDEX_DTYPES`)."""
     return decode.DecodeSettings(
         op="tune-decode", device=torch.device("cuda"), config=CONFIG, lengths=(length,),
-        batches=(batch,), q_tokens=(q_tokens,), index_dtypes=("bf16", "fp8"),
+        batches=(batch,), q_tokens=(q_tokens,), index_dtypes=tuple(index_dtypes),
         dtype=torch.bfloat16, backend="triton", graphs=True, warmup=10, repeats=200,
         time_budget_s=0.5, dense=False, dense_max_len=None, bandwidth_bytes=1 << 31)
 
 
 def _decode_step(wrapper, cache, queries, index_dtype):
-    if index_dtype == "nvfp4":
-        return _nvfp4_decode_step(wrapper, cache, queries)
     if index_dtype == "fp8-kv":  # bf16 index keys, fp8 K/V caches (per-head scales)
         from msattn.cache import quantize_kv
 
@@ -417,29 +418,10 @@ def _decode_step(wrapper, cache, queries, index_dtype):
         return lambda _: wrapper.run(queries.q, queries.qi, k_cache, v_cache, index_cache,
                                      cache.block_table, cache.seq_lens, k_scale=k_scale,
                                      v_scale=v_scale)
-    index_cache, index_scale, _ = cache.index[index_dtype]
+    index_cache, index_scale, index_block_scale = cache.index[index_dtype]
     return lambda _: wrapper.run(queries.q, queries.qi, cache.k_cache, cache.v_cache, index_cache,
-                                 cache.block_table, cache.seq_lens, index_scale=index_scale)
-
-
-def _nvfp4_decode_step(wrapper, cache, queries):
-    """The wrapper's step on 4-bit index keys (quantised from the bf16 cache): its selection
-    plan launched on them, then its attention."""
-    from msattn.ops import nvfp4, paged_attention
-
-    packed, block_scale, token_scale = nvfp4.quantize_nvfp4(cache.index["bf16"][0])
-
-    def step(_):
-        indexer.run_selection(wrapper.selection_plan, queries.qi, packed, wrapper.cu_seqlens_q,
-                              cache.seq_lens, block_size=CONFIG.block_size,
-                              init_blocks=wrapper.init_blocks, local_blocks=wrapper.local_blocks,
-                              block_table=cache.block_table, index_scale=token_scale,
-                              index_block_scale=block_scale, out=wrapper.indices)
-        paged_attention.run_paged_attention(
-            wrapper.attention_plan, queries.q, cache.k_cache, cache.v_cache, wrapper.indices,
-            cache.block_table, wrapper.cu_seqlens_q, cache.seq_lens,
-            softmax_scale=wrapper.softmax_scale, out=(wrapper.o, wrapper.lse))
-    return step
+                                 cache.block_table, cache.seq_lens, index_scale=index_scale,
+                                 index_block_scale=index_block_scale)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -490,7 +472,9 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_onl
     print(f"bandwidth ceiling {bandwidth:.0f} GB/s; one-kernel graph {floor_us:.2f} us", flush=True)
     out.append({"kind": "bandwidth", "gbps": bandwidth, "one_kernel_graph_us": round(floor_us, 2)})
     for batch, q_tokens, length in shapes:
-        settings = _decode_settings(length, batch, q_tokens)
+        # the cache's index keys: bf16 (fp8-kv reads them too) and every other format asked for
+        key_formats = ["bf16"] + [d for d in index_dtypes if d in decode.INDEX_DTYPES and d != "bf16"]
+        settings = _decode_settings(length, batch, q_tokens, key_formats)
         cache = decode.make_cache_set(settings, length, batch)
         configs = _selection_configs(q_tokens * CONFIG.num_kv_heads)
         if profile_only:
