@@ -177,12 +177,17 @@ def _csr_oracle(indices, cu_q, cu_k, *, block_size, row_start, row_end, group_si
 CSR_BATCHES = [([30, 50], [60, 50]), ([5, 0, 17, 1, 9, 0, 30], [20, 16, 17, 1, 64, 0, 33])]
 
 
+@pytest.mark.parametrize("stable", [True, False])
 @pytest.mark.parametrize("lens", range(len(CSR_BATCHES)))
 @pytest.mark.parametrize("paged", [False, True])
-def test_csr_matches_its_definition(paged, lens):
+def test_csr_matches_its_definition(paged, lens, stable, monkeypatch):
     """build_block_csr against the CSR built entry by entry (contiguous and paged keys, chunks
     of rows, invisible and -1 entries, indices whose slots are not contiguous), and a layout
-    shared by the chunks gives the same CSR as a fresh one."""
+    shared by the chunks gives the same CSR as a fresh one. The counting sort (``stable``
+    False) may order a bucket's entries differently: compared as sets per bucket. Every buffer
+    is poisoned when allocated."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(-7))
     lens_q, lens_k = CSR_BATCHES[lens]
     total_q, total_k = sum(lens_q), sum(lens_k)
     q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 2, 16, 16, 3, torch.float32)
@@ -191,40 +196,50 @@ def test_csr_matches_its_definition(paged, lens):
         indices[1, 3:9, 0] = 3  # block 3 starts at key 48: invisible from rows at positions < 48
         indices[0, 40:44, 2] = -1
     strided = indices.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # slot stride != 1
-    block_table = None
+    block_table = seq_lens = None
+    keys = cu_k
     if paged:  # pages of the sequences in a random order, the table padded
         max_pages = max(-(-n // 16) for n in lens_k) + 1
         pages = torch.randperm(len(lens_k) * max_pages,
                                generator=torch.Generator().manual_seed(3)).to(torch.int32)
         block_table = pages.view(len(lens_k), max_pages).to(DEVICE)
-    layout = csr_layout(cu_q, cu_k, total_q=total_q, num_groups=2, block_size=16,
-                        total_k=total_k, block_table=block_table)
+        seq_lens, keys = torch.diff(cu_k).to(torch.int32), None
+    layout = csr_layout(cu_q, keys, total_q=total_q, num_groups=2, block_size=16,
+                        total_k=total_k, block_table=block_table, seq_lens=seq_lens)
     for row_start, row_end in ((0, 25), (25, total_q), (7, 7)):
         args = dict(block_size=16, total_k=total_k, row_start=row_start, row_end=row_end,
-                    group_size=2, block_m=16, tiles_per_program=2, block_table=block_table)
-        csr = build_block_csr(strided, cu_q, cu_k, **args)
+                    group_size=2, block_m=16, tiles_per_program=2, block_table=block_table,
+                    seq_lens=seq_lens, stable=stable)
+        csr = build_block_csr(strided, cu_q, keys, **args)
         (entries, bucket_start, program_start, program_bucket, position, key_start,
          block_position, num_keys) = _csr_oracle(indices, cu_q, cu_k, block_size=16,
                                                  row_start=row_start, row_end=row_end,
                                                  group_size=2, rows_per_program=32,
                                                  block_table=block_table)
-        assert csr.entries[:len(entries)].tolist() == entries
         assert csr.bucket_start.tolist() == bucket_start
+        if stable:
+            assert csr.entries[:len(entries)].tolist() == entries
+        else:  # the same entries in each bucket, in some order
+            got = csr.entries[:len(entries)].tolist()
+            for first, end in zip(bucket_start, bucket_start[1:]):
+                assert sorted(got[first:end]) == entries[first:end]
         assert csr.program_start.tolist() == program_start
         assert csr.program_bucket[:len(program_bucket)].tolist() == program_bucket
         assert csr.program_bucket.numel() == csr.max_programs + 1 >= len(program_bucket)
+        assert (csr.program_bucket[len(program_bucket):] == len(bucket_start) - 2).all()
+        assert not layout.bucket_count.any()  # the counters are zero again
         assert csr.row_position.tolist() == position
         assert csr.block_key_start.tolist() == key_start
         assert csr.block_position.tolist() == block_position
         assert csr.block_num_keys.tolist() == num_keys
         assert all(t.dtype == torch.int32 for t in (csr.entries, csr.bucket_start,
                                                     csr.program_start, csr.program_bucket))
-        shared = build_block_csr(indices, cu_q, cu_k, layout=layout, **args)
-        for name in ("entries", "bucket_start", "program_start", "program_bucket",
+        shared = build_block_csr(indices, cu_q, keys, layout=layout, **args)
+        for name in ("entries" if stable else "bucket_start", "bucket_start", "program_start", "program_bucket",
                      "block_key_start", "block_position", "block_num_keys", "row_position"):
             assert torch.equal(getattr(csr, name), getattr(shared, name)), name
     with pytest.raises(ValueError, match="layout was built for another call"):
-        build_block_csr(indices[:1], cu_q, cu_k, layout=layout, **args)
+        build_block_csr(indices[:1], cu_q, keys, layout=layout, **args)
 
 
 def test_msa_attention_triton_equals_reference_batched():

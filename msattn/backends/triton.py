@@ -47,20 +47,13 @@ def paged_select(qi, index_cache, block_table, cu_seqlens_q, seq_lens, *, topk, 
                                        max_len_q=max_seqlen_q)
 
 
-def _prefix_sums(lengths: torch.Tensor) -> torch.Tensor:
-    """int32 ``[B + 1]`` prefix sums of int32 ``[B]`` lengths (on the device, no host sync)."""
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
-
-
 def paged_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,
                     softmax_scale, max_seqlen_q=None, k_scale=None, v_scale=None):
     """KV-outer attention over paged K/V (chunked prefill); fp8 K/V with their scales."""
-    return sparse.sparse_attention(q, k_cache, v_cache, indices, cu_seqlens_q,
-                                   _prefix_sums(seq_lens), block_size=k_cache.shape[1],
-                                   softmax_scale=softmax_scale, block_table=block_table,
-                                   k_scale=k_scale, v_scale=v_scale)
+    return sparse.sparse_attention(q, k_cache, v_cache, indices, cu_seqlens_q, None,
+                                   block_size=k_cache.shape[1], softmax_scale=softmax_scale,
+                                   block_table=block_table, seq_lens=seq_lens, k_scale=k_scale,
+                                   v_scale=v_scale)
 
 
 def paged_decode_attention(q, k_cache, v_cache, indices, block_table, cu_seqlens_q, seq_lens, *,

@@ -1,10 +1,11 @@
 """The selection inverted to a CSR: for every (group, key block), the (query token, slot) entries
 that chose it. Built on the GPU without host synchronisation: what every chunk of query rows
 shares once a call (:func:`csr_layout`: one Triton kernel, and a prefix sum for contiguous
-keys), then per chunk two small Triton kernels, one sort, two searches, a prefix sum and three
-small torch operations (about ten launches; short prefills were bound by the host's launch time
-when this took some forty torch operations a chunk, and the layout another forty a call). The
-KV-outer sparse-attention forward and its backward both walk it.
+keys), then per chunk a counting sort in two Triton kernels (the forward) or one kernel and a
+stable sort (the backward, whose sums run in entry order). Short prefills and chunks are bound
+by the host's launch time: this took some forty torch operations a chunk and the layout another
+forty a call, then about ten launches a chunk. The KV-outer sparse-attention forward, its
+backward and the indexer loss walk it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from msattn.ops.utils import arrive_last
+
 
 @dataclass
 class BlockCSR:
@@ -24,12 +27,16 @@ class BlockCSR:
     where global key blocks number the blocks of all sequences one after another.
 
     Attributes:
-        entries: ``[num_entries]`` int32, sorted by bucket; entry ``(g * rows + r) * topk + slot``
-            for chunk row ``r`` (``row_start + r`` in the batch) and selection slot ``slot``.
+        entries: ``[num_entries]`` int32, grouped by bucket (the first ``bucket_start[-1]``; the
+            rest unspecified); entry ``(g * rows + r) * topk + slot`` for chunk row ``r``
+            (``row_start + r`` in the batch) and selection slot ``slot``. Within a bucket in
+            increasing order when built ``stable``, else in the order the counting sort's atomics
+            ranked them.
         bucket_start: ``[num_buckets + 1]`` int32 offsets of each bucket's entries.
         program_start: ``[num_buckets + 1]`` int32 offsets of each bucket's programs; a program
             takes ``tiles_per_program`` consecutive row tiles of its bucket.
-        program_bucket: ``[max_programs + 1]`` int32 bucket of each program.
+        program_bucket: ``[max_programs + 1]`` int32 bucket of each program (``num_buckets - 1``
+            for the ids past the last program).
         block_key_start: ``[num_blocks]`` int32 first key row (in ``total_k``) of each block, or
             its page id for paged K/V.
         block_position: ``[num_blocks]`` int32 position of that key in its sequence.
@@ -59,7 +66,8 @@ class CSRLayout:
         row_block_offset: ``[total_q]`` int32 global id of the first key block of the row's
             sequence.
         block_key_start, block_position, block_num_keys: as in :class:`BlockCSR`.
-        bucket_ids: ``[num_buckets + 1]`` int32 ``0, 1, ..., num_buckets`` (searched for).
+        bucket_count: ``[num_buckets + 1]`` int32 zeros: the counting sort's counters (each
+            chunk's build leaves them zero again).
         num_blocks: global key blocks of the batch (an upper bound).
     """
 
@@ -68,7 +76,7 @@ class CSRLayout:
     block_key_start: torch.Tensor
     block_position: torch.Tensor
     block_num_keys: torch.Tensor
-    bucket_ids: torch.Tensor
+    bucket_count: torch.Tensor
     num_blocks: int
 
 
@@ -99,30 +107,39 @@ def _search_right(sorted_ptr, n, x, mask, steps):
     return lo
 
 
-# One program: BLOCK query rows, BLOCK global key blocks and BLOCK bucket ids of a CSRLayout.
+@triton.jit
+def _key_length(key_lengths_ptr, seq, mask, PAGED: tl.constexpr):
+    """Keys of sequence ``seq``: ``seq_lens[seq]`` (PAGED) or from the prefix sums ``cu_seqlens_k``."""
+    if PAGED:
+        return tl.load(key_lengths_ptr + seq, mask=mask, other=0)
+    return tl.load(key_lengths_ptr + seq + 1, mask=mask, other=0) \
+        - tl.load(key_lengths_ptr + seq, mask=mask, other=0)
+
+
+# One program: BLOCK query rows, BLOCK global key blocks and BLOCK counters of a CSRLayout.
 # Row r < total_q of sequence s (the last with cu_seqlens_q[s] <= r): row_position = r -
 # cu_seqlens_q[s] + len_k(s) - len_q(s), row_block_offset = the global id of s's first block.
 # Block b < num_blocks of sequence s (the last whose first block is <= b): block_position = (b -
 # first block) * BLOCK_SIZE, block_num_keys (0 past the keys), block_key_start (the key
 # row in total_k, or with PAGED the page id block_table[s, b - first block]; sequence s owns
-# blocks s * max_pages ...). bucket_ids[i] = i for i <= num_buckets. cu_seqlens_q, cu_seqlens_k
-# int32 [batch + 1]; block_offset int32 [batch + 1] the first blocks (unused when PAGED); all
-# outputs int32. Grid: (cdiv(max(total_q, num_blocks, num_buckets + 1), BLOCK),).
+# blocks s * max_pages ...). bucket_count[i] = 0 for i <= num_buckets. cu_seqlens_q int32
+# [batch + 1]; key_lengths: cu_seqlens_k int32 [batch + 1], or seq_lens int32 [batch] when PAGED;
+# block_offset int32 [batch + 1] the first blocks (unused when PAGED); all outputs int32.
+# Grid: (cdiv(max(total_q, num_blocks, num_buckets + 1), BLOCK),).
 @triton.jit
-def _layout_kernel(cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_offset_ptr, block_table_ptr,
+def _layout_kernel(cu_seqlens_q_ptr, key_lengths_ptr, block_offset_ptr, block_table_ptr,
                    row_position_ptr, row_block_offset_ptr, block_key_start_ptr, block_position_ptr,
-                   block_num_keys_ptr, bucket_ids_ptr, stride_table_seq, stride_table_page,
+                   block_num_keys_ptr, bucket_count_ptr, stride_table_seq, stride_table_page,
                    batch, total_q, num_blocks, num_buckets, max_pages, steps,
                    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(bucket_ids_ptr + i, i, mask=i <= num_buckets)
+    tl.store(bucket_count_ptr + i, tl.zeros_like(i), mask=i <= num_buckets)
 
     row_mask = i < total_q
     seq = tl.minimum(_search_right(cu_seqlens_q_ptr + 1, batch, i, row_mask, steps), batch - 1)
     q_start = tl.load(cu_seqlens_q_ptr + seq, mask=row_mask, other=0)
     len_q = tl.load(cu_seqlens_q_ptr + seq + 1, mask=row_mask, other=0) - q_start
-    len_k = tl.load(cu_seqlens_k_ptr + seq + 1, mask=row_mask, other=0) \
-        - tl.load(cu_seqlens_k_ptr + seq, mask=row_mask, other=0)
+    len_k = _key_length(key_lengths_ptr, seq, row_mask, PAGED)
     tl.store(row_position_ptr + i, i - q_start + len_k - len_q, mask=row_mask)
     if PAGED:
         first_block = seq * max_pages
@@ -138,8 +155,7 @@ def _layout_kernel(cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_offset_ptr, block_t
         seq = tl.minimum(_search_right(block_offset_ptr + 1, batch, i, block_mask, steps),
                          batch - 1)
         first_block = tl.load(block_offset_ptr + seq, mask=block_mask, other=0)
-    k_start = tl.load(cu_seqlens_k_ptr + seq, mask=block_mask, other=0)
-    len_k = tl.load(cu_seqlens_k_ptr + seq + 1, mask=block_mask, other=0) - k_start
+    len_k = _key_length(key_lengths_ptr, seq, block_mask, PAGED)
     position = (i - first_block) * BLOCK_SIZE
     # 0 past a sequence's keys, so for the blocks past the batch's (the last sequence's)
     num_keys = tl.minimum(tl.maximum(len_k - position, 0), BLOCK_SIZE)
@@ -148,20 +164,33 @@ def _layout_kernel(cu_seqlens_q_ptr, cu_seqlens_k_ptr, block_offset_ptr, block_t
                             + (i - first_block) * stride_table_page,
                             mask=block_mask & (num_keys > 0), other=0)
     else:
-        key_start = k_start + position
+        key_start = tl.load(key_lengths_ptr + seq, mask=block_mask, other=0) + position
     tl.store(block_position_ptr + i, position, mask=block_mask)
     tl.store(block_num_keys_ptr + i, num_keys, mask=block_mask)
     tl.store(block_key_start_ptr + i, key_start, mask=block_mask)
 
 
-def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, total_q: int,
+def _key_lengths(cu_seqlens_k, block_table, seq_lens) -> torch.Tensor:
+    """The key lengths the layout kernel reads: ``seq_lens`` for paged K/V, else ``cu_seqlens_k``."""
+    if block_table is None:
+        if cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_k (int32 [B + 1]) is needed for contiguous keys")
+        return cu_seqlens_k
+    if seq_lens is None:
+        raise ValueError("seq_lens (int32 [B]) is needed with block_table (paged keys)")
+    return seq_lens
+
+
+def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, *, total_q: int,
                num_groups: int, block_size: int, total_k: int,
-               block_table: torch.Tensor | None = None) -> CSRLayout:
+               block_table: torch.Tensor | None = None,
+               seq_lens: torch.Tensor | None = None) -> CSRLayout:
     """The part of :func:`build_block_csr` that does not depend on the chunk of rows (see
     :class:`CSRLayout`; arguments as there, ``total_q`` the rows of ``indices``): one Triton
     kernel, after two torch operations (the blocks' prefix sum) for contiguous keys."""
     device = cu_seqlens_q.device
     batch = cu_seqlens_q.numel() - 1
+    key_lengths = _key_lengths(cu_seqlens_k, block_table, seq_lens)
     if block_table is None:
         num_blocks = total_k // block_size + batch  # bound on the blocks of all sequences
         max_pages = 0
@@ -175,32 +204,30 @@ def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, total_
     num_buckets = num_groups * num_blocks
     out = torch.empty(2 * total_q + 3 * num_blocks + num_buckets + 1, dtype=torch.int32,
                       device=device)
-    row_position, row_block_offset, block_key_start, block_position, block_num_keys, bucket_ids = \
+    row_position, row_block_offset, block_key_start, block_position, block_num_keys, bucket_count = \
         out.split([total_q, total_q, num_blocks, num_blocks, num_blocks, num_buckets + 1])
     table = block_table if block_table is not None else cu_seqlens_q
     block = 1024
     _layout_kernel[(triton.cdiv(max(total_q, num_blocks, num_buckets + 1), block),)](
-        cu_seqlens_q, cu_seqlens_k, block_offset, table, row_position, row_block_offset,
-        block_key_start, block_position, block_num_keys, bucket_ids,
+        cu_seqlens_q, key_lengths, block_offset, table, row_position, row_block_offset,
+        block_key_start, block_position, block_num_keys, bucket_count,
         table.stride(0), table.stride(-1), batch, total_q, num_blocks, num_buckets, max_pages,
         batch.bit_length(), BLOCK_SIZE=block_size, PAGED=block_table is not None, BLOCK=block)
     return CSRLayout(row_position=row_position, row_block_offset=row_block_offset,
                      block_key_start=block_key_start, block_position=block_position,
-                     block_num_keys=block_num_keys, bucket_ids=bucket_ids, num_blocks=num_blocks)
+                     block_num_keys=block_num_keys, bucket_count=bucket_count,
+                     num_blocks=num_blocks)
 
 
-# One program: BLOCK consecutive (group, chunk row, slot) entries of the selection of chunk rows
-# [row_start, row_start + rows); entry e = (g * rows + r) * TOPK + slot. Writes bucket [entries]
-# int32: g * num_blocks + the global id of the chosen block when that block has a key at or before
-# the row (the kernels' rule too), else num_buckets (sorts last). Grid: (cdiv(entries, BLOCK),).
 @triton.jit
-def _bucket_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, bucket_ptr,
+def _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, entry, mask,
                    stride_indices_group, stride_indices_token, stride_indices_slot, row_start,
-                   rows, num_entries, num_blocks, num_buckets, TOPK: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = entry < num_entries
+                   rows, num_blocks, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Bucket (int32) of (group, chunk row, slot) entries ``entry = (g * rows + r) * TOPK + slot``
+    and whether it counts: ``g * num_blocks`` + the global id of the chosen block when that block
+    has a key at or before the row (the kernels' rule too)."""
     slot = entry % TOPK
+    rows = tl.maximum(rows, 1)  # no entries when 0
     group = entry // TOPK // rows
     token = row_start + (entry // TOPK) % rows
     chosen = tl.load(indices_ptr + group.to(tl.int64) * stride_indices_group
@@ -208,79 +235,144 @@ def _bucket_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, bucket_p
                      mask=mask, other=-1).to(tl.int64)
     position = tl.load(row_position_ptr + token, mask=mask, other=0)
     offset = tl.load(row_block_offset_ptr + token, mask=mask, other=0)
-    valid = (chosen >= 0) & (chosen * BLOCK_SIZE <= position)  # int64: no wrap for any id
-    bucket = tl.where(valid, group * num_blocks + offset + chosen, num_buckets)
-    tl.store(bucket_ptr + entry, bucket.to(tl.int32), mask=mask)
+    valid = mask & (chosen >= 0) & (chosen * BLOCK_SIZE <= position)  # int64: no wrap for any id
+    bucket = tl.where(valid, group * num_blocks + offset + chosen, 0).to(tl.int32)
+    return bucket, valid
 
 
-# One program: BLOCK buckets. From bucket_start [num_buckets + 1] writes programs [num_buckets + 1]
-# int32: programs[0] = 0, programs[b + 1] = the programs bucket b needs (ceil of its entries x
-# group_size rows over rows_per_program), whose prefix sums are the buckets' first programs. Both
-# are runtime values (the deterministic backward sizes rows_per_program from total_q).
-# Grid: (cdiv(num_buckets + 1, BLOCK),).
+# One program: BLOCK entries of the selection of chunk rows [row_start, row_start + rows)
+# (_entry_buckets), counted into bucket_count [num_buckets + 1] (int32, zero before; the last
+# element counts the programs that are done). Writes scratch [num_entries] int32: with
+# STORE_RANK the entry's rank among its bucket's entries (the atomic's old count), else its
+# bucket (num_buckets when it does not count: sorts last). The last program to finish turns the
+# counts into bucket_start [num_buckets + 1] (exclusive prefix sums), program_start
+# [num_buckets + 1] (bucket b needs ceil(count x group_size / rows_per_program) programs) and
+# program_bucket [max_programs + 1] (num_buckets - 1 past the last program), SCAN_BLOCK buckets
+# a step, and zeroes the counters for the next chunk. Grid: (num_programs,), at least 1.
 @triton.jit
-def _bucket_programs_kernel(bucket_start_ptr, programs_ptr, num_buckets, group_size,
-                            rows_per_program, BLOCK: tl.constexpr):
-    slot = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # programs[slot]: bucket slot - 1
-    inside = (slot >= 1) & (slot <= num_buckets)
-    count = (tl.load(bucket_start_ptr + slot, mask=inside, other=0)
-             - tl.load(bucket_start_ptr + slot - 1, mask=inside, other=0)).to(tl.int64)
-    programs = (count * group_size + rows_per_program - 1) // rows_per_program
-    tl.store(programs_ptr + slot, programs.to(tl.int32), mask=slot <= num_buckets)
+def _count_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, scratch_ptr,
+                  bucket_count_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr,
+                  stride_indices_group, stride_indices_token, stride_indices_slot, row_start,
+                  rows, num_entries, num_blocks, num_buckets, group_size, rows_per_program,
+                  max_programs, num_programs, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                  STORE_RANK: tl.constexpr, BLOCK: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = entry < num_entries
+    bucket, valid = _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, entry,
+                                   mask, stride_indices_group, stride_indices_token,
+                                   stride_indices_slot, row_start, rows, num_blocks, TOPK,
+                                   BLOCK_SIZE)
+    rank = tl.atomic_add(bucket_count_ptr + bucket, tl.full([BLOCK], 1, tl.int32), mask=valid,
+                         sem="relaxed")
+    if STORE_RANK:
+        tl.store(scratch_ptr + entry, rank, mask=valid)
+    else:
+        tl.store(scratch_ptr + entry, tl.where(valid, bucket, num_buckets), mask=mask)
+    if arrive_last(bucket_count_ptr + num_buckets, num_programs):
+        entries_before = 0
+        programs_before = 0
+        for start in range(0, num_buckets + 1, SCAN_BLOCK):
+            b = start + tl.arange(0, SCAN_BLOCK)
+            inside = b < num_buckets
+            count = tl.load(bucket_count_ptr + b, mask=inside, other=0, cache_modifier=".cg")
+            tl.store(bucket_count_ptr + b, tl.zeros_like(count), mask=inside)
+            programs = ((count.to(tl.int64) * group_size + rows_per_program - 1)
+                        // rows_per_program).to(tl.int32)
+            first_program = programs_before + tl.cumsum(programs, 0) - programs
+            tl.store(bucket_start_ptr + b, entries_before + tl.cumsum(count, 0) - count,
+                     mask=b <= num_buckets)
+            tl.store(program_start_ptr + b, first_program, mask=b <= num_buckets)
+            for j in range(tl.max(programs, 0)):
+                tl.store(program_bucket_ptr + first_program + j, b, mask=j < programs)
+            entries_before += tl.sum(count, 0)
+            programs_before += tl.sum(programs, 0)
+        last_bucket = tl.maximum(num_buckets - 1, 0)
+        for start in range(programs_before, max_programs + 1, SCAN_BLOCK):
+            p = start + tl.arange(0, SCAN_BLOCK)
+            tl.store(program_bucket_ptr + p, tl.zeros_like(p) + last_bucket, mask=p <= max_programs)
 
 
-def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                    *, block_size: int, total_k: int, row_start: int, row_end: int,
-                    group_size: int, block_m: int, tiles_per_program: int,
-                    block_table: torch.Tensor | None = None,
-                    layout: CSRLayout | None = None) -> BlockCSR:
+# One program: BLOCK entries (as _count_kernel); each that counts goes to entries
+# [bucket_start[bucket] + rank]. Grid: (cdiv(num_entries, BLOCK),).
+@triton.jit
+def _scatter_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, rank_ptr,
+                    bucket_start_ptr, entries_ptr, stride_indices_group, stride_indices_token,
+                    stride_indices_slot, row_start, rows, num_entries, num_blocks,
+                    TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = entry < num_entries
+    bucket, valid = _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, entry,
+                                   mask, stride_indices_group, stride_indices_token,
+                                   stride_indices_slot, row_start, rows, num_blocks, TOPK,
+                                   BLOCK_SIZE)
+    rank = tl.load(rank_ptr + entry, mask=valid, other=0)
+    first = tl.load(bucket_start_ptr + bucket, mask=valid, other=0)
+    tl.store(entries_ptr + first + rank, entry, mask=valid)
+
+
+def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor | None, *, block_size: int, total_k: int,
+                    row_start: int, row_end: int, group_size: int, block_m: int,
+                    tiles_per_program: int, block_table: torch.Tensor | None = None,
+                    seq_lens: torch.Tensor | None = None, layout: CSRLayout | None = None,
+                    stable: bool = True) -> BlockCSR:
     """Invert the selection of query rows ``[row_start, row_end)`` (see :class:`BlockCSR`).
 
     Args:
         indices: ``[G, total_q, topk]`` int32 block ids relative to each sequence.
+        cu_seqlens_q: int32 ``[B + 1]``; cu_seqlens_k: int32 ``[B + 1]`` (contiguous keys, else
+            None).
         group_size: query heads per group (rows of a tile are (entry, head) pairs).
         block_m: rows per tile.
         tiles_per_program: row tiles of one bucket handled by one program.
-        block_table: int32 ``[B, max_pages]`` for paged K/V (one page per block); then
-            ``block_key_start`` holds page ids and sequence ``b`` owns global blocks
+        block_table, seq_lens: int32 ``[B, max_pages]`` and ``[B]`` for paged K/V (one page per
+            block); then ``block_key_start`` holds page ids and sequence ``b`` owns global blocks
             ``b * max_pages ...``.
         layout: :func:`csr_layout` of the same call (same ``cu_seqlens``, ``block_size``,
             ``total_k``, ``block_table``), shared by its chunks; built here when None.
-    About ten launches a chunk (two Triton kernels, a sort of several, two searches, a prefix
-    sum and three small torch operations), none of which reads anything on the host.
+        stable: the entries of a bucket in increasing order (a stable sort: for sums that must
+            run in a fixed order); else in the order of the counting sort's atomics (the
+            forward, whose rows do not depend on each other).
+    Two Triton launches and a split (plus a sort and a cast when ``stable``), none of which
+    reads anything on the host.
     """
     device = indices.device
     num_groups, total_q, topk = indices.shape
     if layout is None:
         layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
-                            block_size=block_size, total_k=total_k, block_table=block_table)
+                            block_size=block_size, total_k=total_k, block_table=block_table,
+                            seq_lens=seq_lens)
     num_buckets = num_groups * layout.num_blocks
-    if layout.bucket_ids.numel() != num_buckets + 1 or layout.row_position.numel() != total_q:
+    if layout.bucket_count.numel() != num_buckets + 1 or layout.row_position.numel() != total_q:
         raise ValueError(f"layout was built for another call: {layout.row_position.numel()} rows "
-                         f"and {layout.bucket_ids.numel() - 1} buckets, indices need {total_q} "
+                         f"and {layout.bucket_count.numel() - 1} buckets, indices need {total_q} "
                          f"rows and {num_buckets}")
     rows = row_end - row_start
     num_entries = num_groups * rows * topk
-    bucket = torch.empty(num_entries, dtype=torch.int32, device=device)
-    if num_entries:
-        _bucket_kernel[(triton.cdiv(num_entries, 1024),)](
-            indices, layout.row_position, layout.row_block_offset, bucket, indices.stride(0),
-            indices.stride(1), indices.stride(2), row_start, rows, num_entries, layout.num_blocks,
-            num_buckets, TOPK=topk, BLOCK_SIZE=block_size, BLOCK=1024)
-    sorted_bucket, order = torch.sort(bucket, stable=True)  # invalid entries last
-    bucket_start = torch.searchsorted(sorted_bucket, layout.bucket_ids, out_int32=True)
     rows_per_program = block_m * tiles_per_program
-    programs = torch.empty(num_buckets + 1, dtype=torch.int32, device=device)
-    _bucket_programs_kernel[(triton.cdiv(num_buckets + 1, 1024),)](
-        bucket_start, programs, num_buckets, group_size, rows_per_program, BLOCK=1024)
-    program_start = torch.cumsum(programs, 0, dtype=torch.int32)
     max_programs = triton.cdiv(num_entries * group_size, rows_per_program) + num_buckets
-    # program -> the last bucket starting at or before it (no host sync)
-    program_ids = torch.arange(max_programs + 1, dtype=torch.int32, device=device)
-    program_bucket = torch.searchsorted(program_start[:-1], program_ids, right=True,
-                                        out_int32=True) - 1
+    out = torch.empty(num_entries * (1 if stable else 2) + 2 * (num_buckets + 1) + max_programs + 1,
+                      dtype=torch.int32, device=device)
+    scratch, bucket_start, program_start, program_bucket, entries = out.split(
+        [num_entries, num_buckets + 1, num_buckets + 1, max_programs + 1,
+         0 if stable else num_entries])
+    block = 1024
+    num_programs = max(1, triton.cdiv(num_entries, block))
+    strides = (indices.stride(0), indices.stride(1), indices.stride(2))
+    _count_kernel[(num_programs,)](
+        indices, layout.row_position, layout.row_block_offset, scratch, layout.bucket_count,
+        bucket_start, program_start, program_bucket, *strides, row_start, rows, num_entries,
+        layout.num_blocks, num_buckets, group_size, rows_per_program, max_programs, num_programs,
+        TOPK=topk, BLOCK_SIZE=block_size, STORE_RANK=not stable, BLOCK=block, SCAN_BLOCK=4096)
+    if stable:  # entries that do not count sort last
+        entries = torch.sort(scratch, stable=True)[1].to(torch.int32)
+    elif num_entries:
+        _scatter_kernel[(triton.cdiv(num_entries, block),)](
+            indices, layout.row_position, layout.row_block_offset, scratch, bucket_start, entries,
+            *strides, row_start, rows, num_entries, layout.num_blocks, TOPK=topk,
+            BLOCK_SIZE=block_size, BLOCK=block)
     return BlockCSR(
-        entries=order.to(torch.int32), bucket_start=bucket_start, program_start=program_start,
+        entries=entries, bucket_start=bucket_start, program_start=program_start,
         program_bucket=program_bucket, block_key_start=layout.block_key_start,
         block_position=layout.block_position, block_num_keys=layout.block_num_keys,
         row_position=layout.row_position[row_start:row_end], num_blocks=layout.num_blocks,

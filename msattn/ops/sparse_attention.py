@@ -4,8 +4,10 @@ Pipeline for a chunk of query rows (chunks bound the memory of the partial resul
 
 1. :func:`msattn.ops.selection_csr.build_block_csr` inverts the selection
    ``indices [G, total_q, topk]`` into, for every
-   (group, key block), the list of (query token, slot) entries that chose it: a CSR built with
-   GPU sorts and searches only (no host synchronisation), reusable by a backward pass.
+   (group, key block), the list of (query token, slot) entries that chose it: a CSR built by a
+   counting sort on the GPU (no host synchronisation). The order of a bucket's entries is
+   whatever the sort's atomics give: a row's result does not depend on the rows beside it in a
+   tile, so the output is the same bit for bit.
 2. ``_block_attention_kernel``: one program takes one K/V block of one group and a tile of
    ``BLOCK_M`` gathered (entry, head) rows, and writes each row's softmax-normalised partial
    output and log-sum-exp for that block.
@@ -258,10 +260,11 @@ class _Workspace:
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
-                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, *, block_size: int,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, *, block_size: int,
                      softmax_scale: float, chunk_rows: int | None = None,
                      out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     block_table: torch.Tensor | None = None, config: AttentionConfig | None = None,
+                     block_table: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None,
+                     config: AttentionConfig | None = None,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`msattn.reference.sparse_attention` (same arguments and result).
@@ -272,12 +275,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             with ``k_scale``, ``v_scale`` float32 ``[]`` or ``[G]`` (real K = ``k.float() *
             k_scale``; q then fp16/bf16; forward only).
         indices: ``[G, total_q, topk]`` int32.
-        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (for paged K/V, the prefix sums of
-            ``seq_lens``).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` (cu_seqlens_k None for paged K/V).
         chunk_rows: query rows per chunk, with a separate partial buffer (default: chunks sized
             to the unwritten output rows, then to a buffer of at most 1 GiB; see ``_Workspace``).
         out: optional ``(o, lse)`` buffers to write into (o contiguous).
-        block_table: int32 ``[B, max_pages]``: page of each key block, for paged K/V.
+        block_table, seq_lens: int32 ``[B, max_pages]`` (page of each key block) and ``[B]``
+            (keys of each sequence), for paged K/V.
         config: the launch configuration (default: :func:`launch_config`).
     Returns:
         o ``[total_q, H, D]`` in q's dtype, lse ``[total_q, H]`` float32.
@@ -306,13 +309,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     block_d = triton.next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
     layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
-                        block_size=block_size, total_k=k.shape[0], block_table=block_table)
+                        block_size=block_size, total_k=k.shape[0], block_table=block_table,
+                        seq_lens=seq_lens)
     for row_start, row_end, partial_o, partial_lse in workspace.chunks():
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                               total_k=k.shape[0], row_start=row_start, row_end=row_end,
                               group_size=group_size, block_m=block_m,
-                              tiles_per_program=config.tiles_per_program, layout=layout)
+                              tiles_per_program=config.tiles_per_program, layout=layout,
+                              stable=False)
         num_buckets = num_groups * csr.num_blocks
         _block_attention_kernel[(csr.max_programs,)](
             q_ptr=q, k_ptr=k, v_ptr=v, k_scale_ptr=k_scale, v_scale_ptr=v_scale, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,

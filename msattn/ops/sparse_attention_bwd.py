@@ -566,7 +566,8 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             if dq_acc is not None and dq_acc is not dq else 0
         dq_tma = dq_entries > 0 and sm90_reductions(device)
         # every bucket its own accumulator slot: 0, 1, ..., num_buckets - 1
-        split_slot = layout.bucket_ids[:num_buckets] if always_split else None
+        split_slot = torch.arange(num_buckets, dtype=torch.int32, device=device) \
+            if always_split else None
         for row_start, row_end in chunks:
             csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                                   total_k=total_k, row_start=row_start, row_end=row_end,
