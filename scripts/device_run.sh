@@ -17,6 +17,9 @@
 #                                                  the chunked profile (fused against block-top-k
 #                                                  selection), prefill 8K-128K; GPU tests + memcheck
 #                                                  and the chunked call's host time (host_time_chunked.py)
+#   scripts/device_run.sh chunked-report          GPU tests of the launch helper and the CSR paths, the
+#                                                  chunked call's host time (this tree and .peers/msattn_base),
+#                                                  chunked shapes beside vLLM, prefill 8K-128K, memcheck
 #   scripts/device_run.sh train-report [ab|check] the backward's float32 reductions (bulk TMA dQ against
 #                                                  elementwise atomics) at 128K and 512K, training GPU tests + memcheck
 #                                                  of the backward kernels, the training step at 32K-512K
@@ -133,6 +136,28 @@ case "$mode" in
           --error-exitcode 9 python3 -m pytest -q -x tests/test_indexer.py -k "block_topk_selects"
       step host host-chunked.log timeout 60 python3 scripts/host_time_chunked.py
     fi
+    ;;
+  chunked-report)
+    # The chunked-prefill call's host work: GPU tests of the launch helper, the CSR and the
+    # attention paths, the host time by stage of this tree and of a base tree carried in
+    # .peers/msattn_base (`git archive BASE msattn scripts`), the chunked shapes beside vLLM
+    # (carry .peers), prefill 8K-128K, then memcheck of the changed kernels.
+    step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_utils.py \
+        tests/test_sparse_attention.py
+    step pytest-gpu pytest-gpu.log timeout 200 python3 -m pytest -q -rs -m gpu tests/test_paged.py \
+        tests/test_sparse_attention_bwd.py tests/test_indexer_loss.py tests/test_indexer.py tests/test_cache.py
+    if [ -d .peers/msattn_base ]; then
+      step host-base host-chunked-base.log timeout 90 env PYTHONPATH=$PWD/.peers/msattn_base \
+          python3 .peers/msattn_base/scripts/host_time_chunked.py
+    fi
+    step host host-chunked.log timeout 90 python3 scripts/host_time_chunked.py
+    step chunked bench-prefill-chunked.log timeout 150 python3 -m msattn.bench.cli bench prefill-chunked \
+        --out "$OUT"
+    step prefill bench-prefill.log timeout 150 python3 -m msattn.bench.cli bench prefill --out "$OUT" \
+        --lengths 8k,16k,128k --time-budget 1
+    step memcheck memcheck.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest -q -x tests/test_utils.py tests/test_sparse_attention.py tests/test_paged.py \
+        tests/test_sparse_attention_bwd.py -k "not gpu and (csr or matches_reference or chunk or launch or backward_16bit)"
     ;;
   train-report)
     # The A/B of the float32 gradient reductions (the bulk TMA dQ against elementwise atomics,
