@@ -227,11 +227,11 @@ class _Workspace:
 
     def __init__(self, o: torch.Tensor, topk: int, chunk_rows: int | None):
         self.total_q, num_heads, head_dim = o.shape
-        self.o_bytes = o.view(-1).view(torch.uint8) if o.is_contiguous() and o.data_ptr() % 16 == 0 else None
+        self.o = o if o.is_contiguous() and o.data_ptr() % 16 == 0 else None
         self.partial_o_row = num_heads * topk * head_dim * o.element_size()
         self.per_row = self.partial_o_row + num_heads * topk * 4  # partial outputs + their LSEs
         self.out_row = num_heads * head_dim * o.element_size()
-        self.reuse_output = chunk_rows is None and self.o_bytes is not None
+        self.reuse_output = chunk_rows is None and self.o is not None
         self.buffer_rows = min(self.total_q, chunk_rows or max(1, PARTIAL_BUDGET_BYTES // self.per_row))
         self.buffer = None
         self.dtype, self.device = o.dtype, o.device
@@ -246,7 +246,7 @@ class _Workspace:
             if tail_rows > self.buffer_rows:
                 rows = tail_rows
                 start = (row_start + rows) * self.out_row  # a multiple of 16 bytes
-                space = self.o_bytes[start:start + rows * self.per_row]
+                space = self.o.view(-1).view(torch.uint8)[start:start + rows * self.per_row]
             else:
                 rows = triton.cdiv(remaining, triton.cdiv(remaining, self.buffer_rows))
                 if self.buffer is None:
