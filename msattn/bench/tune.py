@@ -409,15 +409,20 @@ def _decode_settings(length: int, batch: int = 1, q_tokens: int = 1,
         time_budget_s=0.5, dense=False, dense_max_len=None, bandwidth_bytes=1 << 31)
 
 
+# Decode formats of `tune decode --index-dtypes`: an index-key format of decode.INDEX_DTYPES, or
+# one of these with fp8 K/V caches (per-head scales): name -> index-key format.
+FP8_KV_FORMATS = {"fp8-kv": "bf16", "fp8+fp8-kv": "fp8"}
+
+
 def _decode_step(wrapper, cache, queries, index_dtype):
-    if index_dtype == "fp8-kv":  # bf16 index keys, fp8 K/V caches (per-head scales)
+    if index_dtype in FP8_KV_FORMATS:
         from msattn.cache import quantize_kv
 
         (k_cache, k_scale), (v_cache, v_scale) = quantize_kv(cache.k_cache), quantize_kv(cache.v_cache)
-        index_cache = cache.index["bf16"][0]
+        index_cache, index_scale, _ = cache.index[FP8_KV_FORMATS[index_dtype]]
         return lambda _: wrapper.run(queries.q, queries.qi, k_cache, v_cache, index_cache,
-                                     cache.block_table, cache.seq_lens, k_scale=k_scale,
-                                     v_scale=v_scale)
+                                     cache.block_table, cache.seq_lens, index_scale=index_scale,
+                                     k_scale=k_scale, v_scale=v_scale)
     index_cache, index_scale, index_block_scale = cache.index[index_dtype]
     return lambda _: wrapper.run(queries.q, queries.qi, cache.k_cache, cache.v_cache, index_cache,
                                  cache.block_table, cache.seq_lens, index_scale=index_scale,
@@ -472,8 +477,8 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_onl
     print(f"bandwidth ceiling {bandwidth:.0f} GB/s; one-kernel graph {floor_us:.2f} us", flush=True)
     out.append({"kind": "bandwidth", "gbps": bandwidth, "one_kernel_graph_us": round(floor_us, 2)})
     for batch, q_tokens, length in shapes:
-        # the cache's index keys: bf16 (fp8-kv reads them too) and every other format asked for
-        key_formats = ["bf16"] + [d for d in index_dtypes if d in decode.INDEX_DTYPES and d != "bf16"]
+        # the cache's index keys: bf16 and every other format asked for
+        key_formats = ["bf16"] + sorted({FP8_KV_FORMATS.get(d, d) for d in index_dtypes} - {"bf16"})
         settings = _decode_settings(length, batch, q_tokens, key_formats)
         cache = decode.make_cache_set(settings, length, batch)
         configs = _selection_configs(q_tokens * CONFIG.num_kv_heads)
@@ -485,9 +490,8 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_onl
                                                        index_dtypes):
             queries = decode.make_queries(settings, batch, q_tokens, workload)
             step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
-                                          index_dtype={"fp8-kv": "bf16"}.get(index_dtype,
-                                                                             index_dtype),
-                                          kv_bytes=1 if index_dtype == "fp8-kv" else 2)
+                                          index_dtype=FP8_KV_FORMATS.get(index_dtype, index_dtype),
+                                          kv_bytes=1 if index_dtype in FP8_KV_FORMATS else 2)
             wrapper = msattn.MSAPagedWrapper(
                 num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
                 head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
@@ -500,8 +504,8 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_onl
                     if index_dtype == "nvfp4" and not isinstance(config, indexer.PageTopkConfig):
                         continue  # only the decode selection reads 4-bit keys
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
-                                 index_dtype=decode.INDEX_DTYPES.get(index_dtype, torch.bfloat16),
-                                 kv_dtype=torch.float8_e4m3fn if index_dtype == "fp8-kv" else None,
+                                 index_dtype=decode.INDEX_DTYPES[FP8_KV_FORMATS.get(index_dtype, index_dtype)],
+                                 kv_dtype=torch.float8_e4m3fn if index_dtype in FP8_KV_FORMATS else None,
                                  selection_config=config)
                     if attention:  # the same attention with other launch choices
                         wrapper.attention_plan = _replan_attention(wrapper, **attention[0])
@@ -611,7 +615,8 @@ def main(argv=None) -> int:
     parser.add_argument("--selections", default="default",
                         help="chunked: selection rules, some of " + ",".join(CHUNK_SELECTIONS))
     parser.add_argument("--index-dtypes", default="bf16,fp8,nvfp4,fp8-kv",
-                        help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches)")
+                        help="decode: index-key formats (fp8-kv: bf16 keys with fp8 K/V caches; "
+                             "fp8+fp8-kv: fp8 keys with fp8 K/V caches)")
     parser.add_argument("--profile-only", action="store_true",
                         help="decode: the two selection designs' defaults only; backward: the "
                              "default launch with each way of accumulating dQ only")
