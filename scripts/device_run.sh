@@ -19,7 +19,7 @@
 #                                                  and the chunked call's host time (host_time_chunked.py)
 #   scripts/device_run.sh chunked-report          GPU tests of the launch helper and the CSR paths, the
 #                                                  chunked call's host time (this tree and .peers/msattn_base),
-#                                                  chunked shapes beside vLLM, prefill 8K-128K, memcheck
+#                                                  chunked shapes beside vLLM, memcheck, prefill 8K-128K
 #   scripts/device_run.sh train-report [ab|check] the backward's float32 reductions (bulk TMA dQ against
 #                                                  elementwise atomics) at 128K and 512K, training GPU tests + memcheck
 #                                                  of the backward kernels, the training step at 32K-512K
@@ -153,11 +153,11 @@ case "$mode" in
     step host host-chunked.log timeout 90 python3 scripts/host_time_chunked.py
     step chunked bench-prefill-chunked.log timeout 150 python3 -m msattn.bench.cli bench prefill-chunked \
         --out "$OUT"
-    step prefill bench-prefill.log timeout 150 python3 -m msattn.bench.cli bench prefill --out "$OUT" \
-        --lengths 8k,16k,128k --time-budget 1
     step memcheck memcheck.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 -m pytest -q -x tests/test_utils.py tests/test_sparse_attention.py tests/test_paged.py \
         tests/test_sparse_attention_bwd.py -k "not gpu and (csr or matches_reference or chunk or launch or backward_16bit)"
+    step prefill bench-prefill.log timeout 150 python3 -m msattn.bench.cli bench prefill --out "$OUT" \
+        --lengths 8k,16k,128k --time-budget 1
     ;;
   train-report)
     # The A/B of the float32 gradient reductions (the bulk TMA dQ against elementwise atomics,
