@@ -106,7 +106,7 @@ case "$mode" in
       step decode-multi bench-decode-multi.log timeout 150 python3 -m msattn.bench.cli bench decode-multi \
           --out "$OUT" --batches 8,32 --q-tokens 8 --lengths 4k,64k --index-dtypes bf16 --time-budget 0.3
       step tune-kv tune-decode-kv.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
-          --shapes 32x8x64k --index-dtypes bf16,fp8-kv,fp8 --out "$OUT"
+          --shapes 32x8x64k --index-dtypes bf16,fp8-kv,fp8,fp8+fp8-kv --out "$OUT"
     fi
     ;;
   prefill-report)
