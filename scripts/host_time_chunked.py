@@ -5,9 +5,8 @@ A stage whose issue time per call is above its GPU time per call is host-bound.
     python3 scripts/host_time_chunked.py [REQUESTS CHUNK PREFIX ...]   # default 1 1024 16384
 
 Prints, per stage: host microseconds a call (issue), GPU-complete microseconds a call (issue +
-sync), and for reference the launch cost of an empty Triton kernel with 30 arguments (through the
-JIT, through its CompiledKernel, through msattn.ops.utils.launch) and of one small torch
-operation.
+sync), and for reference the launch cost of an empty Triton kernel with as many arguments as the
+block-attention kernel and of one small torch operation.
 """
 
 import collections
@@ -21,7 +20,6 @@ import triton.language as tl
 from msattn.backends import triton as backend
 from msattn.bench.chunked import ChunkedSettings, _msa, make_inputs
 from msattn.config import MSAConfig
-from msattn.ops import indexer, paged_attention, selection_csr, sparse_attention, utils
 
 CALLS = 50
 
@@ -46,35 +44,18 @@ def timed(fn, calls=CALLS):
 
 
 def launch_host_times(fn, calls=CALLS):
-    """Host microseconds a call that each Triton kernel's launch takes in fn: msattn's
-    ``launch`` (bound in each kernel module) and the JIT's own path (JITFunction.run) outside it."""
-    original_run = triton.runtime.jit.JITFunction.run
+    """Host microseconds a call that each Triton kernel's launch (JITFunction.run) takes in fn."""
+    original = triton.runtime.jit.JITFunction.run
     spent = collections.defaultdict(float)
-    inside = [False]
 
     def run(self, *args, **kwargs):
-        if inside[0]:
-            return original_run(self, *args, **kwargs)
         start = time.perf_counter()
         try:
-            return original_run(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         finally:
             spent[self.fn.__name__] += time.perf_counter() - start
 
-    def timed_launch(kernel, grid, *args, **kwargs):
-        start = time.perf_counter()
-        inside[0] = True
-        try:
-            return utils.launch(kernel, grid, *args, **kwargs)
-        finally:
-            inside[0] = False
-            spent[kernel.fn.__name__] += time.perf_counter() - start
-
-    modules = [m for m in (indexer, paged_attention, selection_csr, sparse_attention)
-               if getattr(m, "launch", None) is utils.launch]
     triton.runtime.jit.JITFunction.run = run
-    for module in modules:
-        module.launch = timed_launch
     try:
         fn()
         spent.clear()
@@ -82,9 +63,7 @@ def launch_host_times(fn, calls=CALLS):
             fn()
         torch.cuda.synchronize()
     finally:
-        triton.runtime.jit.JITFunction.run = original_run
-        for module in modules:
-            module.launch = utils.launch
+        triton.runtime.jit.JITFunction.run = original
     total = sum(spent.values()) / calls * 1e6
     print(f"  Triton launches: {total:.1f} us a call: " + ", ".join(
         f"{name} {t / calls * 1e6:.1f}" for name, t in sorted(spent.items(), key=lambda kv: -kv[1])))
@@ -121,9 +100,6 @@ def main(shapes):
         print(f"the same, launched through its CompiledKernel: host {us[0]:.1f} us, done {us[1]:.1f} us")
     except Exception as error:  # noqa: BLE001 (an API difference of this Triton)
         print(f"CompiledKernel launch failed: {error}")
-    us = timed(lambda: utils.launch(_empty_kernel, (1,), *ints, C0=1, C1=2, C2=3, C3=4))
-    print(f"the same through msattn.ops.utils.launch: host {us[0]:.1f} us, done {us[1]:.1f} us "
-          f"(fast path {'on' if utils._fast_launch[0] else 'off'})")
     us = timed(lambda: torch.cumsum(t, 0))
     print(f"torch.cumsum of 16 int32: host {us[0]:.1f} us, done {us[1]:.1f} us")
     for shape in shapes:

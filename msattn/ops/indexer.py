@@ -28,7 +28,7 @@ import triton.language as tl
 from msattn.cache import quantize_index_keys
 from msattn.ops.nvfp4 import nvfp4_halves
 from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, fp8_conversions,
-                              gdc_launch_dependents, gdc_wait, interpreted, launch, mma,
+                              gdc_launch_dependents, gdc_wait, interpreted, mma,
                               programmatic_launch)
 
 # Split programs merge in a two-level tree: groups of fan_in splits, then the group lists; up to
@@ -917,7 +917,7 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
                          f"index_scale [num_pages, page_size] float32 and a power-of-two Di >= 32, got Di={index_dim}")
     pdl = programmatic_launch(qi.device)
     config = plan.config
-    launch(_block_scores_kernel, (plan.num_chunks, plan.batch, plan.num_tiles),
+    _block_scores_kernel[(plan.num_chunks, plan.batch, plan.num_tiles)](
         qi_ptr=qi, ki_ptr=keys, key_scale_ptr=index_scale, block_scale_ptr=index_block_scale,
         block_table_ptr=block_table, cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths,
         scores_ptr=plan.scores, stride_qi_token=qi.stride(0), stride_qi_group=qi.stride(1),
@@ -935,7 +935,7 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
         PTX_DECODE=key_format == 2 and fp8_conversions(qi.device), PDL_TRIGGER=pdl,
         **_score_dot_options(qi.dtype, key_format),
         num_warps=config.score_warps, num_stages=config.score_stages)
-    launch(_block_topk_kernel, (plan.batch * plan.max_len_q, plan.num_groups, plan.num_segments),
+    _block_topk_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.num_segments)](
         scores_ptr=plan.scores, cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths,
         out_ptr=out, candidates_ptr=plan.candidates, counters_ptr=plan.counters,
         stride_scores_row=plan.scores.stride(0), stride_out_group=out.stride(0),
@@ -1050,7 +1050,7 @@ def run_selection(plan: SelectionPlan | BlockTopkPlan, qi: torch.Tensor, keys: t
                          f"at most {PAGE_TOPK_MAX_QUERY_LEN} tokens)")
     split = plan.num_splits > 1
     index_dim = qi.shape[-1]
-    launch(_indexer_kernel, (plan.num_tiles, plan.batch, plan.num_splits),
+    _indexer_kernel[(plan.num_tiles, plan.batch, plan.num_splits)](
         qi_ptr=qi, ki_ptr=keys, key_scale_ptr=index_scale, block_table_ptr=block_table,
         cu_seqlens_q_ptr=cu_seqlens_q, key_lengths_ptr=key_lengths, out_ptr=out,
         partial_keys_ptr=plan.partial_keys if split else None,

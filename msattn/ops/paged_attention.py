@@ -30,7 +30,7 @@ import triton.language as tl
 
 from msattn.ops.sparse_attention import merge_slot_partials, scale_stride
 from msattn.ops.utils import (LOG2E, arrive_last, device_sm_count, dot_options, finish_softmax,
-                              gdc_wait, launch, mma, programmatic_launch)
+                              gdc_wait, mma, programmatic_launch)
 
 
 @triton.jit
@@ -352,12 +352,11 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
         **({"launch_pdl": True} if plan.pdl else {}))
     if tokens > 1:
         chunks = triton.cdiv(plan.max_len_q, tokens)
-        launch(_paged_shared_attention_kernel, (plan.batch * chunks, plan.num_groups),
-               chunks_per_request=chunks, TOKENS=tokens, **common)
+        _paged_shared_attention_kernel[(plan.batch * chunks, plan.num_groups)](
+            chunks_per_request=chunks, TOKENS=tokens, **common)
         return o, lse
-    grid = (plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)
-    launch(_paged_attention_kernel, grid,
-           partial_o_ptr=plan.partial_o, partial_lse_ptr=plan.partial_lse,
-           counters_ptr=plan.counters,  # None unless split
-           max_len_q=plan.max_len_q, SPLIT=plan.split, **common)
+    _paged_attention_kernel[(plan.batch * plan.max_len_q, plan.num_groups, plan.topk if plan.split else 1)](
+        partial_o_ptr=plan.partial_o, partial_lse_ptr=plan.partial_lse,
+        counters_ptr=plan.counters,  # None unless split
+        max_len_q=plan.max_len_q, SPLIT=plan.split, **common)
     return o, lse

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.utils import arrive_last, launch
+from msattn.ops.utils import arrive_last
 
 
 @dataclass
@@ -208,7 +208,7 @@ def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, *,
         out.split([total_q, total_q, num_blocks, num_blocks, num_blocks, num_buckets + 1])
     table = block_table if block_table is not None else cu_seqlens_q
     block = 1024
-    launch(_layout_kernel, (triton.cdiv(max(total_q, num_blocks, num_buckets + 1), block),),
+    _layout_kernel[(triton.cdiv(max(total_q, num_blocks, num_buckets + 1), block),)](
         cu_seqlens_q, key_lengths, block_offset, table, row_position, row_block_offset,
         block_key_start, block_position, block_num_keys, bucket_count,
         table.stride(0), table.stride(-1), batch, total_q, num_blocks, num_buckets, max_pages,
@@ -359,7 +359,7 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor,
     block = 1024
     num_programs = max(1, triton.cdiv(num_entries, block))
     strides = (indices.stride(0), indices.stride(1), indices.stride(2))
-    launch(_count_kernel, (num_programs,),
+    _count_kernel[(num_programs,)](
         indices, layout.row_position, layout.row_block_offset, scratch, layout.bucket_count,
         bucket_start, program_start, program_bucket, *strides, row_start, rows, num_entries,
         layout.num_blocks, num_buckets, group_size, rows_per_program, max_programs, num_programs,
@@ -367,7 +367,7 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor,
     if stable:  # entries that do not count sort last
         entries = torch.sort(scratch, stable=True)[1].to(torch.int32)
     elif num_entries:
-        launch(_scatter_kernel, (triton.cdiv(num_entries, block),),
+        _scatter_kernel[(triton.cdiv(num_entries, block),)](
             indices, layout.row_position, layout.row_block_offset, scratch, bucket_start, entries,
             *strides, row_start, rows, num_entries, layout.num_blocks, TOPK=topk,
             BLOCK_SIZE=block_size, BLOCK=block)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout
-from msattn.ops.utils import LOG2E, dot_options, finish_softmax, launch, mma
+from msattn.ops.utils import LOG2E, dot_options, finish_softmax, mma
 
 # Memory for the partial outputs of one chunk of query rows: 5 GiB / 4 holds 4,096 rows of the M3
 # shape (266 KB a row), so that a 16K prefill runs in 4 equal chunks (1 GiB made it 4 x 4,036 rows
@@ -319,7 +319,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                               tiles_per_program=config.tiles_per_program, layout=layout,
                               stable=False)
         num_buckets = num_groups * csr.num_blocks
-        launch(_block_attention_kernel, (csr.max_programs,),
+        _block_attention_kernel[(csr.max_programs,)](
             q_ptr=q, k_ptr=k, v_ptr=v, k_scale_ptr=k_scale, v_scale_ptr=v_scale, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,
             entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
             program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
@@ -352,7 +352,7 @@ def combine_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, indices
     num_groups, _, topk = indices.shape
     _, num_heads, head_dim = o.shape
     group_size = num_heads // num_groups
-    launch(_combine_kernel, (rows, num_groups),
+    _combine_kernel[(rows, num_groups)](
         partial_o_ptr=partial_o, partial_lse_ptr=partial_lse, indices_ptr=indices,
         row_position_ptr=row_position, o_ptr=o, lse_ptr=lse,
         stride_indices_group=indices.stride(0), stride_indices_token=indices.stride(1),
