@@ -220,12 +220,15 @@ def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, *,
 
 
 @triton.jit
-def _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, entry, mask,
-                   stride_indices_group, stride_indices_token, stride_indices_slot, row_start,
-                   rows, num_blocks, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Bucket (int32) of (group, chunk row, slot) entries ``entry = (g * rows + r) * TOPK + slot``
-    and whether it counts: ``g * num_blocks`` + the global id of the chosen block when that block
-    has a key at or before the row (the kernels' rule too)."""
+def _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, stride_indices_group,
+                   stride_indices_token, stride_indices_slot, row_start, rows, num_entries,
+                   num_blocks, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK (group, chunk row, slot) entries ``entry = (g * rows + r) * TOPK +
+    slot`` (``mask``: below ``num_entries``), each one's bucket (int32) and whether it counts
+    (``valid``): ``g * num_blocks`` + the global id of the chosen block when that block has a key
+    at or before the row (the kernels' rule too). Returns ``(entry, mask, bucket, valid)``."""
+    entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = entry < num_entries
     slot = entry % TOPK
     rows = tl.maximum(rows, 1)  # no entries when 0
     group = entry // TOPK // rows
@@ -237,7 +240,7 @@ def _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, entry, m
     offset = tl.load(row_block_offset_ptr + token, mask=mask, other=0)
     valid = mask & (chosen >= 0) & (chosen * BLOCK_SIZE <= position)  # int64: no wrap for any id
     bucket = tl.where(valid, group * num_blocks + offset + chosen, 0).to(tl.int32)
-    return bucket, valid
+    return entry, mask, bucket, valid
 
 
 # One program: BLOCK entries of the selection of chunk rows [row_start, row_start + rows)
@@ -256,12 +259,10 @@ def _count_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, scratch_p
                   rows, num_entries, num_blocks, num_buckets, group_size, rows_per_program,
                   max_programs, num_programs, TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   STORE_RANK: tl.constexpr, BLOCK: tl.constexpr, SCAN_BLOCK: tl.constexpr):
-    entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = entry < num_entries
-    bucket, valid = _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, entry,
-                                   mask, stride_indices_group, stride_indices_token,
-                                   stride_indices_slot, row_start, rows, num_blocks, TOPK,
-                                   BLOCK_SIZE)
+    entry, mask, bucket, valid = _entry_buckets(
+        indices_ptr, row_position_ptr, row_block_offset_ptr, stride_indices_group,
+        stride_indices_token, stride_indices_slot, row_start, rows, num_entries, num_blocks, TOPK,
+        BLOCK_SIZE, BLOCK)
     rank = tl.atomic_add(bucket_count_ptr + bucket, tl.full([BLOCK], 1, tl.int32), mask=valid,
                          sem="relaxed")
     if STORE_RANK:
@@ -299,12 +300,10 @@ def _scatter_kernel(indices_ptr, row_position_ptr, row_block_offset_ptr, rank_pt
                     bucket_start_ptr, entries_ptr, stride_indices_group, stride_indices_token,
                     stride_indices_slot, row_start, rows, num_entries, num_blocks,
                     TOPK: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK: tl.constexpr):
-    entry = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = entry < num_entries
-    bucket, valid = _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, entry,
-                                   mask, stride_indices_group, stride_indices_token,
-                                   stride_indices_slot, row_start, rows, num_blocks, TOPK,
-                                   BLOCK_SIZE)
+    entry, _, bucket, valid = _entry_buckets(
+        indices_ptr, row_position_ptr, row_block_offset_ptr, stride_indices_group,
+        stride_indices_token, stride_indices_slot, row_start, rows, num_entries, num_blocks, TOPK,
+        BLOCK_SIZE, BLOCK)
     rank = tl.load(rank_ptr + entry, mask=valid, other=0)
     first = tl.load(bucket_start_ptr + bucket, mask=valid, other=0)
     tl.store(entries_ptr + first + rank, entry, mask=valid)
