@@ -489,9 +489,10 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_onl
         for workload, index_dtype in itertools.product(workloads if q_tokens > 1 else ("random",),
                                                        index_dtypes):
             queries = decode.make_queries(settings, batch, q_tokens, workload)
+            key_format = FP8_KV_FORMATS.get(index_dtype, index_dtype)
+            fp8_kv = index_dtype in FP8_KV_FORMATS
             step_bytes = decode.msa_bytes(CONFIG, seq_len=length, batch=batch, q_tokens=q_tokens,
-                                          index_dtype=FP8_KV_FORMATS.get(index_dtype, index_dtype),
-                                          kv_bytes=1 if index_dtype in FP8_KV_FORMATS else 2)
+                                          index_dtype=key_format, kv_bytes=1 if fp8_kv else 2)
             wrapper = msattn.MSAPagedWrapper(
                 num_heads=CONFIG.num_heads, num_kv_heads=CONFIG.num_kv_heads,
                 head_dim=CONFIG.head_dim, index_dim=CONFIG.index_dim, page_size=CONFIG.block_size)
@@ -504,8 +505,8 @@ def sweep_decode(shapes, out: list, *, profile_only: bool = False, attention_onl
                     if index_dtype == "nvfp4" and not isinstance(config, indexer.PageTopkConfig):
                         continue  # only the decode selection reads 4-bit keys
                     wrapper.plan(queries.cu_seqlens_q.cpu(), cache.block_table.shape[1],
-                                 index_dtype=decode.INDEX_DTYPES[FP8_KV_FORMATS.get(index_dtype, index_dtype)],
-                                 kv_dtype=torch.float8_e4m3fn if index_dtype in FP8_KV_FORMATS else None,
+                                 index_dtype=decode.INDEX_DTYPES[key_format],
+                                 kv_dtype=torch.float8_e4m3fn if fp8_kv else None,
                                  selection_config=config)
                     if attention:  # the same attention with other launch choices
                         wrapper.attention_plan = _replan_attention(wrapper, **attention[0])

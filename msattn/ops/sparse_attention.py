@@ -7,7 +7,7 @@ Pipeline for a chunk of query rows (chunks bound the memory of the partial resul
    (group, key block), the list of (query token, slot) entries that chose it: a CSR built by a
    counting sort on the GPU (no host synchronisation). The order of a bucket's entries is
    whatever the sort's atomics give: a row's result does not depend on the rows beside it in a
-   tile, so the output is the same bit for bit.
+   tile, so the order does not change the output.
 2. ``_block_attention_kernel``: one program takes one K/V block of one group and a tile of
    ``BLOCK_M`` gathered (entry, head) rows, and writes each row's softmax-normalised partial
    output and log-sum-exp for that block.
