@@ -20,6 +20,9 @@
 #   scripts/device_run.sh chunked-report          GPU tests of the CSR and attention paths, the
 #                                                  chunked call's host time (this tree and .peers/msattn_base),
 #                                                  chunked shapes beside vLLM, memcheck, prefill 8K-128K
+#   scripts/device_run.sh kv-report               fp8 K/V decode: GPU tests + memcheck of the decode
+#                                                  attention and the CSR, 32 x 8 x 64K of this tree
+#                                                  and .peers/msattn_base, attention launch variants
 #   scripts/device_run.sh train-report [ab|check] the backward's float32 reductions (bulk TMA dQ against
 #                                                  elementwise atomics) at 128K and 512K, training GPU tests + memcheck
 #                                                  of the backward kernels, the training step at 32K-512K
@@ -165,6 +168,28 @@ case "$mode" in
     step prefill bench-prefill.log timeout 150 python3 -m msattn.bench.cli bench prefill --out "$OUT" \
         --lengths 8k,16k,128k --time-budget 1
     ;;
+  kv-report)
+    # fp8 K/V decode: GPU tests and memcheck of the decode attention (fp8 K/V, any query
+    # magnitude) and of the selection CSR, then the 32 x 8 x 64K step of a base tree carried in
+    # .peers/msattn_base (`git archive BASE msattn scripts`) and of this tree, and this tree's
+    # attention launch variants with fp8 keys and K/V.
+    step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_paged.py \
+        -k "fp8_kv or decode_attention or shared_pages or csr or gpu"
+    step pytest-csr pytest-csr.log timeout 150 python3 -m pytest -q -rs tests/test_sparse_attention.py \
+        -k "csr or order or gpu"
+    step memcheck memcheck.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest -q -x tests/test_paged.py tests/test_sparse_attention.py \
+        -k "not gpu and (fp8_kv or csr or order or shared_pages)"
+    if [ -d .peers/msattn_base ]; then
+      step tune-base tune-kv-base.log timeout 120 env PYTHONPATH=$PWD/.peers/msattn_base python3 -m \
+          msattn.bench.tune decode --profile-only --shapes 32x8x64k \
+          --index-dtypes bf16,fp8-kv,fp8+fp8-kv --out "$OUT/base"
+    fi
+    step tune tune-kv.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
+        --shapes 32x8x64k --index-dtypes bf16,fp8-kv,fp8+fp8-kv --out "$OUT"
+    step tune-att tune-kv-attention.log timeout 200 python3 -m msattn.bench.tune decode \
+        --attention-only --shapes 32x8x64k --index-dtypes fp8-kv,fp8+fp8-kv --out "$OUT"
+    ;;
   train-report)
     # The A/B of the float32 gradient reductions (the bulk TMA dQ against elementwise atomics,
     # 2 GiB dQ chunks) first (the lease may end early), then the GPU tests and memcheck of the
@@ -195,7 +220,7 @@ case "$mode" in
     step decode bench-decode.log python3 -m msattn.bench.cli bench decode --out "$OUT" "$@"
     ;;
   *)
-    echo "unknown mode $mode (test, pytest, memcheck, bench, tune, ncu, decode-report, prefill-report, train-report, all)" >&2
+    echo "unknown mode $mode (test, pytest, memcheck, bench, tune, ncu, decode-report, prefill-report, chunked-report, kv-report, train-report, all)" >&2
     exit 2
     ;;
 esac

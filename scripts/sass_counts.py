@@ -3,7 +3,7 @@ its registers and its shared memory. Needs a Triton with its NVIDIA backend (``p
 triton==3.6.0`` in a side venv works); how the 4-bit decode was sized, and why fp8 K/V do not
 reach their byte floor (benchmarks/README.md, 2026-12-07 and 12-08).
 
-    python3 scripts/sass_counts.py [scores|attention] [NAME=VALUE ...]   # constexpr overrides
+    python3 scripts/sass_counts.py [scores|attention] [NAME=VALUE ...]   # constexprs, num_warps
     python3 scripts/sass_counts.py scores KEY_FORMAT=1 BLOCK_N=64
     python3 scripts/sass_counts.py scores PTX_DECODE=False   # the 4-bit integer decode
     python3 scripts/sass_counts.py attention KV_FP8=True     # fp8 K/V caches
@@ -61,8 +61,9 @@ FLOAT_SCALARS = ("scale", "scale_log2")
 def main(argv) -> None:
     name = argv[0] if argv and "=" not in argv[0] else "scores"
     fn, const, options, pointer_types = KERNELS[name]
-    const = dict(const)
-    const.update((key, parse(value)) for key, value in (a.split("=", 1) for a in argv if "=" in a))
+    const, options = dict(const), dict(options)
+    for key, value in (a.split("=", 1) for a in argv if "=" in a):
+        (options if key in options else const)[key] = parse(value)
     pointers = pointer_types(const)
     signature = {}
     for arg in fn.arg_names:

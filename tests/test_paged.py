@@ -685,6 +685,26 @@ def test_fp8_kv_decode_kernel(dtype, per_head, split):
     _check(o, lse, expected_o, expected_lse)
 
 
+@pytest.mark.parametrize("power", [17, -30], ids=["beyond-fp16-max", "below-fp16-normals"])
+@pytest.mark.parametrize("kernel", ["one-program", "split", "shared-pages"])
+def test_fp8_kv_decode_queries_of_any_magnitude(kernel, power):
+    """fp8 K/V run the MMAs in fp16, so bf16 query rows are brought into fp16's range by a power
+    of two each: queries 2^power times larger with a softmax scale 2^power times smaller give
+    the same scores exactly, hence the same output as the reference at the usual magnitude."""
+    c = _fp8_kv_case([1, 8, 5], [330, 170, 40], True)
+    indices, (expected_o, expected_lse) = _fp8_expected(c, topk=4, init_blocks=0, local_blocks=1)
+    config = PagedAttentionConfig(tokens_per_program=4 if kernel == "shared-pages" else 1)
+    plan = plan_paged_attention(c["q"].shape[0], 3, 8, 8, 2, 32, 4, torch.bfloat16, c["q"].device,
+                                split=kernel == "split", config=config)
+    assert (plan.tokens_per_program > 1) == (kernel == "shared-pages")
+    q = c["q"] * 2.0 ** power  # exact in bf16
+    assert torch.isfinite(q).all() and q.abs().amax() > 65504 if power > 0 else q.abs().amax() < 2 ** -14
+    o, lse = run_paged_attention(plan, q, c["k_cache"], c["v_cache"], indices, c["block_table"],
+                                 c["cu_q"], c["seq_lens"], softmax_scale=32 ** -0.5 * 2.0 ** -power,
+                                 out=_poisoned(c["q"]), k_scale=c["k_scale"], v_scale=c["v_scale"])
+    _check(o, lse, expected_o, expected_lse)
+
+
 @pytest.mark.parametrize("lens_q", [[1, 1], [5, 16], [40, 1]], ids=["decode", "multi", "chunked"])
 @pytest.mark.parametrize("per_head", [False, True], ids=["per-tensor", "per-head"])
 def test_fp8_kv_public_paged_attention(lens_q, per_head, monkeypatch):

@@ -457,7 +457,7 @@ def _attention_configs() -> list:
     from msattn.ops.paged_attention import PagedAttentionConfig
 
     return [PagedAttentionConfig(block_n=n, num_warps=w, num_stages=s)
-            for n, w, s in ((128, 8, 2), (64, 4, 3), (64, 8, 3))] + [
+            for n, w, s in ((128, 8, 2), (128, 4, 3), (64, 4, 3), (64, 8, 3))] + [
         PagedAttentionConfig(block_n=n, num_warps=w, num_stages=s, tokens_per_program=t)
         for t in (2, 4, 8) for n, w, s in ((128, 4, 2), (128, 8, 2), (64, 8, 3))]
 

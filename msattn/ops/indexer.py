@@ -29,7 +29,7 @@ from msattn.cache import quantize_index_keys
 from msattn.ops.nvfp4 import nvfp4_halves
 from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, fp8_conversions,
                               gdc_launch_dependents, gdc_wait, interpreted, mma,
-                              programmatic_launch)
+                              programmatic_launch, rows_to_fp16)
 
 # Split programs merge in a two-level tree: groups of fan_in splits, then the group lists; up to
 # 2 * fan_in splits merge in one level. (H200, 1M-token decode: fan-in 8 and 16 within 2%.)
@@ -508,20 +508,6 @@ def _fp8_dot(q, k, EMULATED: tl.constexpr):
 
 
 @triton.jit
-def _rows_to_fp16(q, other_abs_max=None):
-    """Rows of ``q [R, Di]`` in fp16, each scaled by a power of two ``2^shift [R]`` (returned)
-    that brings its largest value (or ``other_abs_max [R]``, when larger: the rest of the row
-    elsewhere) to about 2^13: finite in fp16 whatever the magnitude, exact for every value within
-    2^27 of the largest."""
-    q32 = q.to(tl.float32)
-    row_abs_max = tl.max(tl.abs(q32), axis=1)
-    if other_abs_max is not None:
-        row_abs_max = tl.maximum(row_abs_max, other_abs_max)
-    factor = tl.exp2(tl.where(row_abs_max > 0, 13.0 - tl.floor(tl.log2(row_abs_max)), 0.0))
-    return (q32 * factor[:, None]).to(tl.float16), factor
-
-
-@triton.jit
 def _quantize_rows_fp8(q, EMULATE: tl.constexpr):
     """Rows of ``q [R, Di]`` as float8_e4m3fn values ``q / scale`` (rounded to nearest, even)
     and the float32 ``scale [R]`` (the row's largest magnitude maps to 448; 1 for an all-zero
@@ -579,7 +565,7 @@ def _block_scores_kernel(qi_ptr, ki_ptr, key_scale_ptr, block_scale_ptr, block_t
             half = tl.arange(0, BLOCK_D // 2)
             q_even = tl.load(q_rows + 2 * half[None, :], mask=row_mask[:, None], other=0.0)
             q_odd = tl.load(q_rows + 2 * half[None, :] + 1, mask=row_mask[:, None], other=0.0)
-            q_even, factor = _rows_to_fp16(q_even, tl.max(tl.abs(q_odd.to(tl.float32)), axis=1))
+            q_even, factor = rows_to_fp16(q_even, tl.max(tl.abs(q_odd.to(tl.float32)), axis=1))
             q_odd = (q_odd.to(tl.float32) * factor[:, None]).to(tl.float16)
             row_scale = row_scale / factor
         else:

@@ -13,8 +13,9 @@ stays full (measured in benchmarks/README.md: 32 x 8 x 64K correlated, 8 tokens 
 One-token batches keep the per-token kernel and its split.
 
 fp8 K/V caches (float8_e4m3fn with a per-tensor or per-KV-head float32 scale) are converted to
-q's 16-bit dtype in registers (exact), so the MMAs run on 16-bit operands; ``k_scale`` is folded
-into the softmax scale and ``v_scale`` into the output, one scalar each per program.
+fp16 in registers (exact; bf16 queries are scaled per row into fp16, exactly), so the MMAs run
+on fp16 operands; ``k_scale`` is folded into the softmax scale and ``v_scale`` into the output,
+one scalar each per program.
 
 Long query runs (chunked prefill against a paged cache) go through the KV-outer kernel of
 :mod:`msattn.ops.sparse_attention` instead, which loads each selected page once per chunk.
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from msattn.ops.sparse_attention import merge_slot_partials, scale_stride
 from msattn.ops.utils import (LOG2E, arrive_last, device_sm_count, dot_options, finish_softmax,
-                              gdc_wait, mma, programmatic_launch)
+                              gdc_wait, mma, programmatic_launch, rows_to_fp16)
 
 
 @triton.jit
@@ -40,13 +41,14 @@ def _attend_page_tile(q, k_ptr, v_ptr, page, rows, dim, kv_mask, key_mask, group
                       DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """One online-softmax step of the rows of ``q [R, BLOCK_D]`` over a tile of keys of a page:
     K/V rows ``rows [BLOCK_N]`` of page ``page`` (loaded where ``kv_mask [BLOCK_N, BLOCK_D]``),
-    scores kept where ``key_mask`` (``[1 or R, BLOCK_N]``). Returns the new
+    scores kept where ``key_mask`` (``[1 or R, BLOCK_N]``), ``scale_log2`` a scalar or
+    ``[R, 1]``. Returns the new
     ``(row_max, row_sum, acc)`` (exp2 domain; rows without a key yet stay at -inf, 0, 0)."""
     k = tl.load(k_ptr + page.to(tl.int64) * stride_k_page + rows[:, None] * stride_k_token
                 + group * stride_k_group + dim[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + page.to(tl.int64) * stride_v_page + rows[:, None] * stride_v_token
                 + group * stride_v_group + dim[None, :], mask=kv_mask, other=0.0)
-    if KV_FP8:  # exact in fp16 and bf16
+    if KV_FP8:  # exact; fp16 q (_fp8_kv_query): one conversion instruction per two values
         k = k.to(q.dtype)
         v = v.to(q.dtype)
     scores = mma(q, tl.trans(k), DOT_PRECISION, DOT_UPCAST) * scale_log2
@@ -58,6 +60,18 @@ def _attend_page_tile(q, k_ptr, v_ptr, page, rows, dim, kv_mask, key_mask, group
     row_sum = row_sum * correction + tl.sum(p, axis=1)
     acc = acc * correction[:, None] + mma(p.to(v.dtype), v, DOT_PRECISION, DOT_UPCAST)
     return new_max, row_sum, acc
+
+
+@triton.jit
+def _fp8_kv_query(q, score_scale):
+    """The query tile ``q [R, D]`` and score scale ``[R, 1]`` for fp8 K/V tiles. e4m3 widens to
+    fp16 in one instruction per two values, to bf16 only through wider types (twice the
+    instructions, measured in the SASS): bf16 rows become fp16 scaled by powers of two (exact,
+    :func:`rows_to_fp16`) and the score scale is divided by them; fp16 and float32 rows stay."""
+    factor = tl.full([q.shape[0]], 1.0, tl.float32)
+    if q.dtype == tl.bfloat16:
+        q, factor = rows_to_fp16(q)
+    return q, (score_scale / factor)[:, None]
 
 
 # One program: query token ``t`` of request ``b`` (program_id(0) = b * max_len_q + t) x one group
@@ -96,8 +110,10 @@ def _paged_attention_kernel(
         dim_mask = dim < HEAD_DIM
         q = tl.load(q_ptr + token * stride_q_token + heads[:, None] * stride_q_head + dim[None, :],
                     mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+        score_scale = scale_log2
         if KV_FP8:  # real K = k * k_scale: scale the scores instead
-            scale_log2 = scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale)
+            q, score_scale = _fp8_kv_query(
+                q, scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale))
         if PDL:  # launched while the indexer drains: wait for its selection
             gdc_wait()
         offs = tl.arange(0, BLOCK_N)
@@ -125,7 +141,7 @@ def _paged_attention_kernel(
             row_max, row_sum, acc = _attend_page_tile(
                 q, k_ptr, v_ptr, page, rows, dim, key_mask[:, None] & dim_mask[None, :],
                 key_mask[None, :], group, stride_k_page, stride_k_token, stride_k_group,
-                stride_v_page, stride_v_token, stride_v_group, scale_log2, row_max, row_sum, acc,
+                stride_v_page, stride_v_token, stride_v_group, score_scale, row_max, row_sum, acc,
                 KV_FP8, DOT_PRECISION, DOT_UPCAST)
         out, lse = finish_softmax(acc, row_max, row_sum)
         if KV_FP8:  # real V = v * v_scale
@@ -185,8 +201,10 @@ def _paged_shared_attention_kernel(
         dim_mask = dim < HEAD_DIM
         q = tl.load(q_ptr + token[:, None] * stride_q_token + heads[:, None] * stride_q_head
                     + dim[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+        score_scale = scale_log2
         if KV_FP8:  # real K = k * k_scale: scale the scores instead
-            scale_log2 = scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale)
+            q, score_scale = _fp8_kv_query(
+                q, scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale))
         if PDL:  # launched while the indexer drains: wait for its selection
             gdc_wait()
         index_group = indices_ptr + group * stride_indices_group
@@ -221,7 +239,7 @@ def _paged_shared_attention_kernel(
                 q, k_ptr, v_ptr, page, in_page, dim, (keys < seq_len)[:, None] & dim_mask[None, :],
                 row_chose[:, None] & (keys[None, :] <= position[:, None]), group, stride_k_page,
                 stride_k_token, stride_k_group, stride_v_page, stride_v_token, stride_v_group,
-                scale_log2, row_max, row_sum, acc, KV_FP8, DOT_PRECISION, DOT_UPCAST)
+                score_scale, row_max, row_sum, acc, KV_FP8, DOT_PRECISION, DOT_UPCAST)
         out, lse = finish_softmax(acc, row_max, row_sum)
         if KV_FP8:  # real V = v * v_scale
             out = out * tl.load(v_scale_ptr + group * stride_v_scale)

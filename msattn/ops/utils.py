@@ -137,3 +137,17 @@ def finish_softmax(acc, row_max, row_sum):
     out = acc / safe_sum[:, None]
     lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
     return out, lse
+
+
+@triton.jit
+def rows_to_fp16(q, other_abs_max=None):
+    """Rows of ``q [R, Di]`` in fp16, each scaled by a power of two ``2^shift [R]`` (returned)
+    that brings its largest value (or ``other_abs_max [R]``, when larger: the rest of the row
+    elsewhere) to about 2^13: finite in fp16 whatever the magnitude, exact for every value within
+    2^27 of the largest."""
+    q32 = q.to(tl.float32)
+    row_abs_max = tl.max(tl.abs(q32), axis=1)
+    if other_abs_max is not None:
+        row_abs_max = tl.maximum(row_abs_max, other_abs_max)
+    factor = tl.exp2(tl.where(row_abs_max > 0, 13.0 - tl.floor(tl.log2(row_abs_max)), 0.0))
+    return (q32 * factor[:, None]).to(tl.float16), factor
