@@ -20,8 +20,9 @@
 #   scripts/device_run.sh chunked-report          GPU tests of the CSR and attention paths, the
 #                                                  chunked call's host time (this tree and .peers/msattn_base),
 #                                                  chunked shapes beside vLLM, memcheck, prefill 8K-128K
-#   scripts/device_run.sh kv-report               fp8 K/V decode: GPU tests + memcheck of the decode
-#                                                  attention and the CSR, 32 x 8 x 64K of this tree
+#   scripts/device_run.sh kv-report               GPU tests + memcheck of the decode attention and the
+#                                                  sparse attention, the prefill's merge A/B at 16K and
+#                                                  128K, fp8 K/V decode at 32 x 8 x 64K of this tree
 #                                                  and .peers/msattn_base, attention launch variants
 #   scripts/device_run.sh train-report [ab|check] the backward's float32 reductions (bulk TMA dQ against
 #                                                  elementwise atomics) at 128K and 512K, training GPU tests + memcheck
@@ -175,11 +176,15 @@ case "$mode" in
     # attention launch variants with fp8 keys and K/V.
     step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_paged.py \
         -k "fp8_kv or decode_attention or shared_pages or csr or gpu"
-    step pytest-csr pytest-csr.log timeout 150 python3 -m pytest -q -rs tests/test_sparse_attention.py \
-        -k "csr or order or gpu"
+    step pytest-csr pytest-csr.log timeout 150 python3 -m pytest -q -rs tests/test_sparse_attention.py
     step memcheck memcheck.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 -m pytest -q -x tests/test_paged.py tests/test_sparse_attention.py \
-        -k "not gpu and (fp8_kv or csr or order or shared_pages)"
+        -k "not gpu and (fp8_kv or csr or order or shared_pages or matches_reference or combine or ignores or unwritten or chunk)"
+    # the prefill's partials merged in the block kernel against a combine kernel after it
+    for length in 16k 128k; do
+      step "merge-$length" "tune-attention-merge-$length.log" timeout 120 python3 -m msattn.bench.tune \
+          attention --length $length --default-config --variants '[{"merge": false}]' --out "$OUT"
+    done
     if [ -d .peers/msattn_base ]; then
       step tune-base tune-kv-base.log timeout 120 env PYTHONPATH=$PWD/.peers/msattn_base python3 -m \
           msattn.bench.tune decode --profile-only --shapes 32x8x64k \

@@ -3,14 +3,15 @@ its registers and its shared memory. Needs a Triton with its NVIDIA backend (``p
 triton==3.6.0`` in a side venv works); how the 4-bit decode was sized, and why fp8 K/V do not
 reach their byte floor (benchmarks/README.md, 2026-12-07 and 12-08).
 
-    python3 scripts/sass_counts.py [scores|attention] [NAME=VALUE ...]   # constexprs, num_warps
+    python3 scripts/sass_counts.py [scores|attention|block] [NAME=VALUE ...]   # constexprs, num_warps
     python3 scripts/sass_counts.py scores KEY_FORMAT=1 BLOCK_N=64
     python3 scripts/sass_counts.py scores PTX_DECODE=False   # the 4-bit integer decode
     python3 scripts/sass_counts.py attention KV_FP8=True     # fp8 K/V caches
 
 ``scores``: the selection's score kernel (``indexer._block_scores_kernel``; KEY_FORMAT 0 bf16
 keys, 1 fp8, 2 4-bit, the default). ``attention``: the split decode attention
-(``paged_attention._paged_attention_kernel``, M3 shape, 8 warps). Prints the instruction count by
+(``paged_attention._paged_attention_kernel``, M3 shape, 8 warps). ``block``: the prefill's
+KV-outer block kernel (``sparse_attention._block_attention_kernel``, M3 shape). Prints the instruction count by
 opcode (the whole kernel; its loop is most of it) and writes the listing to /tmp/<kernel>.sass.
 """
 
@@ -23,7 +24,7 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from msattn.ops import indexer, paged_attention
+from msattn.ops import indexer, paged_attention, sparse_attention
 
 BIN = triton.__path__[0] + "/backends/nvidia/bin/"
 
@@ -54,6 +55,16 @@ KERNELS = {
                              "v_ptr": "*fp8e4nv" if c["KV_FP8"] else "*bf16",
                              "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "lse_ptr": "*fp32",
                              "partial_lse_ptr": "*fp32"}),
+    "block": (sparse_attention._block_attention_kernel,
+              dict(GROUP_SIZE=16, BLOCK_H=16, TOPK=16, TOPK_PAD=16, HEAD_DIM=128, BLOCK_D=128,
+                   BLOCK_M=64, BLOCK_SIZE=128, TILES_PER_PROGRAM=16, MERGE=True, KV_FP8=False,
+                   DOT_PRECISION="tf32", DOT_UPCAST=False),
+              {"num_warps": 4, "num_stages": 1},
+              lambda c: {"q_ptr": "*bf16", "o_ptr": "*bf16", "partial_o_ptr": "*bf16",
+                         "k_ptr": "*fp8e4nv" if c["KV_FP8"] else "*bf16",
+                         "v_ptr": "*fp8e4nv" if c["KV_FP8"] else "*bf16",
+                         "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "lse_ptr": "*fp32",
+                         "partial_lse_ptr": "*fp32"}),
 }
 FLOAT_SCALARS = ("scale", "scale_log2")
 

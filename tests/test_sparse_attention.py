@@ -1,6 +1,7 @@
 """The KV-outer Triton sparse attention against the exact reference."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import msattn
 from msattn import reference
 from msattn.ops.selection_csr import build_block_csr, csr_layout
-from msattn.ops.sparse_attention import sparse_attention
+from msattn.ops.sparse_attention import launch_config, sparse_attention
 from tests.kernel_cases import DEVICE, cu_seqlens, index_inputs, random_tensor
 
 # lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows
@@ -59,6 +60,21 @@ def test_sparse_attention_matches_reference(case):
                                                           block_size=block_size, softmax_scale=scale)
     o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
                               softmax_scale=scale, chunk_rows=chunk_rows, out=_poisoned(q))
+    _check(o, lse, expected_o, expected_lse)
+
+
+@pytest.mark.parametrize("case", [1, 2, 4], ids=lambda i: f"case{i}")
+def test_combine_kernel_after_the_block_kernel(case):
+    """``AttentionConfig(merge=False)``: the partials merged by a kernel of their own."""
+    lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows = CASES[case]
+    q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype)
+    scale = head_dim ** -0.5
+    expected_o, expected_lse = reference.sparse_attention(q, k, v, indices, cu_q, cu_k,
+                                                          block_size=block_size, softmax_scale=scale)
+    config = replace(launch_config(q), merge=False)
+    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
+                              softmax_scale=scale, chunk_rows=chunk_rows, out=_poisoned(q),
+                              config=config)
     _check(o, lse, expected_o, expected_lse)
 
 

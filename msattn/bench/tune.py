@@ -629,8 +629,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fp8-index", action="store_true",
                         help="indexer: sweep the fp8 index path (fp8 keys and queries)")
     parser.add_argument("--variants", type=json.loads, default=None,
-                        help="backward: a JSON list of BackwardConfig fields to replace in the "
-                             "default, one launch each after the default, e.g. "
+                        help="backward, attention: a JSON list of BackwardConfig or "
+                             "AttentionConfig fields to replace in the default, one launch each "
+                             "after the default, e.g. "
                              "'[{\"atomic_dq_chunk_bytes\": 2147483648}]'")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/local"))
     args = parser.parse_args(argv)
@@ -665,6 +666,8 @@ def main(argv=None) -> int:
     elif args.what == "attention":
         chunks = [int(c) or None for c in args.chunk_rows.split(",")]
         configs = [sparse_attention.CUDA_CONFIG] if args.default_config else ATTENTION_CONFIGS
+        if args.variants is not None:
+            configs = [configs[0]] + [dataclasses.replace(configs[0], **v) for v in args.variants]
         sweep_attention(args.length, configs, chunks, rows)
     else:
         sweep_indexer(args.length, INDEXER_CONFIGS, rows, fp8=args.fp8_index)

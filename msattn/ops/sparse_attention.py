@@ -45,6 +45,9 @@ class AttentionConfig:
         tiles_per_program: row tiles of one (group, key block) bucket per program: amortises the
             program's K/V load and lets the pipeliner overlap the next tile's loads with this
             tile's math.
+        merge: the block kernel merges a (token, group)'s partials when its last slot is
+            stored (atomic counts; the tile that completes it reads them back), instead of a
+            combine kernel after it.
         combine_warps: warps of the combine kernel (H100, 1M tokens: 8 beat 4, 477 -> 453 ms).
     """
 
@@ -52,6 +55,7 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 1
     tiles_per_program: int = 16
+    merge: bool = True
     combine_warps: int = 8
 
 
@@ -70,16 +74,42 @@ CUDA_CONFIG = AttentionConfig()
 def _block_attention_kernel(
         q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, partial_o_ptr, partial_lse_ptr,
         entries_ptr, bucket_start_ptr, program_start_ptr, program_bucket_ptr, block_key_start_ptr,
-        block_position_ptr, block_num_keys_ptr, row_position_ptr,
+        block_position_ptr, block_num_keys_ptr, row_position_ptr, indices_ptr, o_ptr, lse_ptr,
+        counters_ptr,
         stride_q_token, stride_q_head, stride_k_block, stride_k_token, stride_k_group,
         stride_v_block, stride_v_token, stride_v_group, stride_k_scale, stride_v_scale,
-        row_start, rows, num_heads, num_buckets, num_blocks, scale_log2,
-        GROUP_SIZE: tl.constexpr, TOPK: tl.constexpr, HEAD_DIM: tl.constexpr,
+        stride_indices_group, stride_indices_token, stride_o_token, stride_o_head,
+        row_start, rows, num_heads, num_groups, num_buckets, num_blocks, empty_programs, scale_log2,
+        GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr,
+        TOPK_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        TILES_PER_PROGRAM: tl.constexpr, KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr):
+        TILES_PER_PROGRAM: tl.constexpr, MERGE: tl.constexpr,
+        KV_FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
     pid = tl.program_id(0)
-    if pid < tl.load(program_start_ptr + num_buckets):
+    if pid < empty_programs:
+        # BLOCK_M (row, group) pairs of the chunk: the rows that selected no visible block get
+        # their output here (0, and -inf LSE); no tile ever merges them.
+        pair = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair_mask = pair < rows * num_groups
+        pair_row = pair // num_groups
+        pair_group = pair % num_groups
+        pair_token = (row_start + pair_row).to(tl.int64)
+        pair_position = tl.load(row_position_ptr + pair_row, mask=pair_mask, other=-1)
+        visible = _visible_slots(indices_ptr + pair_group * stride_indices_group
+                                 + pair_token * stride_indices_token, pair_position, pair_mask,
+                                 TOPK, TOPK_PAD, BLOCK_SIZE)
+        empty = pair_mask & (visible == 0)
+        if tl.sum(empty.to(tl.int32), 0) > 0:
+            dim = tl.arange(0, BLOCK_D)
+            for head_in_group in range(GROUP_SIZE):
+                head = pair_group * GROUP_SIZE + head_in_group
+                tl.store(o_ptr + pair_token[:, None] * stride_o_token + head[:, None] * stride_o_head
+                         + dim[None, :], tl.zeros([BLOCK_M, BLOCK_D], o_ptr.dtype.element_ty),
+                         mask=empty[:, None] & (dim < HEAD_DIM)[None, :])
+                tl.store(lse_ptr + pair_token * num_heads + head,
+                         tl.full([BLOCK_M], float("-inf"), tl.float32), mask=empty)
+    pid -= empty_programs
+    if (pid >= 0) & (pid < tl.load(program_start_ptr + num_buckets)):
         bucket = tl.load(program_bucket_ptr + pid)
         group = bucket // num_blocks
         block = bucket % num_blocks
@@ -136,6 +166,44 @@ def _block_attention_kernel(
             tl.store(partial_o_ptr + flat[:, None] * HEAD_DIM + dim[None, :],
                      out.to(partial_o_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :],
                      eviction_policy="evict_first")
+            if MERGE:
+                # Count the tile's (entry, head) rows in at their (row, group): the row whose
+                # count completes the row's visible slots x GROUP_SIZE merges its partials.
+                index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
+                expected = _visible_slots(index_row, position, row_mask, TOPK, TOPK_PAD,
+                                          BLOCK_SIZE) * GROUP_SIZE
+                tl.debug_barrier()  # the tile's partials are stored before they are counted
+                arrived = tl.atomic_add(counters_ptr + row * num_groups + group, 1, mask=row_mask,
+                                        sem="acq_rel", scope="gpu")
+                done = row_mask & (arrived == expected - 1)
+                num_done = tl.sum(done.to(tl.int32), 0)
+                if num_done > 0:
+                    tl.debug_barrier()  # the completing threads' acquires before every read
+                    rank = tl.cumsum(done.to(tl.int32), 0) - 1
+                    for i in range(num_done):
+                        pick = done & (rank == i)
+                        merge_row = tl.sum(tl.where(pick, row, 0), 0)
+                        merge_token = row_start + merge_row
+                        tl.store(counters_ptr + merge_row * num_groups + group, 0)  # next chunk
+                        merge_slot_partials(
+                            partial_o_ptr, partial_lse_ptr,
+                            indices_ptr + group * stride_indices_group
+                            + merge_token.to(tl.int64) * stride_indices_token, merge_row,
+                            tl.sum(tl.where(pick, position, 0), 0), merge_token, group, o_ptr,
+                            lse_ptr, stride_o_token, stride_o_head, num_heads, GROUP_SIZE,
+                            BLOCK_H, TOPK, TOPK_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE)
+
+
+@triton.jit
+def _visible_slots(index_rows, position, mask, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr):
+    """How many of the ``TOPK`` slots of each row (``index_rows [R]``: pointers to the rows'
+    selected blocks) choose a block with a key at or before the row's ``position [R]`` (the
+    rule of the CSR and of :func:`merge_slot_partials`); 0 where not ``mask [R]``."""
+    slots = tl.arange(0, TOPK_PAD)
+    blocks = tl.load(index_rows[:, None] + slots[None, :], mask=mask[:, None] & (slots < TOPK)[None, :],
+                     other=-1)
+    return tl.sum(((blocks >= 0) & (blocks * BLOCK_SIZE <= position[:, None])).to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -236,6 +304,12 @@ class _Workspace:
         self.buffer = None
         self.dtype, self.device = o.dtype, o.device
 
+    def max_rows(self) -> int:
+        """The most rows a chunk of :meth:`chunks` has."""
+        if self.reuse_output:  # the first chunk is the largest
+            return max(self.buffer_rows, self.total_q * self.out_row // (self.per_row + self.out_row))
+        return self.buffer_rows
+
     def chunks(self):
         """Yield ``(row_start, row_end, partial_o, partial_lse)`` covering the output's rows."""
         row_start = 0
@@ -308,6 +382,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     block_m = max(16, min(config.block_m, config.block_m * 128 // block_size))
     block_d = triton.next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
+    counters = None  # int32 [rows, G]: (entry, head) rows stored; zero between chunks
+    if config.merge:
+        counters = torch.zeros(workspace.max_rows() * num_groups, dtype=torch.int32, device=q.device)
     layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
                         block_size=block_size, total_k=k.shape[0], block_table=block_table,
                         seq_lens=seq_lens)
@@ -319,24 +396,32 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                               tiles_per_program=config.tiles_per_program, layout=layout,
                               stable=False)
         num_buckets = num_groups * csr.num_blocks
-        _block_attention_kernel[(csr.max_programs,)](
+        empty_programs = triton.cdiv(rows * num_groups, block_m) if config.merge else 0
+        _block_attention_kernel[(empty_programs + csr.max_programs,)](
             q_ptr=q, k_ptr=k, v_ptr=v, k_scale_ptr=k_scale, v_scale_ptr=v_scale, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,
             entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
             program_start_ptr=csr.program_start, program_bucket_ptr=csr.program_bucket,
             block_key_start_ptr=csr.block_key_start, block_position_ptr=csr.block_position,
             block_num_keys_ptr=csr.block_num_keys, row_position_ptr=csr.row_position,
+            indices_ptr=indices, o_ptr=o, lse_ptr=lse, counters_ptr=counters,
             stride_q_token=q.stride(0), stride_q_head=q.stride(1),
             stride_k_block=k_strides[0], stride_k_token=k_strides[1], stride_k_group=k_strides[2],
             stride_v_block=v_strides[0], stride_v_token=v_strides[1], stride_v_group=v_strides[2],
             stride_k_scale=scale_stride(k_scale), stride_v_scale=scale_stride(v_scale),
-            row_start=row_start, rows=rows, num_heads=num_heads, num_buckets=num_buckets,
-            num_blocks=csr.num_blocks, scale_log2=softmax_scale * LOG2E,
-            GROUP_SIZE=group_size, TOPK=topk, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m,
-            BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config.tiles_per_program,
-            KV_FP8=k_scale is not None, **dot_options(q.dtype), num_warps=config.num_warps, num_stages=config.num_stages)
-        combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
-                         row_start=row_start, rows=rows, block_size=block_size,
-                         num_warps=config.combine_warps)
+            stride_indices_group=indices.stride(0), stride_indices_token=indices.stride(1),
+            stride_o_token=o.stride(0), stride_o_head=o.stride(1),
+            row_start=row_start, rows=rows, num_heads=num_heads, num_groups=num_groups,
+            num_buckets=num_buckets, num_blocks=csr.num_blocks, empty_programs=empty_programs,
+            scale_log2=softmax_scale * LOG2E, GROUP_SIZE=group_size,
+            BLOCK_H=triton.next_power_of_2(group_size), TOPK=topk,
+            TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_M=block_m, BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config.tiles_per_program,
+            MERGE=config.merge, KV_FP8=k_scale is not None, **dot_options(q.dtype),
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        if not config.merge:
+            combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
+                             row_start=row_start, rows=rows, block_size=block_size,
+                             num_warps=config.combine_warps)
     return o, lse
 
 
