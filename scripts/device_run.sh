@@ -183,7 +183,7 @@ case "$mode" in
     # the prefill's partials merged in the block kernel against a combine kernel after it
     for length in 16k 128k; do
       step "merge-$length" "tune-attention-merge-$length.log" timeout 120 python3 -m msattn.bench.tune \
-          attention --length $length --default-config --variants '[{"merge": false}]' --out "$OUT"
+          attention --length $length --default-config --variants '[{"merge": true}]' --out "$OUT"
     done
     if [ -d .peers/msattn_base ]; then
       step tune-base tune-kv-base.log timeout 120 env PYTHONPATH=$PWD/.peers/msattn_base python3 -m \

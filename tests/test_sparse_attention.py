@@ -51,30 +51,18 @@ def _check(o, lse, expected_o, expected_lse):
     assert (lse[finite] - expected_lse[finite]).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["combine-kernel", "merged-in-block-kernel"])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_sparse_attention_matches_reference(case):
+def test_sparse_attention_matches_reference(case, merge):
+    """Both ways of merging the partials (``AttentionConfig.merge``)."""
     lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows = case
     q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype)
     scale = head_dim ** -0.5
     expected_o, expected_lse = reference.sparse_attention(q, k, v, indices, cu_q, cu_k,
                                                           block_size=block_size, softmax_scale=scale)
     o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
-                              softmax_scale=scale, chunk_rows=chunk_rows, out=_poisoned(q))
-    _check(o, lse, expected_o, expected_lse)
-
-
-@pytest.mark.parametrize("case", [1, 2, 4], ids=lambda i: f"case{i}")
-def test_combine_kernel_after_the_block_kernel(case):
-    """``AttentionConfig(merge=False)``: the partials merged by a kernel of their own."""
-    lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows = CASES[case]
-    q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype)
-    scale = head_dim ** -0.5
-    expected_o, expected_lse = reference.sparse_attention(q, k, v, indices, cu_q, cu_k,
-                                                          block_size=block_size, softmax_scale=scale)
-    config = replace(launch_config(q), merge=False)
-    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
                               softmax_scale=scale, chunk_rows=chunk_rows, out=_poisoned(q),
-                              config=config)
+                              config=replace(launch_config(q), merge=merge))
     _check(o, lse, expected_o, expected_lse)
 
 
@@ -103,8 +91,10 @@ def test_partials_in_unwritten_output_rows(monkeypatch, budget_rows):
     _check(o, lse, *expected)
 
 
-def test_ignores_padding_and_blocks_after_the_query():
-    """User indices: -1 entries, blocks past the query and rows with nothing visible."""
+@pytest.mark.parametrize("merge", [False, True], ids=["combine-kernel", "merged-in-block-kernel"])
+def test_ignores_padding_and_blocks_after_the_query(merge):
+    """User indices: -1 entries, blocks past the query and rows with nothing visible (which
+    the merging block kernel writes in programs of their own)."""
     q, k, v, _, cu_q, cu_k = _inputs([40], [40], 2, 1, 16, 16, 2, torch.float32)
     indices = torch.full((1, 40, 3), -1, dtype=torch.int32, device=q.device)
     indices[0, 20:, 0] = 2  # block 2 starts at key 32: visible from row 32 on only
@@ -112,7 +102,7 @@ def test_ignores_padding_and_blocks_after_the_query():
     indices[0, 30, 1] = -1  # row 30 sees nothing
     expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25)
     o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25,
-                              out=_poisoned(q))
+                              out=_poisoned(q), config=replace(launch_config(q), merge=merge))
     _check(o, lse, *expected)
     assert torch.equal(o[:20], torch.zeros_like(o[:20])) and (lse[:20] == -math.inf).all()
 

@@ -11,7 +11,9 @@ Pipeline for a chunk of query rows (chunks bound the memory of the partial resul
 2. ``_block_attention_kernel``: one program takes one K/V block of one group and a tile of
    ``BLOCK_M`` gathered (entry, head) rows, and writes each row's softmax-normalised partial
    output and log-sum-exp for that block.
-3. ``_combine_kernel`` merges the ``topk`` partials of every (token, head) by their LSEs.
+3. ``_combine_kernel`` merges the ``topk`` partials of every (token, head) by their LSEs; or,
+   with ``AttentionConfig(merge=True)``, the block kernel's tile that stores a (token, group)'s
+   last partial merges them (counted by atomics), in the same launch.
 
 K/V may be float8_e4m3fn with a per-tensor or per-group float32 scale (fp8 paged caches): the
 block kernel converts them to q's 16-bit dtype in registers (exact) and applies ``k_scale`` to the
@@ -47,7 +49,10 @@ class AttentionConfig:
             tile's math.
         merge: the block kernel merges a (token, group)'s partials when its last slot is
             stored (atomic counts; the tile that completes it reads them back), instead of a
-            combine kernel after it.
+            combine kernel after it. Off until measured on a GPU: it saves the combine's
+            launch and its pass over the partials (16K: 4.3 GB read), and adds the merges' reads
+            to the block kernel's tail (2026-12-08: correct on the CPU interpreter; compiled for
+            sm_90 with 255 registers, 1 spilled).
         combine_warps: warps of the combine kernel (H100, 1M tokens: 8 beat 4, 477 -> 453 ms).
     """
 
@@ -55,7 +60,7 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 1
     tiles_per_program: int = 16
-    merge: bool = True
+    merge: bool = False
     combine_warps: int = 8
 
 
@@ -65,7 +70,10 @@ CUDA_CONFIG = AttentionConfig()
 
 # One program: one (group, key block) bucket x up to TILES_PER_PROGRAM tiles of BLOCK_M gathered
 # (entry, head) rows of it; the block's K and V are loaded once for all its tiles.
-# Grid: (upper bound on the programs,); programs past the real ones exit.
+# Grid: (empty_programs + upper bound on the programs,); programs past the real ones exit.
+# MERGE: each tile counts its rows into counters [rows, G] (int32, zero before; left zero) and
+# merges the (row, group)s it completes into o [total_q, H, D], lse [total_q, H]; the first
+# empty_programs programs write the rows with no visible block (BLOCK_M (row, group) pairs each).
 # q [total_q, H, D], k/v [total_k, G, D] (a block starts at row block_key_start) or paged
 # [num_pages, page_size, G, D] (block_key_start is the page); with KV_FP8, float8_e4m3fn K/V and
 # k/v scales [] or [G] (stride 0 or their G stride); writes partial_o [rows, H, TOPK, D] (q's dtype)
