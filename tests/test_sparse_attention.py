@@ -66,8 +66,39 @@ def test_sparse_attention_matches_reference(case, merge):
     _check(o, lse, expected_o, expected_lse)
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["combine-kernel", "merged-in-block-kernel"])
+def test_paged_kv_in_shuffled_pages(merge):
+    """K/V as pages of a pool in random order (``block_table``, ``seq_lens``), chunks of rows
+    (the merge counters are reused), varlen with T < S: the contiguous reference's result."""
+    lens_q, lens_k, block_size = [30, 7, 50], [100, 40, 50], 16
+    q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, 6, 2, 32, block_size, 3, torch.float32, seed=7)
+    pages = [-(-n // block_size) for n in lens_k]
+    generator = torch.Generator().manual_seed(8)
+    pool = torch.randperm(sum(pages) + 3, generator=generator).to(q.device)  # 3 unused pages
+    table = torch.full((len(lens_k), max(pages)), -1, dtype=torch.int32, device=q.device)
+    k_pages = torch.full((pool.numel(), block_size, 2, 32), float("nan"), device=q.device)
+    v_pages = torch.full_like(k_pages, float("nan"))
+    used = 0
+    for seq, (start, n) in enumerate(zip(cu_k[:-1].tolist(), lens_k)):
+        for page in range(pages[seq]):
+            slot = int(pool[used])
+            used += 1
+            table[seq, page] = slot
+            keys = slice(start + page * block_size, start + min(n, (page + 1) * block_size))
+            count = keys.stop - keys.start
+            k_pages[slot, :count], v_pages[slot, :count] = k[keys], v[keys]
+    expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
+                                          softmax_scale=0.2)
+    o, lse = sparse_attention(q, k_pages, v_pages, indices, cu_q, None, block_size=block_size,
+                              softmax_scale=0.2, chunk_rows=25, out=_poisoned(q),
+                              block_table=table, seq_lens=torch.tensor(lens_k, dtype=torch.int32, device=q.device),
+                              config=replace(launch_config(q), merge=merge))
+    _check(o, lse, *expected)
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["combine-kernel", "merged-in-block-kernel"])
 @pytest.mark.parametrize("budget_rows", [1, 7])
-def test_partials_in_unwritten_output_rows(monkeypatch, budget_rows):
+def test_partials_in_unwritten_output_rows(monkeypatch, budget_rows, merge):
     """With a small partial buffer, early chunks keep their partials in the output rows after
     them (not written yet), the last rows use the buffer; the result is unchanged."""
     from msattn.ops import sparse_attention as module
@@ -87,7 +118,7 @@ def test_partials_in_unwritten_output_rows(monkeypatch, budget_rows):
     expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16,
                                           softmax_scale=0.25)
     o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25,
-                              out=_poisoned(q))
+                              out=_poisoned(q), config=replace(launch_config(q), merge=merge))
     _check(o, lse, *expected)
 
 

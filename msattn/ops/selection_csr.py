@@ -69,6 +69,8 @@ class CSRLayout:
         bucket_count: ``[num_buckets + 1]`` int32 zeros: the counting sort's counters (each
             chunk's build leaves them zero again).
         num_blocks: global key blocks of the batch (an upper bound).
+        zeros: ``[extra_zeros]`` int32 zeros for the caller (the sparse attention's merge
+            counters), cleared by the same kernel.
     """
 
     row_position: torch.Tensor
@@ -78,6 +80,7 @@ class CSRLayout:
     block_num_keys: torch.Tensor
     bucket_count: torch.Tensor
     num_blocks: int
+    zeros: torch.Tensor
 
 
 def row_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, row_start: int,
@@ -122,18 +125,19 @@ def _key_length(key_lengths_ptr, seq, mask, PAGED: tl.constexpr):
 # Block b < num_blocks of sequence s (the last whose first block is <= b): block_position = (b -
 # first block) * BLOCK_SIZE, block_num_keys (0 past the keys), block_key_start (the key
 # row in total_k, or with PAGED the page id block_table[s, b - first block]; sequence s owns
-# blocks s * max_pages ...). bucket_count[i] = 0 for i <= num_buckets. cu_seqlens_q int32
+# blocks s * max_pages ...). bucket_count[i] = 0 for i < num_zeros (num_buckets + 1 counters,
+# then the caller's extra zeros, contiguous). cu_seqlens_q int32
 # [batch + 1]; key_lengths: cu_seqlens_k int32 [batch + 1], or seq_lens int32 [batch] when PAGED;
 # block_offset int32 [batch + 1] the first blocks (unused when PAGED); all outputs int32.
-# Grid: (cdiv(max(total_q, num_blocks, num_buckets + 1), BLOCK),).
+# Grid: (cdiv(max(total_q, num_blocks, num_zeros), BLOCK),).
 @triton.jit
 def _layout_kernel(cu_seqlens_q_ptr, key_lengths_ptr, block_offset_ptr, block_table_ptr,
                    row_position_ptr, row_block_offset_ptr, block_key_start_ptr, block_position_ptr,
                    block_num_keys_ptr, bucket_count_ptr, stride_table_seq, stride_table_page,
-                   batch, total_q, num_blocks, num_buckets, max_pages, steps,
+                   batch, total_q, num_blocks, num_zeros, max_pages, steps,
                    BLOCK_SIZE: tl.constexpr, PAGED: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(bucket_count_ptr + i, tl.zeros_like(i), mask=i <= num_buckets)
+    tl.store(bucket_count_ptr + i, tl.zeros_like(i), mask=i < num_zeros)
 
     row_mask = i < total_q
     seq = tl.minimum(_search_right(cu_seqlens_q_ptr + 1, batch, i, row_mask, steps), batch - 1)
@@ -184,10 +188,11 @@ def _key_lengths(cu_seqlens_k, block_table, seq_lens) -> torch.Tensor:
 def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, *, total_q: int,
                num_groups: int, block_size: int, total_k: int,
                block_table: torch.Tensor | None = None,
-               seq_lens: torch.Tensor | None = None) -> CSRLayout:
+               seq_lens: torch.Tensor | None = None, extra_zeros: int = 0) -> CSRLayout:
     """The part of :func:`build_block_csr` that does not depend on the chunk of rows (see
-    :class:`CSRLayout`; arguments as there, ``total_q`` the rows of ``indices``): one Triton
-    kernel, after two torch operations (the blocks' prefix sum) for contiguous keys."""
+    :class:`CSRLayout`; arguments as there, ``total_q`` the rows of ``indices``; ``extra_zeros``
+    int32 zeros more for the caller): one Triton kernel, after two torch operations (the blocks'
+    prefix sum) for contiguous keys."""
     device = cu_seqlens_q.device
     batch = cu_seqlens_q.numel() - 1
     key_lengths = _key_lengths(cu_seqlens_k, block_table, seq_lens)
@@ -202,21 +207,22 @@ def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, *,
         num_blocks = batch * max_pages
         block_offset = cu_seqlens_q  # unused (PAGED)
     num_buckets = num_groups * num_blocks
-    out = torch.empty(2 * total_q + 3 * num_blocks + num_buckets + 1, dtype=torch.int32,
-                      device=device)
-    row_position, row_block_offset, block_key_start, block_position, block_num_keys, bucket_count = \
-        out.split([total_q, total_q, num_blocks, num_blocks, num_blocks, num_buckets + 1])
+    num_zeros = num_buckets + 1 + extra_zeros
+    out = torch.empty(2 * total_q + 3 * num_blocks + num_zeros, dtype=torch.int32, device=device)
+    (row_position, row_block_offset, block_key_start, block_position, block_num_keys, bucket_count,
+     zeros) = out.split([total_q, total_q, num_blocks, num_blocks, num_blocks, num_buckets + 1,
+                         extra_zeros])
     table = block_table if block_table is not None else cu_seqlens_q
     block = 1024
-    _layout_kernel[(triton.cdiv(max(total_q, num_blocks, num_buckets + 1), block),)](
+    _layout_kernel[(triton.cdiv(max(total_q, num_blocks, num_zeros), block),)](
         cu_seqlens_q, key_lengths, block_offset, table, row_position, row_block_offset,
-        block_key_start, block_position, block_num_keys, bucket_count,
-        table.stride(0), table.stride(-1), batch, total_q, num_blocks, num_buckets, max_pages,
+        block_key_start, block_position, block_num_keys, bucket_count,  # zeros follow it
+        table.stride(0), table.stride(-1), batch, total_q, num_blocks, num_zeros, max_pages,
         batch.bit_length(), BLOCK_SIZE=block_size, PAGED=block_table is not None, BLOCK=block)
     return CSRLayout(row_position=row_position, row_block_offset=row_block_offset,
                      block_key_start=block_key_start, block_position=block_position,
                      block_num_keys=block_num_keys, bucket_count=bucket_count,
-                     num_blocks=num_blocks)
+                     num_blocks=num_blocks, zeros=zeros)
 
 
 @triton.jit

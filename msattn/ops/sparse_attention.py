@@ -390,12 +390,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     block_m = max(16, min(config.block_m, config.block_m * 128 // block_size))
     block_d = triton.next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
-    counters = None  # int32 [rows, G]: (entry, head) rows stored; zero between chunks
-    if config.merge:
-        counters = torch.zeros(workspace.max_rows() * num_groups, dtype=torch.int32, device=q.device)
     layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
                         block_size=block_size, total_k=k.shape[0], block_table=block_table,
-                        seq_lens=seq_lens)
+                        seq_lens=seq_lens,
+                        extra_zeros=workspace.max_rows() * num_groups if config.merge else 0)
+    counters = layout.zeros if config.merge else None  # int32 [rows, G]: zero, left zero
     for row_start, row_end, partial_o, partial_lse in workspace.chunks():
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
