@@ -66,6 +66,19 @@ def test_sparse_attention_matches_reference(case, merge):
     _check(o, lse, expected_o, expected_lse)
 
 
+@pytest.mark.parametrize("case", [1, 4], ids=lambda i: f"case{i}")
+def test_both_merges_give_the_same_bits(case):
+    """The block kernel's merge and the combine kernel run the same merge on the same partials."""
+    lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype, chunk_rows = CASES[case]
+    q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, heads, groups, head_dim, block_size, topk, dtype)
+    combined, merged = (sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=block_size,
+                                         softmax_scale=0.3, chunk_rows=chunk_rows,
+                                         out=_poisoned(q),
+                                         config=replace(launch_config(q), merge=merge))
+                        for merge in (False, True))
+    assert torch.equal(combined[0], merged[0]) and torch.equal(combined[1], merged[1])
+
+
 @pytest.mark.parametrize("merge", [False, True], ids=["combine-kernel", "merged-in-block-kernel"])
 def test_paged_kv_in_shuffled_pages(merge):
     """K/V as pages of a pool in random order (``block_table``, ``seq_lens``), chunks of rows
@@ -298,13 +311,20 @@ def test_msa_attention_triton_equals_reference_batched():
 @pytest.mark.parametrize("lens_q,lens_k", [([8192], [8192]), ([3000, 1, 20000], [9000, 50000, 20000]),
                                            ([131072], [131072])])
 def test_gpu_m3_shape(lens_q, lens_k):
-    """M3 shape (64 heads, 4 KV heads, D = 128, block 128, top-16) in bf16."""
+    """M3 shape (64 heads, 4 KV heads, D = 128, block 128, top-16) in bf16, both merges: the
+    block kernel's merge reads the partials that concurrent programs store (atomics and
+    barriers), so it must give the combine kernel's bits (the same merge of the same partials)."""
     q, k, v, indices, cu_q, cu_k = _inputs(lens_q, lens_k, 64, 4, 128, 128, 16, torch.bfloat16)
     expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=128,
                                           softmax_scale=128 ** -0.5)
-    o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=128,
-                              softmax_scale=128 ** -0.5, out=_poisoned(q))
-    _check(o, lse, *expected)
+    results = []
+    for merge in (False, True):
+        o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=128,
+                                  softmax_scale=128 ** -0.5, out=_poisoned(q),
+                                  config=replace(launch_config(q), merge=merge))
+        _check(o, lse, *expected)
+        results.append((o, lse))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert cu_seqlens(lens_q).equal(cu_q)
 
 
