@@ -20,10 +20,11 @@
 #   scripts/device_run.sh chunked-report          GPU tests of the CSR and attention paths, the
 #                                                  chunked call's host time (this tree and .peers/msattn_base),
 #                                                  chunked shapes beside vLLM, memcheck, prefill 8K-128K
-#   scripts/device_run.sh kv-report               GPU tests + memcheck of the decode attention and the
-#                                                  sparse attention, the prefill's merge A/B at 16K and
-#                                                  128K, fp8 K/V decode at 32 x 8 x 64K of this tree
-#                                                  and .peers/msattn_base, attention launch variants
+#   scripts/device_run.sh kv-report [ab|check]    `ab`: the prefill's merge A/B at 16K and 128K, fp8 K/V
+#                                                  decode at 32 x 8 x 64K of this tree and
+#                                                  .peers/msattn_base, attention launch variants;
+#                                                  `check`: GPU tests + memcheck of the decode attention
+#                                                  and the sparse attention (both merges)
 #   scripts/device_run.sh train-report [ab|check] the backward's float32 reductions (bulk TMA dQ against
 #                                                  elementwise atomics) at 128K and 512K, training GPU tests + memcheck
 #                                                  of the backward kernels, the training step at 32K-512K
@@ -170,30 +171,36 @@ case "$mode" in
         --lengths 8k,16k,128k --time-budget 1
     ;;
   kv-report)
-    # fp8 K/V decode: GPU tests and memcheck of the decode attention (fp8 K/V, any query
-    # magnitude) and of the selection CSR, then the 32 x 8 x 64K step of a base tree carried in
-    # .peers/msattn_base (`git archive BASE msattn scripts`) and of this tree, and this tree's
-    # attention launch variants with fp8 keys and K/V.
-    step pytest pytest.log timeout 200 python3 -m pytest -q -rs tests/test_paged.py \
-        -k "fp8_kv or decode_attention or shared_pages or csr or gpu"
-    step pytest-csr pytest-csr.log timeout 150 python3 -m pytest -q -rs tests/test_sparse_attention.py
-    step memcheck memcheck.log timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        python3 -m pytest -q -x tests/test_paged.py tests/test_sparse_attention.py \
-        -k "not gpu and (fp8_kv or csr or order or shared_pages or matches_reference or combine or ignores or unwritten or chunk)"
-    # the prefill's partials merged in the block kernel against a combine kernel after it
-    for length in 16k 128k; do
-      step "merge-$length" "tune-attention-merge-$length.log" timeout 120 python3 -m msattn.bench.tune \
-          attention --length $length --default-config --variants '[{"merge": true}]' --out "$OUT"
-    done
-    if [ -d .peers/msattn_base ]; then
-      step tune-base tune-kv-base.log timeout 120 env PYTHONPATH=$PWD/.peers/msattn_base python3 -m \
-          msattn.bench.tune decode --profile-only --shapes 32x8x64k \
-          --index-dtypes bf16,fp8-kv,fp8+fp8-kv --out "$OUT/base"
+    # fp8 K/V decode and the prefill's merged partials, in two calls of under 10 minutes:
+    # `kv-report ab` times them (the prefill's merge=True against the default at 16K and 128K;
+    # the 32 x 8 x 64K decode step of a base tree carried in .peers/msattn_base, `git archive
+    # BASE msattn scripts`, and of this tree; this tree's attention launch variants on fp8 K/V),
+    # `kv-report check` runs the GPU tests and memcheck of the decode attention and the sparse
+    # attention (both merges). No argument runs both.
+    part=${1:-all}
+    if [ "$part" != check ]; then
+      for length in 16k 128k; do
+        step "merge-$length" "tune-attention-merge-$length.log" timeout 120 python3 -m msattn.bench.tune \
+            attention --length $length --default-config --variants '[{"merge": true}]' --out "$OUT"
+      done
+      if [ -d .peers/msattn_base ]; then
+        step tune-base tune-kv-base.log timeout 120 env PYTHONPATH=$PWD/.peers/msattn_base python3 -m \
+            msattn.bench.tune decode --profile-only --shapes 32x8x64k \
+            --index-dtypes bf16,fp8-kv,fp8+fp8-kv --out "$OUT/base"
+      fi
+      step tune tune-kv.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
+          --shapes 32x8x64k --index-dtypes bf16,fp8-kv,fp8+fp8-kv --out "$OUT"
+      step tune-att tune-kv-attention.log timeout 150 python3 -m msattn.bench.tune decode \
+          --attention-only --shapes 32x8x64k --index-dtypes fp8-kv,fp8+fp8-kv --out "$OUT"
     fi
-    step tune tune-kv.log timeout 120 python3 -m msattn.bench.tune decode --profile-only \
-        --shapes 32x8x64k --index-dtypes bf16,fp8-kv,fp8+fp8-kv --out "$OUT"
-    step tune-att tune-kv-attention.log timeout 200 python3 -m msattn.bench.tune decode \
-        --attention-only --shapes 32x8x64k --index-dtypes fp8-kv,fp8+fp8-kv --out "$OUT"
+    if [ "$part" != ab ]; then
+      step pytest pytest.log timeout 150 python3 -m pytest -q -rs tests/test_paged.py \
+          -k "fp8_kv or decode_attention or shared_pages or gpu"
+      step pytest-sparse pytest-sparse.log timeout 240 python3 -m pytest -q -rs tests/test_sparse_attention.py
+      step memcheck memcheck.log timeout 180 compute-sanitizer --tool memcheck --error-exitcode 9 \
+          python3 -m pytest -q -x tests/test_paged.py tests/test_sparse_attention.py \
+          -k "not gpu and (fp8_kv or csr or order or shared_pages or matches_reference or same_bits or ignores or unwritten or shuffled)"
+    fi
     ;;
   train-report)
     # The A/B of the float32 gradient reductions (the bulk TMA dQ against elementwise atomics,
