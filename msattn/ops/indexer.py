@@ -27,8 +27,8 @@ import triton.language as tl
 
 from msattn.cache import quantize_index_keys
 from msattn.ops.nvfp4 import nvfp4_halves
-from msattn.ops.utils import (arrive_last, device_sm_count, dot_options, fp8_conversions,
-                              gdc_launch_dependents, gdc_wait, interpreted, mma,
+from msattn.ops.utils import (arrive_last, cdiv, device_sm_count, dot_options, fp8_conversions,
+                              gdc_launch_dependents, gdc_wait, interpreted, mma, next_power_of_2,
                               programmatic_launch, rows_to_fp16)
 
 # Split programs merge in a two-level tree: groups of fan_in splits, then the group lists; up to
@@ -692,7 +692,7 @@ def _num_splits(num_tiles: int, max_blocks: int, splits_per_sm: int, device: tor
     sms = device_sm_count(device)
     if num_tiles >= sms or max_blocks < 8:
         return 1
-    return max(1, min(triton.cdiv(splits_per_sm * sms, num_tiles), max_blocks // 4, MAX_SPLITS))
+    return max(1, min(cdiv(splits_per_sm * sms, num_tiles), max_blocks // 4, MAX_SPLITS))
 
 
 def launch_config(rows_per_sequence: int, is_cuda: bool) -> IndexerConfig:
@@ -701,7 +701,7 @@ def launch_config(rows_per_sequence: int, is_cuda: bool) -> IndexerConfig:
         return IndexerConfig(block_r=32 if rows_per_sequence > 16 else 16, num_warps=4, num_stages=1)
     if rows_per_sequence > 128:
         return CUDA_CONFIG
-    return IndexerConfig(block_r=max(16, triton.next_power_of_2(rows_per_sequence)), num_warps=4,
+    return IndexerConfig(block_r=max(16, next_power_of_2(rows_per_sequence)), num_warps=4,
                          num_stages=4)
 
 
@@ -743,7 +743,7 @@ def select_blocks(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Tensor
     if max_seqlen_q is None or max_seqlen_k is None:
         max_seqlen_q, max_seqlen_k = _longest_sequences(cu_seqlens_q, cu_seqlens_k)
     plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_seqlen_q,
-                          triton.cdiv(max_seqlen_k, block_size), topk=topk, device=qi.device,
+                          cdiv(max_seqlen_k, block_size), topk=topk, device=qi.device,
                           num_splits=num_splits, config=config)
     return run_selection(plan, qi, ki, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                          init_blocks=init_blocks, local_blocks=local_blocks, out=out)
@@ -769,7 +769,7 @@ def select_blocks_fp8(qi: torch.Tensor, ki: torch.Tensor, cu_seqlens_q: torch.Te
     keys, key_scale = quantize_index_keys(ki)
     # the fused kernel (an IndexerConfig) whatever the query runs: it reads contiguous fp8 keys
     plan = plan_selection(qi.shape[0], cu_seqlens_q.numel() - 1, qi.shape[1], max_seqlen_q,
-                          triton.cdiv(max_seqlen_k, block_size), topk=topk, device=qi.device,
+                          cdiv(max_seqlen_k, block_size), topk=topk, device=qi.device,
                           config=config or _fp8_launch_config(max(1, max_seqlen_q * qi.shape[1]), qi.is_cuda))
     return run_selection(plan, qi, keys, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
                          init_blocks=init_blocks, local_blocks=local_blocks, index_scale=key_scale)
@@ -835,8 +835,8 @@ class SelectionPlan:
 
 
 def _merge_shape(num_lists: int, topk_pad: int, block_r: int, rows_per_sequence: int):
-    candidates_pad = triton.next_power_of_2(num_lists * topk_pad)
-    rows = min(block_r, triton.next_power_of_2(rows_per_sequence), max(1, MERGE_TILE // candidates_pad))
+    candidates_pad = next_power_of_2(num_lists * topk_pad)
+    rows = min(block_r, next_power_of_2(rows_per_sequence), max(1, MERGE_TILE // candidates_pad))
     return rows, candidates_pad
 
 
@@ -866,17 +866,17 @@ class BlockTopkPlan:
 def _plan_block_topk(total_q: int, batch: int, num_groups: int, max_len_q: int, max_blocks: int, *,
                      topk: int, device: torch.device, config: PageTopkConfig) -> BlockTopkPlan:
     rows_per_sequence = max(1, max_len_q * num_groups)
-    block_r = min(64, max(16, triton.next_power_of_2(rows_per_sequence)))
-    num_tiles = triton.cdiv(rows_per_sequence, block_r)
+    block_r = min(64, max(16, next_power_of_2(rows_per_sequence)))
+    num_tiles = cdiv(rows_per_sequence, block_r)
     max_blocks = max(1, max_blocks)
     programs = (config.programs_per_sm if batch == 1 else config.batched_programs_per_sm) \
         * device_sm_count(device)
-    num_chunks = max(1, min(max_blocks, triton.cdiv(programs, batch * num_tiles)))
-    blocks_per_program = triton.cdiv(max_blocks, num_chunks)
-    num_chunks = triton.cdiv(max_blocks, blocks_per_program)
-    segment = min(config.segment, triton.next_power_of_2(max_blocks))
-    num_segments = triton.cdiv(max_blocks, segment)
-    topk_pad = max(4, triton.next_power_of_2(topk))
+    num_chunks = max(1, min(max_blocks, cdiv(programs, batch * num_tiles)))
+    blocks_per_program = cdiv(max_blocks, num_chunks)
+    num_chunks = cdiv(max_blocks, blocks_per_program)
+    segment = min(config.segment, next_power_of_2(max_blocks))
+    num_segments = cdiv(max_blocks, segment)
+    topk_pad = max(4, next_power_of_2(topk))
     rows = total_q * num_groups
     scores = torch.empty(rows, max_blocks, dtype=torch.float32, device=device)
     candidates = counters = None
@@ -897,7 +897,7 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
     if key_format and not paged:
         raise ValueError("quantised index keys (index_scale) need the paged layout (block_table)")
     if key_format == 2 and (index_block_scale is None or index_scale is None or index_dim < 32
-                            or index_dim != triton.next_power_of_2(index_dim)):
+                            or index_dim != next_power_of_2(index_dim)):
         raise ValueError("4-bit index keys (uint8 index_cache [num_pages, page_size, Di / 2]) need "
                          "index_block_scale [num_pages, page_size, Di / 16] float8_e4m3fn, "
                          f"index_scale [num_pages, page_size] float32 and a power-of-two Di >= 32, got Di={index_dim}")
@@ -915,7 +915,7 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
         stride_block_table=block_table.stride(0) if paged else 0,
         stride_scores_row=plan.scores.stride(0), scale=index_dim ** -0.5,
         blocks_per_program=plan.blocks_per_program, NUM_GROUPS=plan.num_groups,
-        INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim), BLOCK_R=plan.block_r,
+        INDEX_DIM=index_dim, BLOCK_D=next_power_of_2(index_dim), BLOCK_R=plan.block_r,
         BLOCK_N=min(block_size, config.block_n), BLOCK_SIZE=block_size, INIT_BLOCKS=init_blocks,
         LOCAL_BLOCKS=local_blocks, PAGED=paged, KEY_FORMAT=key_format,
         PTX_DECODE=key_format == 2 and fp8_conversions(qi.device), PDL_TRIGGER=pdl,
@@ -927,7 +927,7 @@ def _run_block_topk(plan: BlockTopkPlan, qi, keys, cu_seqlens_q, key_lengths, *,
         stride_scores_row=plan.scores.stride(0), stride_out_group=out.stride(0),
         stride_out_token=out.stride(1), max_len_q=plan.max_len_q, NUM_GROUPS=plan.num_groups,
         BLOCK_SIZE=block_size, SEGMENT=plan.segment, NUM_SEGMENTS=plan.num_segments,
-        CANDIDATES_PAD=triton.next_power_of_2(plan.num_segments * plan.topk_pad), TOPK=plan.topk,
+        CANDIDATES_PAD=next_power_of_2(plan.num_segments * plan.topk_pad), TOPK=plan.topk,
         TOPK_PAD=plan.topk_pad, PAGED=paged, BITONIC=plan.segment >= plan.topk_pad,
         PDL=pdl, num_warps=config.topk_warps,
         **({"launch_pdl": True} if pdl else {}))
@@ -971,8 +971,8 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
     rows_per_sequence = max(1, max_len_q * num_groups)
     if config is None:
         config = launch_config(rows_per_sequence, device.type == "cuda")
-    num_tiles = triton.cdiv(rows_per_sequence, config.block_r)
-    topk_pad = max(4, triton.next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
+    num_tiles = cdiv(rows_per_sequence, config.block_r)
+    topk_pad = max(4, next_power_of_2(topk))  # Triton 3.6 fails to lower a 2-wide scan
     max_blocks = max(1, max_blocks)
     if num_splits is None:
         num_splits = _num_splits(num_tiles * batch, max_blocks, config.splits_per_sm, device)
@@ -981,10 +981,10 @@ def plan_selection(total_q: int, batch: int, num_groups: int, max_len_q: int, ma
             return _plan_block_topk(total_q, batch, num_groups, max_len_q, max_blocks, topk=topk,
                                     device=device, config=PageTopkConfig())
     num_splits = max(1, min(num_splits, max_blocks, MAX_SPLITS))
-    blocks_per_split = triton.cdiv(max_blocks, num_splits)
-    num_splits = triton.cdiv(max_blocks, blocks_per_split)
+    blocks_per_split = cdiv(max_blocks, num_splits)
+    num_splits = cdiv(max_blocks, blocks_per_split)
     fan_in = num_splits if num_splits <= 2 * config.fan_in else config.fan_in
-    num_split_groups = triton.cdiv(num_splits, fan_in)
+    num_split_groups = cdiv(num_splits, fan_in)
     merge_shape = _merge_shape(fan_in, topk_pad, config.block_r, rows_per_sequence)
     level_merge_shape = _merge_shape(num_split_groups, topk_pad, config.block_r, rows_per_sequence)
     partial_keys = level_keys = counters = None
@@ -1050,7 +1050,7 @@ def run_selection(plan: SelectionPlan | BlockTopkPlan, qi: torch.Tensor, keys: t
         stride_out_group=out.stride(0), stride_out_token=out.stride(1),
         scale=index_dim ** -0.5, blocks_per_split=plan.blocks_per_split,
         total_rows=plan.total_q * plan.num_groups,
-        NUM_GROUPS=plan.num_groups, INDEX_DIM=index_dim, BLOCK_D=triton.next_power_of_2(index_dim),
+        NUM_GROUPS=plan.num_groups, INDEX_DIM=index_dim, BLOCK_D=next_power_of_2(index_dim),
         BLOCK_R=plan.config.block_r, BLOCK_N=min(block_size, 128), BLOCK_SIZE=block_size,
         TOPK=plan.topk, TOPK_PAD=plan.topk_pad, INIT_BLOCKS=init_blocks,
         LOCAL_BLOCKS=local_blocks, SPLIT=split, PAGED=paged, KEY_SCALE=index_scale is not None,

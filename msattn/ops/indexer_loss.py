@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import BlockCSR, build_block_csr, row_positions
-from msattn.ops.utils import dot_options, mma
+from msattn.ops.utils import (cdiv, dot_options, mma, next_power_of_2)
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
@@ -341,8 +341,8 @@ def _dims(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor) -> dict:
     num_groups = k.shape[1]
     index_dim = qi.shape[-1]
     return dict(GROUP_SIZE=num_heads // num_groups, HEAD_DIM=head_dim,
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), INDEX_DIM=index_dim,
-                BLOCK_DI=max(16, triton.next_power_of_2(index_dim)))
+                BLOCK_D=max(16, next_power_of_2(head_dim)), INDEX_DIM=index_dim,
+                BLOCK_DI=max(16, next_power_of_2(index_dim)))
 
 
 def _teacher_rows(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
@@ -381,7 +381,7 @@ def _teacher_rows(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.
             stride_lse_token=teacher_lse.stride(0), num_heads=num_heads, num_groups=num_groups,
             scale_log2=softmax_scale * _LOG2E,
             index_scale_log2=qi.shape[-1] ** -0.5 * _LOG2E,
-            BLOCK_H=max(16, triton.next_power_of_2(dims["GROUP_SIZE"])), BLOCK_SIZE=block_size,
+            BLOCK_H=max(16, next_power_of_2(dims["GROUP_SIZE"])), BLOCK_SIZE=block_size,
             TOPK=1 if dense else indices.shape[-1], DENSE=dense, HAS_LSE=lse is not None,
             LSE_ONLY=lse_only, **dims, **dot_options(qi.dtype), num_warps=config.forward_warps,
             num_stages=config.forward_stages)
@@ -443,7 +443,7 @@ def _launch_kv(q, k, qi, ki, *, csr: BlockCSR | None, cu_seqlens_q, cu_seqlens_k
             raise ValueError("the dense indexer-loss backward needs max_seqlen_k")
         key_start, position, num_keys, block_seq, num_blocks = _dense_key_blocks(
             cu_seqlens_k, block_size=block_size, total_k=total_k)
-        grid = (num_blocks, num_groups, triton.cdiv(max(max_seqlen_k, 1), rows_per_program))
+        grid = (num_blocks, num_groups, cdiv(max(max_seqlen_k, 1), rows_per_program))
         _indexer_loss_kv_kernel[grid](
             entries_ptr=None, bucket_start_ptr=None, program_start_ptr=None,
             program_bucket_ptr=None, block_key_start_ptr=key_start, block_position_ptr=position,

@@ -30,8 +30,9 @@ import triton
 import triton.language as tl
 
 from msattn.ops.sparse_attention import merge_slot_partials, scale_stride
-from msattn.ops.utils import (LOG2E, arrive_last, device_sm_count, dot_options, finish_softmax,
-                              gdc_wait, mma, programmatic_launch, rows_to_fp16)
+from msattn.ops.utils import (LOG2E, arrive_last, cdiv, device_sm_count, dot_options,
+                              finish_softmax, gdc_wait, mma, next_power_of_2, programmatic_launch,
+                              rows_to_fp16)
 
 
 @triton.jit
@@ -309,11 +310,11 @@ def plan_paged_attention(total_q: int, batch: int, max_len_q: int, num_heads: in
     allocate the partial buffers. Launches of one plan must not run concurrently."""
     tokens = 1
     if config is not None and config.tokens_per_program > 1 and max_len_q > 1:
-        tokens = min(config.tokens_per_program, triton.next_power_of_2(max_len_q))
-        if tokens * triton.next_power_of_2(topk) > MAX_SHARED_SLOTS:
+        tokens = min(config.tokens_per_program, next_power_of_2(max_len_q))
+        if tokens * next_power_of_2(topk) > MAX_SHARED_SLOTS:
             raise ValueError(f"tokens_per_program x topk (padded to powers of two) must be at most "
                              f"{MAX_SHARED_SLOTS} (the union of the selections is deduplicated "
-                             f"in registers), got {tokens} x {triton.next_power_of_2(topk)}")
+                             f"in registers), got {tokens} x {next_power_of_2(topk)}")
         split = False  # one program holds the tokens' whole union
     elif split is None:
         split = batch * max_len_q * num_groups < device_sm_count(device)
@@ -362,14 +363,14 @@ def run_paged_attention(plan: PagedAttentionPlan, q: torch.Tensor, k_cache: torc
         stride_indices_token=indices.stride(1), stride_block_table=block_table.stride(0),
         stride_o_token=o.stride(0), stride_o_head=o.stride(1), num_heads=plan.num_heads,
         scale_log2=softmax_scale * LOG2E, GROUP_SIZE=group_size,
-        BLOCK_H=max(triton.next_power_of_2(group_size), 16 // tokens), TOPK=plan.topk,
-        TOPK_PAD=triton.next_power_of_2(plan.topk), HEAD_DIM=plan.head_dim,
-        BLOCK_D=triton.next_power_of_2(plan.head_dim), PAGE_SIZE=page_size, BLOCK_N=block_n,
+        BLOCK_H=max(next_power_of_2(group_size), 16 // tokens), TOPK=plan.topk,
+        TOPK_PAD=next_power_of_2(plan.topk), HEAD_DIM=plan.head_dim,
+        BLOCK_D=next_power_of_2(plan.head_dim), PAGE_SIZE=page_size, BLOCK_N=block_n,
         TILES_PER_PAGE=page_size // block_n, PDL=plan.pdl, KV_FP8=kv_fp8, **dot_options(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({"launch_pdl": True} if plan.pdl else {}))
     if tokens > 1:
-        chunks = triton.cdiv(plan.max_len_q, tokens)
+        chunks = cdiv(plan.max_len_q, tokens)
         _paged_shared_attention_kernel[(plan.batch * chunks, plan.num_groups)](
             chunks_per_request=chunks, TOKENS=tokens, **common)
         return o, lse

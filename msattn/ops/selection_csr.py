@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.utils import arrive_last
+from msattn.ops.utils import (arrive_last, cdiv)
 
 
 @dataclass
@@ -214,7 +214,7 @@ def csr_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None, *,
                          extra_zeros])
     table = block_table if block_table is not None else cu_seqlens_q
     block = 1024
-    _layout_kernel[(triton.cdiv(max(total_q, num_blocks, num_zeros), block),)](
+    _layout_kernel[(cdiv(max(total_q, num_blocks, num_zeros), block),)](
         cu_seqlens_q, key_lengths, block_offset, table, row_position, row_block_offset,
         block_key_start, block_position, block_num_keys, bucket_count,  # zeros follow it
         table.stride(0), table.stride(-1), batch, total_q, num_blocks, num_zeros, max_pages,
@@ -355,14 +355,14 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor,
     rows = row_end - row_start
     num_entries = num_groups * rows * topk
     rows_per_program = block_m * tiles_per_program
-    max_programs = triton.cdiv(num_entries * group_size, rows_per_program) + num_buckets
+    max_programs = cdiv(num_entries * group_size, rows_per_program) + num_buckets
     out = torch.empty(num_entries * (1 if stable else 2) + 2 * (num_buckets + 1) + max_programs + 1,
                       dtype=torch.int32, device=device)
     scratch, bucket_start, program_start, program_bucket, entries = out.split(
         [num_entries, num_buckets + 1, num_buckets + 1, max_programs + 1,
          0 if stable else num_entries])
     block = 1024
-    num_programs = max(1, triton.cdiv(num_entries, block))
+    num_programs = max(1, cdiv(num_entries, block))
     strides = (indices.stride(0), indices.stride(1), indices.stride(2))
     _count_kernel[(num_programs,)](
         indices, layout.row_position, layout.row_block_offset, scratch, layout.bucket_count,
@@ -372,7 +372,7 @@ def build_block_csr(indices: torch.Tensor, cu_seqlens_q: torch.Tensor,
     if stable:  # entries that do not count sort last
         entries = torch.sort(scratch, stable=True)[1].to(torch.int32)
     elif num_entries:
-        _scatter_kernel[(triton.cdiv(num_entries, block),)](
+        _scatter_kernel[(cdiv(num_entries, block),)](
             indices, layout.row_position, layout.row_block_offset, scratch, bucket_start, entries,
             *strides, row_start, rows, num_entries, layout.num_blocks, TOPK=topk,
             BLOCK_SIZE=block_size, BLOCK=block)

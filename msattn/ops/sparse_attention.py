@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout
-from msattn.ops.utils import LOG2E, dot_options, finish_softmax, mma
+from msattn.ops.utils import (LOG2E, cdiv, dot_options, finish_softmax, mma, next_power_of_2)
 
 # Memory for the partial outputs of one chunk of query rows: 5 GiB / 4 holds 4,096 rows of the M3
 # shape (266 KB a row), so that a 16K prefill runs in 4 equal chunks (1 GiB made it 4 x 4,036 rows
@@ -330,7 +330,7 @@ class _Workspace:
                 start = (row_start + rows) * self.out_row  # a multiple of 16 bytes
                 space = self.o.view(-1).view(torch.uint8)[start:start + rows * self.per_row]
             else:
-                rows = triton.cdiv(remaining, triton.cdiv(remaining, self.buffer_rows))
+                rows = cdiv(remaining, cdiv(remaining, self.buffer_rows))
                 if self.buffer is None:
                     self.buffer = torch.empty(self.buffer_rows * self.per_row, dtype=torch.uint8,
                                               device=self.device)
@@ -388,7 +388,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         config = launch_config(q)
     # A program holds a whole K/V block: fewer query rows per tile for large blocks.
     block_m = max(16, min(config.block_m, config.block_m * 128 // block_size))
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
     layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
                         block_size=block_size, total_k=k.shape[0], block_table=block_table,
@@ -403,7 +403,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                               tiles_per_program=config.tiles_per_program, layout=layout,
                               stable=False)
         num_buckets = num_groups * csr.num_blocks
-        empty_programs = triton.cdiv(rows * num_groups, block_m) if config.merge else 0
+        empty_programs = cdiv(rows * num_groups, block_m) if config.merge else 0
         _block_attention_kernel[(empty_programs + csr.max_programs,)](
             q_ptr=q, k_ptr=k, v_ptr=v, k_scale_ptr=k_scale, v_scale_ptr=v_scale, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,
             entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
@@ -420,8 +420,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             row_start=row_start, rows=rows, num_heads=num_heads, num_groups=num_groups,
             num_buckets=num_buckets, num_blocks=csr.num_blocks, empty_programs=empty_programs,
             scale_log2=softmax_scale * LOG2E, GROUP_SIZE=group_size,
-            BLOCK_H=triton.next_power_of_2(group_size), TOPK=topk,
-            TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_H=next_power_of_2(group_size), TOPK=topk,
+            TOPK_PAD=next_power_of_2(topk), HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=block_m, BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config.tiles_per_program,
             MERGE=config.merge, KV_FP8=k_scale is not None, **dot_options(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages)
@@ -449,6 +449,6 @@ def combine_partials(partial_o: torch.Tensor, partial_lse: torch.Tensor, indices
         row_position_ptr=row_position, o_ptr=o, lse_ptr=lse,
         stride_indices_group=indices.stride(0), stride_indices_token=indices.stride(1),
         stride_o_token=o.stride(0), stride_o_head=o.stride(1), row_start=row_start,
-        num_heads=num_heads, GROUP_SIZE=group_size, BLOCK_H=triton.next_power_of_2(group_size),
-        TOPK=topk, TOPK_PAD=triton.next_power_of_2(topk), HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=num_warps)
+        num_heads=num_heads, GROUP_SIZE=group_size, BLOCK_H=next_power_of_2(group_size),
+        TOPK=topk, TOPK_PAD=next_power_of_2(topk), HEAD_DIM=head_dim,
+        BLOCK_D=next_power_of_2(head_dim), BLOCK_SIZE=block_size, num_warps=num_warps)

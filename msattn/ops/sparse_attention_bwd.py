@@ -44,7 +44,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout, row_positions
 from msattn.ops.sparse_attention import LOG2E, sparse_attention
-from msattn.ops.utils import dot_options, mma, sm90_reductions
+from msattn.ops.utils import (cdiv, dot_options, mma, next_power_of_2, sm90_reductions)
 
 DQ_MODES = ("atomic", "query")
 
@@ -512,7 +512,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
     if do is None:
         do = torch.zeros_like(o)
     do = _last_dim_contiguous(do)
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs 16
+    block_d = max(16, next_power_of_2(head_dim))  # tl.dot needs 16
     dots = dot_options(q.dtype)
     scale_log2 = softmax_scale * LOG2E
 
@@ -520,7 +520,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
     delta = torch.empty(total_q, num_heads, dtype=torch.float32, device=device)
     lse2 = torch.empty(total_q, num_heads, dtype=torch.float32, device=device)
     num_rows = total_q * num_heads
-    _preprocess_kernel[(triton.cdiv(num_rows, config.preprocess_rows),)](
+    _preprocess_kernel[(cdiv(num_rows, config.preprocess_rows),)](
         do_ptr=do, o_ptr=o, lse_ptr=lse, dlse_ptr=dlse, delta_ptr=delta, lse2_ptr=lse2,
         stride_do_token=do.stride(0), stride_do_head=do.stride(1), stride_o_token=o.stride(0),
         stride_o_head=o.stride(1), stride_lse_token=lse.stride(0), stride_lse_head=lse.stride(1),
@@ -538,7 +538,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
         block_n = min(config.block_n, block_size)
         rows_per_group = total_q * topk * group_size  # bound on the rows of one bucket
         if deterministic:  # one program per bucket (and key tile)
-            tiles_per_program = triton.cdiv(rows_per_group, config.block_m)
+            tiles_per_program = cdiv(rows_per_group, config.block_m)
         else:
             tiles_per_program = config.tiles_per_program
         rows_per_program = config.block_m * tiles_per_program
@@ -639,7 +639,7 @@ def sparse_attention_backward(do: torch.Tensor | None, q: torch.Tensor, k: torch
             stride_do_token=do.stride(0), stride_do_head=do.stride(1),
             stride_indices_group=indices.stride(0), stride_indices_token=indices.stride(1),
             num_heads=num_heads, scale=softmax_scale, scale_log2=scale_log2,
-            GROUP_SIZE=group_size, BLOCK_H=max(16, triton.next_power_of_2(group_size)), TOPK=topk,
+            GROUP_SIZE=group_size, BLOCK_H=max(16, next_power_of_2(group_size)), TOPK=topk,
             HEAD_DIM=head_dim, BLOCK_D=block_d, DQ_BLOCK_N=min(config.dq_block_n, block_size),
             BLOCK_SIZE=block_size, **dots, num_warps=config.dq_num_warps,
             num_stages=config.dq_num_stages)

@@ -13,6 +13,18 @@ LOG2E = 1.4426950408889634  # scores are scaled by this to run the softmax in ex
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code, as ``triton.cdiv`` (which is a constexpr function: each call
+    from Python costs about 3 µs, a dozen a chunked-prefill call)."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two at least ``n`` (0 for 0), as ``triton.next_power_of_2``, for host
+    code (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
