@@ -144,6 +144,7 @@ def test_ignores_padding_and_blocks_after_the_query(merge):
     indices[0, 20:, 0] = 2  # block 2 starts at key 32: visible from row 32 on only
     indices[0, 20:, 1] = 0
     indices[0, 30, 1] = -1  # row 30 sees nothing
+    indices[0, 25, 2] = 1 << 28  # far past the query: x 16 keys wraps int32 to 0
     expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25)
     o, lse = sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16, softmax_scale=0.25,
                               out=_poisoned(q), config=replace(launch_config(q), merge=merge))

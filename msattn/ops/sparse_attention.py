@@ -211,7 +211,8 @@ def _visible_slots(index_rows, position, mask, TOPK: tl.constexpr, TOPK_PAD: tl.
     slots = tl.arange(0, TOPK_PAD)
     blocks = tl.load(index_rows[:, None] + slots[None, :], mask=mask[:, None] & (slots < TOPK)[None, :],
                      other=-1)
-    return tl.sum(((blocks >= 0) & (blocks * BLOCK_SIZE <= position[:, None])).to(tl.int32), axis=1)
+    visible = (blocks >= 0) & (blocks.to(tl.int64) * BLOCK_SIZE <= position[:, None])  # no wrap
+    return tl.sum(visible.to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -229,7 +230,7 @@ def merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row_ptr, partial_r
     head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
     slots = tl.arange(0, TOPK_PAD)
     blocks = tl.load(index_row_ptr + slots, mask=slots < TOPK, other=-1)
-    slot_valid = (blocks >= 0) & (blocks * BLOCK_SIZE <= position)
+    slot_valid = (blocks >= 0) & (blocks.to(tl.int64) * BLOCK_SIZE <= position)  # as the CSR
     partial_rows = (partial_row.to(tl.int64) * num_heads + heads) * TOPK  # [BLOCK_H]
     lse = tl.load(partial_lse_ptr + partial_rows[:, None] + slots[None, :],
                   mask=head_mask[:, None] & slot_valid[None, :], other=float("-inf"),
@@ -244,7 +245,7 @@ def merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row_ptr, partial_r
     # Masked loads rather than branches: the loads of all slots can be in flight together.
     for slot in tl.static_range(TOPK):
         block = tl.zeros([BLOCK_H], tl.int32) + tl.load(index_row_ptr + slot)  # one per head
-        use = head_mask & (block >= 0) & (block * BLOCK_SIZE <= position)
+        use = head_mask & (block >= 0) & (block.to(tl.int64) * BLOCK_SIZE <= position)
         slot_lse = tl.load(partial_lse_ptr + partial_rows + slot, mask=use, other=float("-inf"),
                            cache_modifier=".cg")
         part = tl.load(partial_o_ptr + (partial_rows + slot)[:, None] * HEAD_DIM + dim[None, :],
