@@ -123,9 +123,9 @@ def test_partials_in_unwritten_output_rows(monkeypatch, budget_rows, merge):
     workspace = module._Workspace(_poisoned(q)[0], 4, None)
     chunks = [(start, end, partial_o.data_ptr()) for start, end, partial_o, _ in workspace.chunks()]
     assert chunks[0][1] - chunks[0][0] > budget_rows and chunks[-1][1] == q.shape[0]
-    assert any(ptr == workspace.buffer.data_ptr() for _, _, ptr in chunks)
+    assert any(ptr == workspace.buffer[0].data_ptr() for _, _, ptr in chunks)
     # the buffer's chunks: as few as the buffer allows, of equal size (one row apart at most)
-    buffered = [end - start for start, end, ptr in chunks if ptr == workspace.buffer.data_ptr()]
+    buffered = [end - start for start, end, ptr in chunks if ptr == workspace.buffer[0].data_ptr()]
     assert len(buffered) == -(-sum(buffered) // budget_rows)
     assert max(buffered) <= budget_rows and max(buffered) - min(buffered) <= 1
     expected = reference.sparse_attention(q, k, v, indices, cu_q, cu_k, block_size=16,

@@ -303,14 +303,15 @@ class _Workspace:
     """
 
     def __init__(self, o: torch.Tensor, topk: int, chunk_rows: int | None):
-        self.total_q, num_heads, head_dim = o.shape
+        self.total_q, num_heads, self.head_dim = o.shape
         self.o = o if o.is_contiguous() and o.data_ptr() % 16 == 0 else None
-        self.partial_o_row = num_heads * topk * head_dim * o.element_size()
+        self.partial_o_row = num_heads * topk * self.head_dim * o.element_size()
         self.per_row = self.partial_o_row + num_heads * topk * 4  # partial outputs + their LSEs
-        self.out_row = num_heads * head_dim * o.element_size()
+        self.out_row = num_heads * self.head_dim * o.element_size()
         self.reuse_output = chunk_rows is None and self.o is not None
         self.buffer_rows = min(self.total_q, chunk_rows or max(1, PARTIAL_BUDGET_BYTES // self.per_row))
-        self.buffer = None
+        self.slots = num_heads * topk  # partials a row
+        self.buffer = None  # (partial_o, partial_lse) of buffer_rows rows, allocated on first use
         self.dtype, self.device = o.dtype, o.device
 
     def max_rows(self) -> int:
@@ -320,7 +321,8 @@ class _Workspace:
         return self.buffer_rows
 
     def chunks(self):
-        """Yield ``(row_start, row_end, partial_o, partial_lse)`` covering the output's rows."""
+        """Yield ``(row_start, row_end, partial_o, partial_lse)`` covering the output's rows (the
+        partial buffers hold at least ``row_end - row_start`` rows)."""
         row_start = 0
         while row_start < self.total_q:
             remaining = self.total_q - row_start
@@ -330,14 +332,17 @@ class _Workspace:
                 rows = tail_rows
                 start = (row_start + rows) * self.out_row  # a multiple of 16 bytes
                 space = self.o.view(-1).view(torch.uint8)[start:start + rows * self.per_row]
+                partial_o = space[:rows * self.partial_o_row].view(self.dtype)
+                partial_lse = space[rows * self.partial_o_row:].view(torch.float32)
             else:
                 rows = cdiv(remaining, cdiv(remaining, self.buffer_rows))
-                if self.buffer is None:
-                    self.buffer = torch.empty(self.buffer_rows * self.per_row, dtype=torch.uint8,
-                                              device=self.device)
-                space = self.buffer
-            partial_o = space[:rows * self.partial_o_row].view(self.dtype)
-            partial_lse = space[rows * self.partial_o_row:rows * self.per_row].view(torch.float32)
+                if self.buffer is None:  # two allocations: fewer host operations than views
+                    self.buffer = (
+                        torch.empty(self.buffer_rows * self.slots * self.head_dim,
+                                    dtype=self.dtype, device=self.device),
+                        torch.empty(self.buffer_rows * self.slots, dtype=torch.float32,
+                                    device=self.device))
+                partial_o, partial_lse = self.buffer  # the kernels use the first rows
             yield row_start, row_start + rows, partial_o, partial_lse
             row_start += rows
 
