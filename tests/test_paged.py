@@ -685,13 +685,17 @@ def test_fp8_kv_decode_kernel(dtype, per_head, split):
     _check(o, lse, expected_o, expected_lse)
 
 
-@pytest.mark.parametrize("power", [17, -30], ids=["beyond-fp16-max", "below-fp16-normals"])
+@pytest.mark.parametrize("power", [17, -30, -122],
+                         ids=["beyond-fp16-max", "below-fp16-normals", "scaled-by-2^126-at-most"])
 @pytest.mark.parametrize("kernel", ["one-program", "split", "shared-pages"])
 def test_fp8_kv_decode_queries_of_any_magnitude(kernel, power):
     """fp8 K/V run the MMAs in fp16, so bf16 query rows are brought into fp16's range by a power
     of two each: queries 2^power times larger with a softmax scale 2^power times smaller give
-    the same scores exactly, hence the same output as the reference at the usual magnitude."""
+    the same scores exactly, hence the same output as the reference at the usual magnitude.
+    Queries are multiples of 1/4 (at most 2^6 apart within a row), so even 2^-122 times them
+    are bf16 normals: rows below 2^-113 are scaled by 2^126 only (2^shift stays finite)."""
     c = _fp8_kv_case([1, 8, 5], [330, 170, 40], True)
+    c["q"] = ((c["q"].float() * 4).round() / 4).to(c["q"].dtype)
     indices, (expected_o, expected_lse) = _fp8_expected(c, topk=4, init_blocks=0, local_blocks=1)
     config = PagedAttentionConfig(tokens_per_program=4 if kernel == "shared-pages" else 1)
     plan = plan_paged_attention(c["q"].shape[0], 3, 8, 8, 2, 32, 4, torch.bfloat16, c["q"].device,

@@ -2,6 +2,7 @@
 
 import triton
 
+from msattn.ops import utils
 from msattn.ops.utils import cdiv, next_power_of_2
 
 
@@ -13,3 +14,10 @@ def test_cdiv_and_next_power_of_2_equal_tritons():
     for a in range(-40, 600):
         for b in (1, 2, 3, 7, 16, 64, 128, 1000):
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_tensor_atomics_reach_every_thread_from_triton_3_5(monkeypatch):
+    for version, expected in (("3.4.0", False), ("3.5.0", True), ("3.6.0+git1a2b3c", True),
+                              ("4.0.0", True), ("2.3.1", False)):
+        monkeypatch.setattr(utils.triton, "__version__", version)
+        assert utils.tensor_atomics_reach_every_thread() is expected, version

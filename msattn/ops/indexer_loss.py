@@ -126,7 +126,7 @@ def _indexer_loss_fwd_kernel(
         index_row = indices_ptr  # unused
     else:
         num_steps = TOPK
-        index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
+        index_row = indices_ptr + group.to(tl.int64) * stride_indices_group + token * stride_indices_token
 
     # Masked loads rather than a branch per block (a -1 slot or a block after the query loads
     # nothing): the loop body has no control flow for the software pipeliner to stop at.

@@ -127,7 +127,7 @@ def _paged_attention_kernel(
         else:
             slot_from = 0
             slot_to = TOPK
-        index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
+        index_row = indices_ptr + group.to(tl.int64) * stride_indices_group + token * stride_indices_token
         # One BLOCK_N-key tile of a selected page an iteration. Masked loads, no branch: the
         # pipeliner keeps the next tiles' index, page and K/V loads in flight (a branch around
         # them made every tile wait for its own chain of dependent loads).
@@ -208,7 +208,7 @@ def _paged_shared_attention_kernel(
                 q, scale_log2 * tl.load(k_scale_ptr + group * stride_k_scale))
         if PDL:  # launched while the indexer drains: wait for its selection
             gdc_wait()
-        index_group = indices_ptr + group * stride_indices_group
+        index_group = indices_ptr + group.to(tl.int64) * stride_indices_group
         slots = tl.arange(0, TOPK_PAD)
         # each row's selection [BLOCK_R, TOPK_PAD], -1 where none (or beyond its position)
         chosen_blocks = tl.load(index_group + token[:, None] * stride_indices_token + slots[None, :],

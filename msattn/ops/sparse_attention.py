@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout
-from msattn.ops.utils import (LOG2E, cdiv, dot_options, finish_softmax, mma, next_power_of_2)
+from msattn.ops.utils import (LOG2E, cdiv, dot_options, finish_softmax, mma, next_power_of_2,
+                              tensor_atomics_reach_every_thread)
 
 # Memory for the partial outputs of one chunk of query rows: 5 GiB / 4 holds 4,096 rows of the M3
 # shape (266 KB a row), so that a 16K prefill runs in 4 equal chunks (1 GiB made it 4 x 4,036 rows
@@ -52,7 +53,8 @@ class AttentionConfig:
             combine kernel after it. Off until measured on a GPU: it saves the combine's
             launch and its pass over the partials (16K: 4.3 GB read), and adds the merges' reads
             to the block kernel's tail (2026-12-08: correct on the CPU interpreter; compiled for
-            sm_90 with 255 registers, 1 spilled).
+            sm_90 with 255 registers, 1 spilled). Needs Triton 3.5 or newer (the combine kernel
+            runs otherwise: :func:`~msattn.ops.utils.tensor_atomics_reach_every_thread`).
         combine_warps: warps of the combine kernel (H100, 1M tokens: 8 beat 4, 477 -> 453 ms).
     """
 
@@ -103,7 +105,7 @@ def _block_attention_kernel(
         pair_group = pair % num_groups
         pair_token = (row_start + pair_row).to(tl.int64)
         pair_position = tl.load(row_position_ptr + pair_row, mask=pair_mask, other=-1)
-        visible = _visible_slots(indices_ptr + pair_group * stride_indices_group
+        visible = _visible_slots(indices_ptr + pair_group.to(tl.int64) * stride_indices_group
                                  + pair_token * stride_indices_token, pair_position, pair_mask,
                                  TOPK, TOPK_PAD, BLOCK_SIZE)
         empty = pair_mask & (visible == 0)
@@ -177,7 +179,7 @@ def _block_attention_kernel(
             if MERGE:
                 # Count the tile's (entry, head) rows in at their (row, group): the row whose
                 # count completes the row's visible slots x GROUP_SIZE merges its partials.
-                index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
+                index_row = indices_ptr + group.to(tl.int64) * stride_indices_group + token * stride_indices_token
                 expected = _visible_slots(index_row, position, row_mask, TOPK, TOPK_PAD,
                                           BLOCK_SIZE) * GROUP_SIZE
                 tl.debug_barrier()  # the tile's partials are stored before they are counted
@@ -195,7 +197,7 @@ def _block_attention_kernel(
                         tl.store(counters_ptr + merge_row * num_groups + group, 0)  # next chunk
                         merge_slot_partials(
                             partial_o_ptr, partial_lse_ptr,
-                            indices_ptr + group * stride_indices_group
+                            indices_ptr + group.to(tl.int64) * stride_indices_group
                             + merge_token.to(tl.int64) * stride_indices_token, merge_row,
                             tl.sum(tl.where(pick, position, 0), 0), merge_token, group, o_ptr,
                             lse_ptr, stride_o_token, stride_o_head, num_heads, GROUP_SIZE,
@@ -272,7 +274,7 @@ def _combine_kernel(partial_o_ptr, partial_lse_ptr, indices_ptr, row_position_pt
     row = tl.program_id(0)
     group = tl.program_id(1)
     token = row_start + row
-    index_row = indices_ptr + group * stride_indices_group + token.to(tl.int64) * stride_indices_token
+    index_row = indices_ptr + group.to(tl.int64) * stride_indices_group + token.to(tl.int64) * stride_indices_token
     merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row, row,
                         tl.load(row_position_ptr + row), token, group, o_ptr, lse_ptr,
                         stride_o_token, stride_o_head, num_heads, GROUP_SIZE, BLOCK_H, TOPK,
@@ -396,11 +398,13 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     block_m = max(16, min(config.block_m, config.block_m * 128 // block_size))
     block_d = next_power_of_2(head_dim)
     workspace = _Workspace(o, topk, chunk_rows)
+    # The merge reads the old values of a tensor atomic smaller than the program's threads.
+    merge = config.merge and tensor_atomics_reach_every_thread()
     layout = csr_layout(cu_seqlens_q, cu_seqlens_k, total_q=total_q, num_groups=num_groups,
                         block_size=block_size, total_k=k.shape[0], block_table=block_table,
                         seq_lens=seq_lens,
-                        extra_zeros=workspace.max_rows() * num_groups if config.merge else 0)
-    counters = layout.zeros if config.merge else None  # int32 [rows, G]: zero, left zero
+                        extra_zeros=workspace.max_rows() * num_groups if merge else 0)
+    counters = layout.zeros if merge else None  # int32 [rows, G]: zero, left zero
     for row_start, row_end, partial_o, partial_lse in workspace.chunks():
         rows = row_end - row_start
         csr = build_block_csr(indices, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
@@ -409,7 +413,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                               tiles_per_program=config.tiles_per_program, layout=layout,
                               stable=False)
         num_buckets = num_groups * csr.num_blocks
-        empty_programs = cdiv(rows * num_groups, block_m) if config.merge else 0
+        empty_programs = cdiv(rows * num_groups, block_m) if merge else 0
         _block_attention_kernel[(empty_programs + csr.max_programs,)](
             q_ptr=q, k_ptr=k, v_ptr=v, k_scale_ptr=k_scale, v_scale_ptr=v_scale, partial_o_ptr=partial_o, partial_lse_ptr=partial_lse,
             entries_ptr=csr.entries, bucket_start_ptr=csr.bucket_start,
@@ -429,9 +433,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             BLOCK_H=next_power_of_2(group_size), TOPK=topk,
             TOPK_PAD=next_power_of_2(topk), HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=block_m, BLOCK_SIZE=block_size, TILES_PER_PROGRAM=config.tiles_per_program,
-            MERGE=config.merge, KV_FP8=k_scale is not None, **dot_options(q.dtype),
+            MERGE=merge, KV_FP8=k_scale is not None, **dot_options(q.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages)
-        if not config.merge:
+        if not merge:
             combine_partials(partial_o, partial_lse, indices, csr.row_position, o, lse,
                              row_start=row_start, rows=rows, block_size=block_size,
                              num_warps=config.combine_warps)

@@ -435,7 +435,7 @@ def _query_dq_kernel(
     delta = tl.load(delta_ptr + token * num_heads + heads, mask=head_mask, other=0.0)
     offs = tl.arange(0, DQ_BLOCK_N)
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    index_row = indices_ptr + group * stride_indices_group + token * stride_indices_token
+    index_row = indices_ptr + group.to(tl.int64) * stride_indices_group + token * stride_indices_token
     for slot in range(TOPK):
         block = tl.load(index_row + slot)
         if (block >= 0) & (block * BLOCK_SIZE <= position):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 import triton
@@ -11,6 +12,14 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634  # scores are scaled by this to run the softmax in exp2
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+def tensor_atomics_reach_every_thread() -> bool:
+    """Whether the old values of a tensor atomic reach every thread that holds an element: Triton
+    3.5 and newer. Before, a thread holding a replicated copy of an element (a tensor smaller
+    than the program's threads) got 0 (triton-lang/triton#7402)."""
+    version = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return version is not None and (int(version[1]), int(version[2])) >= (3, 5)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -155,11 +164,12 @@ def finish_softmax(acc, row_max, row_sum):
 def rows_to_fp16(q, other_abs_max=None):
     """Rows of ``q [R, Di]`` in fp16, each scaled by a power of two ``2^shift [R]`` (returned)
     that brings its largest value (or ``other_abs_max [R]``, when larger: the rest of the row
-    elsewhere) to about 2^13: finite in fp16 whatever the magnitude, exact for every value within
-    2^27 of the largest."""
+    elsewhere) to about 2^13 (rows below 2^-113 by 2^126 only): finite in fp16 whatever the
+    magnitude, exact for every value within 2^27 of the largest."""
     q32 = q.to(tl.float32)
     row_abs_max = tl.max(tl.abs(q32), axis=1)
     if other_abs_max is not None:
         row_abs_max = tl.maximum(row_abs_max, other_abs_max)
-    factor = tl.exp2(tl.where(row_abs_max > 0, 13.0 - tl.floor(tl.log2(row_abs_max)), 0.0))
+    shift = tl.minimum(13.0 - tl.floor(tl.log2(row_abs_max)), 126.0)  # 2^shift finite in fp32
+    factor = tl.exp2(tl.where(row_abs_max > 0, shift, 0.0))
     return (q32 * factor[:, None]).to(tl.float16), factor
