@@ -35,6 +35,15 @@ def parse(value: str):
     return {"True": True, "False": False}.get(value, value)
 
 
+def _attention_pointers(const: dict) -> dict:
+    """Pointer types of the attention kernels (decode and prefill block): bf16 q and outputs,
+    bf16 or (``KV_FP8``) fp8 K/V, float32 scales and LSEs."""
+    kv = "*fp8e4nv" if const["KV_FP8"] else "*bf16"
+    return {"q_ptr": "*bf16", "o_ptr": "*bf16", "partial_o_ptr": "*bf16", "k_ptr": kv,
+            "v_ptr": kv, "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "lse_ptr": "*fp32",
+            "partial_lse_ptr": "*fp32"}
+
+
 # kernel -> (function, constexprs, launch options, pointer types by name given the constexprs)
 KERNELS = {
     "scores": (indexer._block_scores_kernel,
@@ -50,21 +59,13 @@ KERNELS = {
                        PAGE_SIZE=128, BLOCK_N=128, TILES_PER_PAGE=1, SPLIT=True, TOPK_PAD=16,
                        PDL=True, KV_FP8=False, DOT_PRECISION="tf32", DOT_UPCAST=False),
                   {"num_warps": 8, "num_stages": 2},
-                  lambda c: {"q_ptr": "*bf16", "o_ptr": "*bf16", "partial_o_ptr": "*bf16",
-                             "k_ptr": "*fp8e4nv" if c["KV_FP8"] else "*bf16",
-                             "v_ptr": "*fp8e4nv" if c["KV_FP8"] else "*bf16",
-                             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "lse_ptr": "*fp32",
-                             "partial_lse_ptr": "*fp32"}),
+                  _attention_pointers),
     "block": (sparse_attention._block_attention_kernel,
               dict(GROUP_SIZE=16, BLOCK_H=16, TOPK=16, TOPK_PAD=16, HEAD_DIM=128, BLOCK_D=128,
                    BLOCK_M=64, BLOCK_SIZE=128, TILES_PER_PROGRAM=16, MERGE=True, KV_FP8=False,
                    DOT_PRECISION="tf32", DOT_UPCAST=False),
               {"num_warps": 4, "num_stages": 1},
-              lambda c: {"q_ptr": "*bf16", "o_ptr": "*bf16", "partial_o_ptr": "*bf16",
-                         "k_ptr": "*fp8e4nv" if c["KV_FP8"] else "*bf16",
-                         "v_ptr": "*fp8e4nv" if c["KV_FP8"] else "*bf16",
-                         "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "lse_ptr": "*fp32",
-                         "partial_lse_ptr": "*fp32"}),
+              _attention_pointers),
 }
 FLOAT_SCALARS = ("scale", "scale_log2")
 
