@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msattn.ops.utils import (arrive_last, cdiv)
+from msattn.ops.utils import arrive_last, block_visible, cdiv
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _entry_buckets(indices_ptr, row_position_ptr, row_block_offset_ptr, stride_i
                      mask=mask, other=-1).to(tl.int64)
     position = tl.load(row_position_ptr + token, mask=mask, other=0)
     offset = tl.load(row_block_offset_ptr + token, mask=mask, other=0)
-    valid = mask & (chosen >= 0) & (chosen * BLOCK_SIZE <= position)  # int64: no wrap for any id
+    valid = mask & block_visible(chosen, position, BLOCK_SIZE)
     bucket = tl.where(valid, group * num_blocks + offset + chosen, 0).to(tl.int32)
     return entry, mask, bucket, valid
 

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from msattn.ops.selection_csr import build_block_csr, csr_layout
-from msattn.ops.utils import (LOG2E, cdiv, dot_options, finish_softmax, mma, next_power_of_2,
-                              tensor_atomics_reach_every_thread)
+from msattn.ops.utils import (LOG2E, block_visible, cdiv, dot_options, finish_softmax, mma,
+                              next_power_of_2, tensor_atomics_reach_every_thread)
 
 # Memory for the partial outputs of one chunk of query rows: 5 GiB / 4 holds 4,096 rows of the M3
 # shape (266 KB a row), so that a 16K prefill runs in 4 equal chunks (1 GiB made it 4 x 4,036 rows
@@ -213,8 +213,7 @@ def _visible_slots(index_rows, position, mask, TOPK: tl.constexpr, TOPK_PAD: tl.
     slots = tl.arange(0, TOPK_PAD)
     blocks = tl.load(index_rows[:, None] + slots[None, :], mask=mask[:, None] & (slots < TOPK)[None, :],
                      other=-1)
-    visible = (blocks >= 0) & (blocks.to(tl.int64) * BLOCK_SIZE <= position[:, None])  # no wrap
-    return tl.sum(visible.to(tl.int32), axis=1)
+    return tl.sum(block_visible(blocks, position[:, None], BLOCK_SIZE).to(tl.int32), axis=1)
 
 
 @triton.jit
@@ -232,7 +231,7 @@ def merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row_ptr, partial_r
     head_mask = tl.arange(0, BLOCK_H) < GROUP_SIZE
     slots = tl.arange(0, TOPK_PAD)
     blocks = tl.load(index_row_ptr + slots, mask=slots < TOPK, other=-1)
-    slot_valid = (blocks >= 0) & (blocks.to(tl.int64) * BLOCK_SIZE <= position)  # as the CSR
+    slot_valid = block_visible(blocks, position, BLOCK_SIZE)
     partial_rows = (partial_row.to(tl.int64) * num_heads + heads) * TOPK  # [BLOCK_H]
     lse = tl.load(partial_lse_ptr + partial_rows[:, None] + slots[None, :],
                   mask=head_mask[:, None] & slot_valid[None, :], other=float("-inf"),
@@ -247,7 +246,7 @@ def merge_slot_partials(partial_o_ptr, partial_lse_ptr, index_row_ptr, partial_r
     # Masked loads rather than branches: the loads of all slots can be in flight together.
     for slot in tl.static_range(TOPK):
         block = tl.zeros([BLOCK_H], tl.int32) + tl.load(index_row_ptr + slot)  # one per head
-        use = head_mask & (block >= 0) & (block.to(tl.int64) * BLOCK_SIZE <= position)
+        use = head_mask & block_visible(block, position, BLOCK_SIZE)
         slot_lse = tl.load(partial_lse_ptr + partial_rows + slot, mask=use, other=float("-inf"),
                            cache_modifier=".cg")
         part = tl.load(partial_o_ptr + (partial_rows + slot)[:, None] * HEAD_DIM + dim[None, :],
@@ -306,21 +305,23 @@ class _Workspace:
 
     def __init__(self, o: torch.Tensor, topk: int, chunk_rows: int | None):
         self.total_q, num_heads, self.head_dim = o.shape
-        self.o = o if o.is_contiguous() and o.data_ptr() % 16 == 0 else None
+        self.o_bytes = o.view(-1).view(torch.uint8) if o.is_contiguous() and o.data_ptr() % 16 == 0 else None
         self.partial_o_row = num_heads * topk * self.head_dim * o.element_size()
         self.per_row = self.partial_o_row + num_heads * topk * 4  # partial outputs + their LSEs
         self.out_row = num_heads * self.head_dim * o.element_size()
-        self.reuse_output = chunk_rows is None and self.o is not None
+        self.reuse_output = chunk_rows is None and self.o_bytes is not None
         self.buffer_rows = min(self.total_q, chunk_rows or max(1, PARTIAL_BUDGET_BYTES // self.per_row))
         self.slots = num_heads * topk  # partials a row
         self.buffer = None  # (partial_o, partial_lse) of buffer_rows rows, allocated on first use
         self.dtype, self.device = o.dtype, o.device
 
+    def _tail_rows(self, remaining: int) -> int:
+        """Rows whose partials fit in the output rows after them, of ``remaining`` rows."""
+        return remaining * self.out_row // (self.per_row + self.out_row) if self.reuse_output else 0
+
     def max_rows(self) -> int:
-        """The most rows a chunk of :meth:`chunks` has."""
-        if self.reuse_output:  # the first chunk is the largest
-            return max(self.buffer_rows, self.total_q * self.out_row // (self.per_row + self.out_row))
-        return self.buffer_rows
+        """The most rows a chunk of :meth:`chunks` has (the first chunk is the largest)."""
+        return max(self.buffer_rows, self._tail_rows(self.total_q))
 
     def chunks(self):
         """Yield ``(row_start, row_end, partial_o, partial_lse)`` covering the output's rows (the
@@ -329,11 +330,11 @@ class _Workspace:
         while row_start < self.total_q:
             remaining = self.total_q - row_start
             # rows * per_row bytes fit in the (remaining - rows) output rows after the chunk.
-            tail_rows = remaining * self.out_row // (self.per_row + self.out_row) if self.reuse_output else 0
+            tail_rows = self._tail_rows(remaining)
             if tail_rows > self.buffer_rows:
                 rows = tail_rows
                 start = (row_start + rows) * self.out_row  # a multiple of 16 bytes
-                space = self.o.view(-1).view(torch.uint8)[start:start + rows * self.per_row]
+                space = self.o_bytes[start:start + rows * self.per_row]
                 partial_o = space[:rows * self.partial_o_row].view(self.dtype)
                 partial_lse = space[rows * self.partial_o_row:].view(torch.float32)
             else:

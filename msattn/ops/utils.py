@@ -161,6 +161,13 @@ def finish_softmax(acc, row_max, row_sum):
 
 
 @triton.jit
+def block_visible(block, position, BLOCK_SIZE: tl.constexpr):
+    """Whether a selected key block (an id; -1 pads) holds a key at or before ``position``: the
+    rule of the selection CSR, the merges and the decode. In int64, so no id wraps."""
+    return (block >= 0) & (block.to(tl.int64) * BLOCK_SIZE <= position)
+
+
+@triton.jit
 def rows_to_fp16(q, other_abs_max=None):
     """Rows of ``q [R, Di]`` in fp16, each scaled by a power of two ``2^shift [R]`` (returned)
     that brings its largest value (or ``other_abs_max [R]``, when larger: the rest of the row
